@@ -1,0 +1,14 @@
+"""Model-family adapters. Importing this package registers every family."""
+
+from ziplm.families import bert  # noqa: F401  (registers the adapter)
+from ziplm.families.base import FamilyAdapter, LayerStructure, ModelShape, ModelStructure
+from ziplm.families.registry import adapter_for, supported_model_types
+
+__all__ = [
+    "FamilyAdapter",
+    "LayerStructure",
+    "ModelShape",
+    "ModelStructure",
+    "adapter_for",
+    "supported_model_types",
+]

@@ -1,0 +1,97 @@
+"""BERT-like post-LayerNorm encoders (BERT, MiniLM, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, PretrainedConfig
+from transformers.models.bert.modeling_bert import BertLayer
+
+from ziplm.families.base import FamilyAdapter, ModelShape
+from ziplm.families.registry import register_family
+
+
+class ResidualNorm(nn.Module):
+    """What a removed post-LN sub-block leaves behind: LayerNorm(x + b_out) (ALGORITHMS.md section 1)."""
+
+    def __init__(self, bias: torch.Tensor, layer_norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.LayerNorm = layer_norm
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(x + self.bias)
+
+
+class RemovedAttention(ResidualNorm):
+    """Stands in for BertAttention: returns (output, attention weights) like the module it replaces."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        return self.residual(hidden_states), None
+
+
+class RemovedFFNOutput(ResidualNorm):
+    """Stands in for BertOutput; the intermediate module becomes an identity, so `input_tensor` is the input."""
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.residual(input_tensor)
+
+
+@register_family
+class BertAdapter(FamilyAdapter):
+    name = "bert"
+    model_types = ("bert",)
+
+    def shape(self, config: PretrainedConfig) -> ModelShape:
+        return ModelShape(
+            family=self.name,
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_attention_heads,
+            head_dim=config.hidden_size // config.num_attention_heads,
+            ffn_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+        )
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.base_model.encoder.layer
+
+    def attention_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        attention = layer.attention.self
+        return attention.query, attention.key, attention.value
+
+    def attention_out_proj(self, layer: nn.Module) -> nn.Linear:
+        return layer.attention.output.dense
+
+    def ffn_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        return (layer.intermediate.dense,)
+
+    def ffn_out_proj(self, layer: nn.Module) -> nn.Linear:
+        return layer.output.dense
+
+    def set_attention_counts(self, layer: nn.Module, units: int) -> None:
+        attention = layer.attention.self
+        attention.num_attention_heads = units
+        attention.all_head_size = units * attention.attention_head_size
+
+    def remove_attention(self, layer: nn.Module) -> None:
+        output = layer.attention.output
+        layer.attention = RemovedAttention(output.dense.bias, output.LayerNorm)
+
+    def remove_ffn(self, layer: nn.Module) -> None:
+        output = layer.output
+        layer.intermediate = nn.Identity()
+        layer.output = RemovedFFNOutput(output.dense.bias, output.LayerNorm)
+
+    def new_layer(self, config: PretrainedConfig) -> nn.Module:
+        return BertLayer(_eager(config))
+
+    def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return layer(hidden_states, attention_mask)
+
+
+def _eager(config: PretrainedConfig) -> PretrainedConfig:
+    config = BertConfig.from_dict(config.to_dict())
+    config._attn_implementation = "eager"
+    return config

@@ -1,0 +1,34 @@
+"""The explicit registry of model families, looked up by `config.model_type`."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from ziplm.families.base import FamilyAdapter
+from ziplm.pipeline.errors import BadInputError
+
+_FAMILIES: dict[str, FamilyAdapter] = {}
+
+
+def register_family(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    adapter = cls()
+    for model_type in cls.model_types:
+        if model_type in _FAMILIES:
+            raise ValueError(f"model type {model_type!r} is already served by {_FAMILIES[model_type].name}")
+        _FAMILIES[model_type] = adapter
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise BadInputError(
+            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"supported model types: {', '.join(supported_model_types())}. "
+            "Pass a model of a supported family, or add an adapter in ziplm/families/."
+        )
+    return _FAMILIES[model_type]

@@ -1,0 +1,262 @@
+"""Latency tables (ALGORITHMS.md section 2): what each attention and FFN level costs in the target runtime.
+
+For a model shape and an inference environment, one layer is timed as ONNX in the runtime at every attention level
+(units H..0, the FFN removed) and every FFN level (width I..0 in steps of G, the attention removed), through the
+same export path and session settings as the final artifact. A level's entry is its time minus the time of the
+removed block, so per-call overheads cancel; `base` is the whole model with every module removed (embeddings,
+mask, residual norms, head), measured end to end.
+
+    predicted(structure) = base + sum over layers (attention[units] + ffn[width])
+
+Summed single-block times are biased against end-to-end time on these machines, so each table also measures a few
+calibration models end to end (interleaved, in one run) and fits `measured = scale * predicted + offset`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
+from ziplm.families.loading import build_model
+from ziplm.pipeline.cache import cache_root, fingerprint, write_json_atomic
+from ziplm.pipeline.errors import BadInputError
+from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_model, get_runtime
+from ziplm.runtimes.timing import TimingStats, time_interleaved
+from ziplm.stages.export import encoder_inputs, export_model, export_module
+
+SCHEMA_VERSION = 1
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How hard to measure: more rounds, tighter medians, longer builds."""
+
+    block_rounds: int = 30
+    calibration_rounds: int = 20
+    warmup: int = 3
+    random_calibration_models: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Correction:
+    """measured_ms = scale * predicted_ms + offset, fitted on models measured end to end."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def apply(self, predicted_ms: float) -> float:
+        return self.scale * predicted_ms + self.offset
+
+    def invert(self, measured_ms: float) -> float:
+        return (measured_ms - self.offset) / self.scale
+
+
+@dataclass
+class LatencyTable:
+    fingerprint: str
+    environment: dict[str, Any]
+    shape: dict[str, Any]
+    group_size: int
+    unit_levels: list[int]
+    attention_ms: list[float]
+    ffn_levels: list[int]
+    ffn_ms: list[float]
+    base_ms: float
+    correction: Correction
+    calibration: list[dict[str, Any]]
+    block_p90_ms: dict[str, list[float]]
+
+    def attention_cost(self, units: int) -> float:
+        return self.attention_ms[self.unit_levels.index(units)]
+
+    def ffn_cost(self, width: int) -> float:
+        if width not in self.ffn_levels:
+            raise BadInputError(f"FFN width {width} is not a level of this table (steps of {self.group_size})")
+        return self.ffn_ms[self.ffn_levels.index(width)]
+
+    def predict_ms(self, structure: ModelStructure, corrected: bool = True) -> float:
+        raw = self.base_ms + sum(self.attention_cost(l.units) + self.ffn_cost(l.ffn) for l in structure.layers)
+        return self.correction.apply(raw) if corrected else raw
+
+    def to_json(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["schema_version"] = SCHEMA_VERSION
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> LatencyTable:
+        if payload.get("schema_version") != SCHEMA_VERSION:
+            raise BadInputError(f"latency table schema {payload.get('schema_version')} != {SCHEMA_VERSION}; rebuild it")
+        fields = {k: v for k, v in payload.items() if k != "schema_version"}
+        fields["correction"] = Correction(**fields["correction"])
+        return cls(**fields)
+
+
+def ffn_levels(ffn_size: int, group_size: int) -> list[int]:
+    """0, G, 2G, ..., I (the full width is always a level, even when G does not divide it)."""
+    return sorted({*range(0, ffn_size, group_size), ffn_size})
+
+
+def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, group_size: int) -> dict[str, Any]:
+    """Everything a table's numbers depend on."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "cpu": cpu_model(),
+        "runtime": runtime.info().to_json(),
+        "batch_size": env.batch_size,
+        "sequence_length": env.sequence_length,
+        "precision": env.precision,
+        "shape": asdict(shape),
+        "group_size": group_size,
+    }
+
+
+def table_path(key: str) -> Path:
+    return cache_root() / "latency_tables" / f"{key}.json"
+
+
+def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = 32,
+                       plan: TimingPlan = TimingPlan(), progress: Progress = print,
+                       rebuild: bool = False) -> tuple[LatencyTable, bool]:
+    """The cached table for (shape, environment), building it first if needed. Returns (table, was_cached)."""
+    adapter = adapter_for(config)
+    runtime = get_runtime(env)
+    identity = table_fingerprint(adapter.shape(config), env, runtime, group_size)
+    path = table_path(fingerprint(identity))
+    if path.exists() and not rebuild:
+        return LatencyTable.from_json(json.loads(path.read_text())), True
+    table = build_table(config, env, group_size, plan, progress)
+    write_json_atomic(path, table.to_json())
+    return table, False
+
+
+def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = 32,
+                plan: TimingPlan = TimingPlan(), progress: Progress = print) -> LatencyTable:
+    if group_size < 1:
+        raise BadInputError(f"group_size must be >= 1, got {group_size}")
+    adapter = adapter_for(config)
+    shape = adapter.shape(config)
+    runtime = get_runtime(env)
+    identity = table_fingerprint(shape, env, runtime, group_size)
+    widths = ffn_levels(shape.ffn_size, group_size)
+    units = list(range(shape.num_units + 1))
+    torch.manual_seed(plan.seed)
+    with tempfile.TemporaryDirectory(prefix="ziplm-table-") as workdir:
+        progress(f"latency table: exporting {len(units)} attention and {len(widths)} FFN blocks")
+        blocks = {f"attention/{k}": _export_block(adapter, config, shape, LayerStructure(k, 0), env, Path(workdir))
+                  for k in units}
+        blocks |= {f"ffn/{w}": _export_block(adapter, config, shape, LayerStructure(0, w), env, Path(workdir))
+                   for w in widths}
+        progress(f"latency table: timing {len(blocks)} blocks x {plan.block_rounds} rounds, interleaved")
+        sessions = {name: runtime.load(path) for name, path in blocks.items()}
+        block_stats = time_sessions(sessions, _block_inputs(shape, env), plan.block_rounds, plan.warmup)
+        attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
+        ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
+        table = LatencyTable(
+            fingerprint=fingerprint(identity), environment={**identity["runtime"], **env.model_dump()},
+            shape=asdict(shape), group_size=group_size, unit_levels=units, attention_ms=attention,
+            ffn_levels=widths, ffn_ms=ffn, base_ms=0.0, correction=Correction(), calibration=[],
+            block_p90_ms={"attention": [block_stats[f"attention/{k}"].p90_ms for k in units],
+                          "ffn": [block_stats[f"ffn/{w}"].p90_ms for w in widths]},
+        )
+        progress("latency table: measuring calibration models end to end")
+        _calibrate(table, config, shape, env, runtime, plan, Path(workdir))
+    progress(f"latency table: base {table.base_ms:.2f} ms, correction x{table.correction.scale:.3f} "
+             f"{table.correction.offset:+.2f} ms")
+    return table
+
+
+class LayerBlock(nn.Module):
+    """One layer of a family, callable as (hidden_states, attention_mask) -> hidden_states for export."""
+
+    def __init__(self, adapter: FamilyAdapter, layer: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.adapter.run_layer(self.layer, hidden_states, attention_mask)
+
+
+def _block_inputs(shape: ModelShape, env: InferenceEnv) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "hidden_states": rng.standard_normal((env.batch_size, env.sequence_length, shape.hidden_size), np.float32),
+        "attention_mask": np.zeros((env.batch_size, 1, 1, env.sequence_length), np.float32),
+    }
+
+
+def _export_block(adapter: FamilyAdapter, config: PretrainedConfig, shape: ModelShape, structure: LayerStructure,
+                  env: InferenceEnv, workdir: Path) -> Path:
+    layer = adapter.new_layer(config).eval()
+    adapter.shrink_layer(layer, shape, structure)
+    axes = {"hidden_states": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 3: "sequence"}}
+    path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
+    return export_module(LayerBlock(adapter, layer), path, _block_inputs(shape, env), axes, "hidden_states_out")
+
+
+def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], rounds: int,
+                  warmup: int) -> dict[str, TimingStats]:
+    """Time loaded sessions on the same inputs, interleaved in one run."""
+    runners = {name: (lambda s=session: s.run(inputs)) for name, session in sessions.items()}
+    return time_interleaved(runners, rounds, warmup)
+
+
+def calibration_structures(shape: ModelShape, widths: list[int], count_random: int,
+                           seed: int) -> dict[str, ModelStructure]:
+    """Uniform structures at 100/75/50/25/0% plus seeded random non-uniform ones."""
+    structures = {}
+    for fraction in (1.0, 0.75, 0.5, 0.25, 0.0):
+        units = round(shape.num_units * fraction)
+        width = min(widths, key=lambda w: abs(w - shape.ffn_size * fraction))
+        structures[f"uniform-{int(fraction * 100)}"] = ModelStructure.uniform(shape, units, width)
+    rng = random.Random(seed)
+    for index in range(count_random):
+        structures[f"random-{index}"] = random_structure(shape, widths, rng)
+    return structures
+
+
+def random_structure(shape: ModelShape, widths: list[int], rng: random.Random) -> ModelStructure:
+    return ModelStructure(tuple(LayerStructure(rng.randint(0, shape.num_units), rng.choice(widths))
+                                for _ in range(shape.num_layers)))
+
+
+def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape, env: InferenceEnv,
+               runtime: Runtime, plan: TimingPlan, workdir: Path) -> None:
+    """Measure calibration models end to end in one interleaved run; set base and fit the correction."""
+    structures = calibration_structures(shape, table.ffn_levels, plan.random_calibration_models, plan.seed)
+    stats = measure_structures(config, structures, env, runtime, plan.calibration_rounds, plan.warmup, workdir)
+    table.base_ms = stats["uniform-0"].median_ms
+    predicted = np.array([table.predict_ms(s, corrected=False) for s in structures.values()])
+    measured = np.array([stats[name].median_ms for name in structures])
+    scale, offset = np.polyfit(predicted, measured, 1)
+    table.correction = Correction(float(scale), float(offset))
+    table.calibration = [
+        {"name": name, "structure": s.to_json(), "predicted_ms": round(float(p), 4), "measured_ms": round(float(m), 4)}
+        for (name, s), p, m in zip(structures.items(), predicted, measured)
+    ]
+
+
+def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
+                       runtime: Runtime, rounds: int, warmup: int, workdir: Path) -> dict[str, TimingStats]:
+    """Export a random-weight classifier per structure and time them all interleaved in one run."""
+    sessions = {}
+    for name, structure in structures.items():
+        model = build_model(config, structure=structure)
+        sessions[name] = runtime.load(export_model(model, workdir / f"{name}.onnx", env.batch_size,
+                                                   env.sequence_length))
+    inputs = encoder_inputs(config.vocab_size, env.batch_size, env.sequence_length)
+    return time_sessions(sessions, inputs, rounds, warmup)

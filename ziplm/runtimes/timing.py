@@ -1,0 +1,110 @@
+"""Timing on a shared, noisy machine: warm-up, repeated interleaved runs, medians, and paired speedups.
+
+Absolute times drift between runs by 10-25% here (ENVIRONMENT.md), so every comparison is made inside one run:
+the models are called in turn (A B, B A, A B, ...), and a speedup is the median of the per-round ratios, whose
+confidence interval comes from order statistics (no distribution assumed).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+Runner = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    samples_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.samples_ms))
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.samples_ms, 90))
+
+    def to_json(self) -> dict[str, float]:
+        return {"median": round(self.median_ms, 4), "p90": round(self.p90_ms, 4), "runs": len(self.samples_ms)}
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Baseline time over candidate time, from per-round ratios of interleaved runs."""
+
+    value: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    rounds: int
+
+    @property
+    def relative_width(self) -> float:
+        return (self.ci_high - self.ci_low) / self.value
+
+    def to_json(self) -> dict[str, float]:
+        return {"value": round(self.value, 4), "ci_low": round(self.ci_low, 4), "ci_high": round(self.ci_high, 4),
+                "confidence": self.confidence, "rounds": self.rounds}
+
+
+class WideIntervalWarning(UserWarning):
+    """A speedup's confidence interval is too wide to trust at the requested tolerance."""
+
+
+def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3) -> dict[str, TimingStats]:
+    """Call every runner once per round, alternating the order each round; return per-runner statistics."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            start = time.perf_counter()
+            runners[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: TimingStats(tuple(values)) for name, values in samples.items()}
+
+
+def median_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: order statistics at binomial(n, 1/2) quantiles."""
+    ordered = np.sort(values)
+    n = len(ordered)
+    rank = int(binom.ppf((1 - confidence) / 2, n, 0.5))  # 1-based rank of the lower bound
+    lower = max(rank - 1, 0)
+    upper = min(n - rank, n - 1)
+    return float(ordered[lower]), float(ordered[upper])
+
+
+def speedup_of(baseline: TimingStats, candidate: TimingStats, confidence: float = 0.95) -> Speedup:
+    """Speedup of `candidate` over `baseline` from the same interleaved run (round i against round i)."""
+    ratios = np.asarray(baseline.samples_ms) / np.asarray(candidate.samples_ms)
+    low, high = median_ci(ratios, confidence)
+    return Speedup(float(np.median(ratios)), low, high, confidence, len(ratios))
+
+
+def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: int = 3,
+                max_relative_width: float = 0.05) -> tuple[Speedup, TimingStats, TimingStats]:
+    """Time two models interleaved; warn when the speedup's interval is wider than `max_relative_width`."""
+    stats = time_interleaved({"baseline": baseline, "candidate": candidate}, rounds, warmup)
+    speedup = speedup_of(stats["baseline"], stats["candidate"])
+    warn_if_wide(speedup, max_relative_width)
+    return speedup, stats["baseline"], stats["candidate"]
+
+
+def warn_if_wide(speedup: Speedup, max_relative_width: float) -> None:
+    if speedup.relative_width > max_relative_width:
+        warnings.warn(
+            f"speedup {speedup.value:.3f}x has a wide {speedup.confidence:.0%} interval "
+            f"[{speedup.ci_low:.3f}, {speedup.ci_high:.3f}] ({speedup.relative_width:.1%} of the value, more than "
+            f"{max_relative_width:.0%}): the machine is noisy; use more rounds or a quieter machine",
+            WideIntervalWarning,
+            stacklevel=2,
+        )

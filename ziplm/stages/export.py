@@ -1,0 +1,129 @@
+"""ONNX export: one path for whole models and for the single blocks that latency tables time.
+
+The TorchScript exporter (dynamo=False) at opset 17 is used throughout: it handles the eager attention of
+transformers 5.x, and is the exporter that turns fake-quant into QuantizeLinear/DequantizeLinear pairs
+(ENVIRONMENT.md). Models are called through a small wrapper with keyword arguments, because positional calls trip
+over transformers' `use_cache` argument.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ziplm.pipeline.errors import ZipLMError
+
+OPSET = 17
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class ExportParityError(ZipLMError):
+    """The ONNX model's outputs differ from PyTorch's beyond tolerance."""
+
+    exit_code = 1
+
+
+class _KeywordCall(nn.Module):
+    """Calls a Hugging Face model with keyword arguments and returns its first output tensor."""
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(input_names)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        output = self.model(**dict(zip(self.input_names, tensors)))
+        if isinstance(output, torch.Tensor):
+            return output
+        return output.logits if hasattr(output, "logits") else output[0]
+
+
+def encoder_inputs(vocab_size: int, batch_size: int, sequence_length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Dummy encoder inputs: random token ids, a full attention mask, zero token types (int64, as exported)."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, sequence_length)
+    return {
+        "input_ids": rng.integers(0, vocab_size, size=shape, dtype=np.int64),
+        "attention_mask": np.ones(shape, dtype=np.int64),
+        "token_type_ids": np.zeros(shape, dtype=np.int64),
+    }
+
+
+def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
+                  dynamic_axes: dict[str, dict[int, str]], output_name: str) -> Path:
+    """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    names = list(example)
+    tensors = tuple(torch.from_numpy(example[name]) for name in names)
+    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _KeywordCall(module.eval(), names),
+            tensors,
+            str(tmp),
+            input_names=names,
+            output_names=[output_name],
+            dynamic_axes={**dynamic_axes, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    tmp.replace(path)
+    return path
+
+
+def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int = 128) -> Path:
+    """Export an encoder (classifier or base model) with dynamic batch and sequence axes."""
+    example = encoder_inputs(model.config.vocab_size, batch_size, sequence_length)
+    axes = {name: {0: "batch", 1: "sequence"} for name in example}
+    return export_module(model, path, example, axes, output_name=_output_name(model))
+
+
+def _output_name(model: nn.Module) -> str:
+    return "logits" if hasattr(model, "classifier") else "last_hidden_state"
+
+
+@dataclass
+class ParityReport:
+    max_abs_diff: float
+    checked_shapes: list[tuple[int, int]]
+    failures: list[str] = field(default_factory=list)
+
+
+def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = 1e-4,
+                  shapes: Sequence[tuple[int, int]] = ((1, 128), (2, 17))) -> ParityReport:
+    """Run PyTorch and ONNX Runtime on several input shapes; raise with every failure at once."""
+    import onnxruntime as ort  # the runtime of record for parity, whatever runtime serves latency
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session_inputs = {i.name for i in session.get_inputs()}
+    report = ParityReport(max_abs_diff=0.0, checked_shapes=list(shapes))
+    for batch, sequence in shapes:
+        example = encoder_inputs(model.config.vocab_size, batch, sequence, seed=batch * 1000 + sequence)
+        if batch > 1:
+            example["attention_mask"][-1, sequence * 3 // 4:] = 0  # one padded row, so masking is checked too
+        feed = {name: value for name, value in example.items() if name in session_inputs}
+        (actual,) = session.run(None, feed)
+        with torch.no_grad():
+            expected = _KeywordCall(model.eval(), list(feed))(*(torch.from_numpy(v) for v in feed.values())).numpy()
+        if actual.shape != expected.shape:
+            report.failures.append(f"shape {batch}x{sequence}: ONNX {actual.shape} vs torch {expected.shape}")
+            continue
+        diff = float(np.max(np.abs(actual - expected)))
+        report.max_abs_diff = max(report.max_abs_diff, diff)
+        if diff > atol:
+            report.failures.append(f"shape {batch}x{sequence}: max |diff| {diff:.2e} > {atol:.0e}")
+    if report.failures:
+        raise ExportParityError(f"ONNX export of {onnx_path} does not match PyTorch: " + "; ".join(report.failures))
+    return report
