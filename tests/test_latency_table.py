@@ -1,0 +1,89 @@
+"""Latency tables: levels, prediction, fingerprinting and caching (built for real, on a tiny shape)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_bert_config
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.pipeline.errors import BadInputError
+from ziplm.runtimes import InferenceEnv, get_runtime
+from ziplm.runtimes import latency_table as lt
+
+QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1)
+QUICK_64 = QUICK.model_copy(update={"group_size": 64})
+ENV = InferenceEnv(threads=1, sequence_length=16)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_ffn_levels_include_zero_and_full_width():
+    assert lt.ffn_levels(128, 32) == [0, 32, 64, 96, 128]
+    assert lt.ffn_levels(100, 32) == [0, 32, 64, 96, 100]
+
+
+def test_table_is_built_cached_and_predicts(cache, tiny_config):
+    messages: list[str] = []
+    table, cached = lt.get_or_build_table(tiny_config, ENV, QUICK, progress=messages.append)
+    assert not cached and any("timing" in m for m in messages)
+    assert table.unit_levels == [0, 1, 2, 3, 4] and table.ffn_levels == [0, 32, 64, 96, 128]
+    assert table.attention_ms[0] == 0.0 and table.ffn_ms[0] == 0.0 and table.base_ms > 0
+    assert len(table.calibration) == 6  # five uniform structures and one random one
+
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    empty = ModelStructure.uniform(shape, 0, 0)
+    dense = ModelStructure.dense(shape)
+    assert table.predict_ms(empty, corrected=False) == table.base_ms
+    assert table.predict_ms(dense, corrected=False) == pytest.approx(
+        table.base_ms + 3 * (table.attention_ms[-1] + table.ffn_ms[-1]))
+    assert table.predict_ms(dense) == pytest.approx(table.correction.apply(table.predict_ms(dense, corrected=False)))
+
+    again, cached = lt.get_or_build_table(tiny_config, ENV, QUICK, progress=messages.append)
+    assert cached and again == table
+    stored = json.loads(next((cache / "latency_tables").glob("*.json")).read_text())
+    assert stored["fingerprint"] == table.fingerprint and stored["schema_version"] == lt.SCHEMA_VERSION
+
+
+def test_a_level_off_the_grid_is_rejected(cache, tiny_config):
+    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    off_grid = ModelStructure((LayerStructure(4, 100),) * 3)
+    with pytest.raises(BadInputError, match="FFN width 100 is not a level"):
+        table.predict_ms(off_grid)
+
+
+@pytest.mark.parametrize("change", [
+    {"threads": 2}, {"batch_size": 2}, {"sequence_length": 32}, {"options": {"graph_optimization": "basic"}},
+])
+def test_fingerprint_changes_with_the_environment(tiny_config, change):
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    other = ENV.model_copy(update=change)
+    base_fp = lt.table_fingerprint(shape, ENV, get_runtime(ENV), 32)
+    assert lt.table_fingerprint(shape, other, get_runtime(other), 32) != base_fp
+
+
+def test_fingerprint_changes_with_shape_and_group(tiny_config):
+    runtime = get_runtime(ENV)
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    wider = tiny_bert_config(ffn=256)
+    base_fp = lt.table_fingerprint(shape, ENV, runtime, 32)
+    assert lt.table_fingerprint(adapter_for(wider).shape(wider), ENV, runtime, 32) != base_fp
+    assert lt.table_fingerprint(shape, ENV, runtime, 16) != base_fp
+    assert lt.table_fingerprint(shape, ENV, runtime, 32) == base_fp
+
+
+def test_table_json_round_trips(cache, tiny_config):
+    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    assert lt.LatencyTable.from_json(json.loads(json.dumps(table.to_json()))) == table
+
+
+def test_a_stale_schema_asks_for_a_rebuild(tiny_config, cache):
+    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    payload = table.to_json() | {"schema_version": 0}
+    with pytest.raises(BadInputError, match="rebuild"):
+        lt.LatencyTable.from_json(payload)

@@ -1,0 +1,145 @@
+"""The `ziplm` command line. Exit status: 0 success, 1 a target or check missed, 2 bad input (DESIGN.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ziplm.families import ModelStructure
+from ziplm.families.loading import load_config
+from ziplm.pipeline import assets
+from ziplm.pipeline.cache import write_json_atomic
+from ziplm.pipeline.errors import ZipLMError
+from ziplm.pipeline.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+from ziplm.pipeline.tasks import load_task
+from ziplm.runtimes import InferenceEnv
+from ziplm.runtimes.latency_table import LatencyTable, TableSettings, get_or_build_table
+from ziplm.stages.finetune import TeacherResult, finetune_teacher
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
+app.add_typer(assets_app, name="assets")
+console = Console(stderr=True)
+
+
+def stage_progress(stage: str) -> Callable[[str], None]:
+    """Per-stage progress lines with the time since the stage began."""
+    start = time.perf_counter()
+    return lambda message: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/] [bold]{stage}[/] {message}")
+
+
+def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn a ZipLMError into its message and exit status instead of a traceback."""
+
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except ZipLMError as error:
+            console.print(f"[red]error:[/] {error}")
+            raise typer.Exit(error.exit_code) from error
+
+    run.__name__, run.__doc__, run.__wrapped__ = command.__name__, command.__doc__, command  # for typer's help
+    return run
+
+
+@assets_app.command("fetch")
+@fail_clearly
+def fetch() -> None:
+    """Download and unpack the embedded data sets into the cache (downloads nothing when already there)."""
+    assets.fetch_assets()
+
+
+@app.command()
+@fail_clearly
+def prepare(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file or built-in recipe name")] = DEFAULT_RECIPE,
+    out: Annotated[Path | None, typer.Option(help="write prepare.json (teacher and table summary) here")] = None,
+) -> None:
+    """Run the cached stages of a recipe: the dense teacher fine-tune and the latency table."""
+    spec = load_recipe(recipe)
+    teacher = run_teacher(spec)
+    table, cached = get_or_build_table(load_config(spec.model), spec.environment, spec.latency_table,
+                                       progress=stage_progress("latency-table"))
+    summary = {"recipe": spec.model_dump(mode="json"), "teacher": teacher_summary(teacher),
+               "latency_table": table_summary(table, cached)}
+    show_table(table)
+    console.print(f"teacher validation accuracy: [bold]{teacher.validation_accuracy:.4f}[/] "
+                  f"on {teacher.validation_size} examples")
+    if out is not None:
+        write_json_atomic(out / "prepare.json", summary)
+        console.print(f"wrote {out / 'prepare.json'}")
+
+
+def run_teacher(spec: Recipe) -> TeacherResult:
+    progress = stage_progress("teacher")
+    task = load_task(spec.task)
+    progress(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / "
+             f"{len(task.calibration)} calibration examples")
+    teacher = finetune_teacher(spec.model, task, spec.teacher, progress=progress)
+    progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
+    return teacher
+
+
+@app.command("latency-table")
+@fail_clearly
+def latency_table(
+    model: Annotated[str, typer.Option(help="minilm, bert-base (random shape), a model directory or hub id")] = "minilm",
+    runtime: str = "onnxruntime",
+    threads: int = 2,
+    batch_size: int = 1,
+    sequence_length: int = 128,
+    group_size: int = 32,
+    rebuild: Annotated[bool, typer.Option(help="measure again even when a cached table exists")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the table here")] = None,
+) -> None:
+    """Build (or show the cached) latency table for a model shape in an inference environment."""
+    env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length)
+    table, cached = get_or_build_table(load_config(model), env, TableSettings(group_size=group_size),
+                                       progress=stage_progress("latency-table"), rebuild=rebuild)
+    show_table(table)
+    console.print(f"{'cached' if cached else 'built'} table {table.fingerprint}")
+    if json_out is not None:
+        write_json_atomic(json_out, table.to_json())
+
+
+def teacher_summary(teacher: TeacherResult) -> dict[str, object]:
+    return {"path": str(teacher.path), "validation_accuracy": teacher.validation_accuracy,
+            "validation_size": teacher.validation_size, "fingerprint": teacher.fingerprint,
+            "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
+
+
+def table_summary(table: LatencyTable, cached: bool) -> dict[str, object]:
+    return {"fingerprint": table.fingerprint, "cached": cached, "base_ms": table.base_ms,
+            "correction": {"scale": table.correction.scale, "offset": table.correction.offset},
+            "dense_predicted_ms": dense_prediction(table)}
+
+
+def dense_prediction(table: LatencyTable) -> float:
+    return table.predict_ms(ModelStructure.dense(table.model_shape))
+
+
+def show_table(table: LatencyTable) -> None:
+    env = table.environment
+    view = Table(title=f"latency table {table.fingerprint} ({env['name']} {env['version']}, {env['threads']} threads, "
+                       f"batch {env['batch_size']}, sequence {env['sequence_length']}, {env['precision']})")
+    view.add_column("module")
+    view.add_column("level", justify="right")
+    view.add_column("ms over removed", justify="right")
+    for units, ms in zip(table.unit_levels, table.attention_ms):
+        view.add_row("attention", f"{units} units", f"{ms:.3f}")
+    step = max(1, len(table.ffn_levels) // 12)
+    for width, ms in list(zip(table.ffn_levels, table.ffn_ms))[::step]:
+        view.add_row("ffn", f"{width} neurons", f"{ms:.3f}")
+    console.print(view)
+    console.print(f"base {table.base_ms:.3f} ms; correction: measured = {table.correction.scale:.4f} x predicted "
+                  f"{table.correction.offset:+.3f} ms; dense predicted {dense_prediction(table):.2f} ms")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,102 @@
+"""Recipes: one YAML file says which model, task, environment and targets a run is for.
+
+    name: minilm-mr
+    model: minilm                    # short name, local HF directory, or hub id
+    task: {data: mr}                 # see TaskSpec
+    teacher: {epochs: 3}             # see FinetuneConfig
+    environment: {runtime: onnxruntime, threads: 2, batch_size: 1, sequence_length: 128}
+    latency_table: {group_size: 32}  # see TableSettings
+    targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
+
+Unknown keys are rejected with the list of allowed ones; a recipe round-trips (load, dump, load gives the same).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ziplm.pipeline.errors import BadInputError
+from ziplm.pipeline.tasks import TaskSpec
+from ziplm.runtimes.base import InferenceEnv
+from ziplm.runtimes.latency_table import TableSettings
+from ziplm.stages.finetune import FinetuneConfig
+
+DEFAULT_RECIPE = "minilm_mr"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str
+    task: TaskSpec
+    teacher: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    environment: InferenceEnv = Field(default_factory=InferenceEnv)
+    latency_table: TableSettings = Field(default_factory=TableSettings)
+    targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0], min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _speedups_above_one(cls, targets: list[float]) -> list[float]:
+        if any(t <= 1.0 for t in targets):
+            raise ValueError(f"every target speedup must be above 1.0, got {targets}")
+        return sorted(targets)
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("ziplm.pipeline.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe file, or the name of a built-in one (see `builtin_recipes()`)."""
+    if name_or_path in builtin_recipes():
+        text = resources.files("ziplm.pipeline.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+        source = f"built-in recipe {name_or_path}"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise BadInputError(f"recipe {name_or_path} not found: pass a YAML file or one of {builtin_recipes()}")
+        text, source = path.read_text(), str(path)
+    return parse_recipe(text, source)
+
+
+def parse_recipe(text: str, source: str = "recipe") -> Recipe:
+    try:
+        payload = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise BadInputError(f"{source} is not valid YAML: {error}") from error
+    if not isinstance(payload, dict):
+        raise BadInputError(f"{source} must be a YAML mapping of keys ({', '.join(Recipe.model_fields)})")
+    try:
+        return Recipe.model_validate(payload)
+    except ValidationError as error:
+        raise BadInputError(f"{source} is malformed:\n" + "\n".join(_explain(e) for e in error.errors())) from error
+
+
+def _explain(error: dict[str, Any]) -> str:
+    """One line per problem; an unknown key names the keys allowed at that place."""
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see the recipe documentation"
+        return f"  unknown key '{location}'; allowed here: {allowed}"
+    return f"  {location or '(top level)'}: {error['msg']}"
+
+
+def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for part in location:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
