@@ -114,3 +114,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+# --- a real latency table for the tiny shape, measured once per test session ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_table():
+    from ziplm.runtimes import InferenceEnv
+    from ziplm.runtimes.latency_table import TableSettings, build_table
+
+    settings = TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
+                             random_calibration_models=1)
+    return build_table(tiny_bert_config(), InferenceEnv(threads=1, sequence_length=16), settings,
+                       progress=lambda _: None)

@@ -54,7 +54,9 @@ def test_teacher_directory_loads_with_labels_and_metrics(tiny_bert_dir: Path, to
 
 
 def test_training_learns_the_toy_task(tiny_bert_dir: Path, toy_task: TaskData) -> None:
-    config = FinetuneConfig(epochs=10, learning_rate=2e-3, batch_size=16, max_length=32, warmup_fraction=0.0)
+    # The random tiny model sits at loss ~0.69 for 4-6 epochs before it learns; at 10 epochs 9 of 9 seed pairs
+    # (initialisation x split) reached validation accuracy 1.0, so 12 epochs leave a margin.
+    config = FinetuneConfig(epochs=12, learning_rate=2e-3, batch_size=16, max_length=32, warmup_fraction=0.0)
     result = finetune_teacher(str(tiny_bert_dir), toy_task, config, progress=lambda _: None)
     losses = json.loads((result.path / "teacher.json").read_text())["epoch_losses"]
     assert losses[-1] < losses[0]

@@ -17,6 +17,7 @@ from ziplm.pipeline import assets
 from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.errors import ZipLMError
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+from ziplm.pipeline.run import run_recipe
 from ziplm.pipeline.tasks import load_task
 from ziplm.runtimes import InferenceEnv
 from ziplm.runtimes.latency_table import LatencyTable, TableSettings, get_or_build_table
@@ -53,6 +54,27 @@ def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
 def fetch() -> None:
     """Download and unpack the embedded data sets into the cache (downloads nothing when already there)."""
     assets.fetch_assets()
+
+
+@app.command()
+@fail_clearly
+def run(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML file or built-in recipe name")] = DEFAULT_RECIPE,
+    out: Annotated[Path, typer.Option(help="output folder: report.json, report.md, one folder per member")] = Path(
+        "runs/latest"),
+) -> None:
+    """Produce the family: one pruned ONNX model per target, each verified in the runtime. Exit 1 if any missed."""
+    spec = load_recipe(recipe)
+    start = time.perf_counter()
+    report = run_recipe(spec, out, stage_progress)
+    for member in report["members"]:
+        mark = "[green]pass[/]" if member["passed"] else "[red]MISS[/]"
+        console.print(f"{mark} {member['name']}: target {member['target_speedup']:g}x, measured "
+                      f"{member['measured_speedup']:.3f}x ({member['deviation']:+.1%}), accuracy "
+                      f"{member['metric']['value']:.4f} (dense {member['metric']['dense_value']:.4f})")
+    console.print(f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s")
+    if not all(member["passed"] for member in report["members"]):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -6,6 +6,9 @@
     teacher: {epochs: 3}             # see FinetuneConfig
     environment: {runtime: onnxruntime, threads: 2, batch_size: 1, sequence_length: 128}
     latency_table: {group_size: 32}  # see TableSettings
+    calibration: {samples: 512}      # see CalibrationSettings
+    ziplm: {damping_frac: 0.01}      # see ZipLMSettings
+    verification: {tolerance: 0.03}  # see VerificationSettings
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
 
 Unknown keys are rejected with the list of allowed ones; a recipe round-trips (load, dump, load gives the same).
@@ -24,7 +27,10 @@ from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.tasks import TaskSpec
 from ziplm.runtimes.base import InferenceEnv
 from ziplm.runtimes.latency_table import TableSettings
+from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.finetune import FinetuneConfig
+from ziplm.stages.verify import VerificationSettings
+from ziplm.stages.ziplm import ZipLMSettings
 
 DEFAULT_RECIPE = "minilm_mr"
 
@@ -38,6 +44,9 @@ class Recipe(BaseModel):
     teacher: FinetuneConfig = Field(default_factory=FinetuneConfig)
     environment: InferenceEnv = Field(default_factory=InferenceEnv)
     latency_table: TableSettings = Field(default_factory=TableSettings)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    ziplm: ZipLMSettings = Field(default_factory=ZipLMSettings)
+    verification: VerificationSettings = Field(default_factory=VerificationSettings)
     targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0], min_length=1)
 
     @field_validator("targets")

@@ -111,8 +111,8 @@ def evaluate_accuracy(
     model.eval()
     correct = 0
     with torch.no_grad():
-        for batch in _batches(order, batch_size):
-            logits = _logits(model(**_encode(tokenizer, batch, max_length, _device(model))))
+        for batch in batches(order, batch_size):
+            logits = _logits(model(**encode_batch(tokenizer, batch, max_length, _device(model))))
             labels = torch.tensor([e.label for e in batch], device=logits.device)
             correct += int((logits.argmax(dim=-1) == labels).sum())
     model.train(was_training)
@@ -180,9 +180,9 @@ def _train(
     for epoch in range(1, config.epochs + 1):
         start, total = time.perf_counter(), 0.0
         shuffled = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
-        for batch in _batches(shuffled, config.batch_size):
+        for batch in batches(shuffled, config.batch_size):
             labels = torch.tensor([e.label for e in batch], device=device)
-            loss = model(**_encode(tokenizer, batch, config.max_length, device), labels=labels).loss
+            loss = model(**encode_batch(tokenizer, batch, config.max_length, device), labels=labels).loss
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -202,12 +202,12 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
 
 
-def _encode(
+def encode_batch(
     tokenizer: PreTrainedTokenizerBase, batch: Sequence[Example], max_length: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Tokenize one batch, padded to its longest member (pairs are passed as the tokenizer's second segment)."""

@@ -1,0 +1,126 @@
+"""Manifests and reports: the output contract of DESIGN.md (manifest.json per member, report.json, report.md)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from ziplm.families import ModelStructure, adapter_for
+from ziplm.pipeline.cache import file_digest, write_json_atomic
+from ziplm.runtimes.latency_table import LatencyTable
+
+if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
+    from ziplm.pipeline.recipe import Recipe
+    from ziplm.pipeline.run import Member
+    from ziplm.pipeline.tasks import TaskData
+    from ziplm.stages.finetune import TeacherResult
+
+STAGES = ["teacher-finetune", "ziplm-oneshot", "onnx-export", "paired-verification"]
+
+
+def runtime_json(table: LatencyTable) -> dict[str, Any]:
+    env = table.environment
+    keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
+    return {key: env[key] for key in keys}
+
+
+def dense_summary(dense: PreTrainedModel, dense_onnx: Path, accuracy: float, validation_size: int,
+                  members: list[Member]) -> dict[str, Any]:
+    """The dense reference: its latency is the median over the paired runs that measured the members."""
+    medians = [m.final.check.dense.median_ms for m in members]
+    p90s = [m.final.check.dense.p90_ms for m in members]
+    return {
+        "latency_ms": {"median": round(statistics.median(medians), 4), "p90": round(statistics.median(p90s), 4)},
+        "metric": {"name": "accuracy", "value": accuracy, "validation_size": validation_size},
+        "parameters": parameter_count(dense),
+        "file_bytes": dense_onnx.stat().st_size,
+        "structure": structure_json(dense, ModelStructure.dense(adapter_for(dense.config).shape(dense.config))),
+    }
+
+
+def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
+             onnx_path: Path, teacher: TeacherResult, task: TaskData) -> dict[str, Any]:
+    check = member.final.check
+    deviation = check.deviation(member.target)
+    return {
+        "name": name,
+        "target_speedup": member.target,
+        "measured_speedup": round(check.speedup.value, 4),
+        "speedup_ci": check.speedup.to_json(),
+        "deviation": round(deviation, 4),
+        "tolerance": recipe.verification.tolerance,
+        "predicted_speedup": round(member.final.predicted_speedup, 4),
+        "latency_ms": {"median": round(check.member.median_ms, 4), "p90": round(check.member.p90_ms, 4)},
+        "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)},
+        "runtime": runtime,
+        "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
+                   "validation_size": dense_info["metric"]["validation_size"]},
+        "structure": structure_json(member.model, member.final.structure),
+        "sparsity": weight_sparsity(member.model),
+        "parameters": parameter_count(member.model),
+        "file_bytes": onnx_path.stat().st_size,
+        "sha256": file_digest(onnx_path),
+        "passed": abs(deviation) <= recipe.verification.tolerance,
+        "stages": STAGES,
+        "rounds": [r.to_json(member.target) for r in member.rounds],
+        "chosen_round": member.chosen,
+        "teacher": {"fingerprint": teacher.fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
+    }
+
+
+def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
+    shape = adapter_for(model.config).shape(model.config)
+    return {"heads": [layer.units * shape.heads_per_unit for layer in structure.layers], **structure.to_json()}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def weight_sparsity(model: PreTrainedModel) -> float:
+    """Fraction of zero weights in the prunable layers' linear projections."""
+    adapter = adapter_for(model.config)
+    weights = [m.weight for layer in adapter.layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    return round(sum(int((w == 0).sum()) for w in weights) / total, 6) if total else 0.0
+
+
+def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dict[str, Any],
+                 manifests: list[dict[str, Any]], reachable: float) -> dict[str, Any]:
+    report = {"runtime": runtime_json(table), "dense": dense_info, "members": manifests,
+              "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
+              "max_reachable_speedup": round(reachable, 3)}
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    runtime, dense = report["runtime"], report["dense"]
+    lines = [
+        f"# ZipLM family: {report['recipe']['name']}",
+        "",
+        f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
+        f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}. Speedups are "
+        "measured end to end against the dense model, interleaved in one run (95% interval in brackets).",
+        "",
+        f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
+        f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
+        "",
+        "| member | target | measured speedup | deviation | rounds | p90 ms | accuracy | kept heads | FFN width "
+        "| passed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report["members"]:
+        ci = m["speedup_ci"]
+        lines.append(
+            f"| {m['name']} | {m['target_speedup']:g}x | {m['measured_speedup']:.3f}x [{ci['ci_low']:.3f}, "
+            f"{ci['ci_high']:.3f}] | {m['deviation']:+.1%} | {len(m['rounds'])} | {m['latency_ms']['p90']:.2f} "
+            f"| {m['metric']['value']:.4f} | {' '.join(map(str, m['structure']['heads']))} "
+            f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"

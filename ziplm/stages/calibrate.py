@@ -1,0 +1,87 @@
+"""Calibration: accumulate H = (2/n) sum x x^T of the inputs of every prunable projection (ALGORITHMS.md s. 1).
+
+Forward hooks on each layer's attention output projection and FFN down projection see their inputs while N
+calibration sequences run through the model; padded positions are left out, so n counts real tokens only. Sums are
+kept in float64.
+
+    calibration: {samples: 512, batch_size: 32, max_length: 128}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ziplm.families import FamilyAdapter
+from ziplm.pipeline.errors import BadInputError
+from ziplm.pipeline.tasks import Example
+from ziplm.stages.finetune import batches, encode_batch
+
+
+class CalibrationSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int = Field(512, ge=1, description="calibration sequences (capped at the calibration split's size)")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+
+
+@dataclass
+class LayerHessians:
+    """H of the attention output projection's input and of the FFN down projection's input, for one layer."""
+
+    attention: torch.Tensor
+    ffn: torch.Tensor
+    tokens: int
+
+
+class _HessianAccumulator:
+    def __init__(self, width: int) -> None:
+        self.sum = torch.zeros(width, width, dtype=torch.float64)
+        self.tokens = 0
+        self.token_mask: torch.Tensor | None = None  # [batch, seq] of the batch being run
+
+    def hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]
+        if self.token_mask is not None:
+            x = x[self.token_mask.bool()]
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sum += x.T @ x
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return 2.0 / max(self.tokens, 1) * self.sum  # H = (2/n) sum x x^T
+
+
+def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: FamilyAdapter,
+                     examples: Sequence[Example], settings: CalibrationSettings = CalibrationSettings(),
+                     progress: Callable[[str], None] = print) -> list[LayerHessians]:
+    """Run up to `settings.samples` examples through the model and return every layer's Hessians."""
+    examples = list(examples)[: settings.samples]
+    if not examples:
+        raise BadInputError("no calibration examples: give the task a calibration_fraction above 0")
+    layers = adapter.layers(model)
+    accumulators = [(_HessianAccumulator(adapter.attention_out_proj(layer).in_features),
+                     _HessianAccumulator(adapter.ffn_out_proj(layer).in_features)) for layer in layers]
+    handles = [proj.register_forward_pre_hook(acc.hook)
+               for layer, pair in zip(layers, accumulators)
+               for proj, acc in zip((adapter.attention_out_proj(layer), adapter.ffn_out_proj(layer)), pair)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches(examples, settings.batch_size):
+                encoded = encode_batch(tokenizer, batch, settings.max_length, torch.device("cpu"))
+                for pair in accumulators:
+                    for acc in pair:
+                        acc.token_mask = encoded["attention_mask"]
+                model(**encoded)
+        progress(f"calibration: {len(examples)} samples, {accumulators[0][0].tokens} tokens")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerHessians(attention.hessian(), ffn.hessian(), attention.tokens) for attention, ffn in accumulators]

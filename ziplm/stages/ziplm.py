@@ -1,0 +1,149 @@
+"""ZipLM one-shot structured pruning: the per-module OBS database, the search, and stitching a member.
+
+Orchestration around the pure math in obs.py and search.py:
+1. `build_database`: for every layer's attention output projection (units of head_dim columns) and FFN down
+   projection (neurons in groups of G), the greedy OBS path: which structure goes at each step and the error after
+   each step, on every level of the latency table.
+2. `solve`: the DP over all modules for one speedup target, with the time budget from the corrected table.
+3. `stitch`: the teacher with each module shrunk to its chosen level, its remaining weights OBS-updated by
+   replaying the recorded path.
+
+    ziplm: {damping_frac: 0.01, error: reconstruction, buckets: 10000}
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel
+
+from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
+from ziplm.families.base import record_structure
+from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.stages import obs
+from ziplm.stages.calibrate import LayerHessians
+from ziplm.stages.search import dp_solve, module_budget
+
+Progress = Callable[[str], None]
+
+
+class ZipLMSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    damping_frac: float = Field(0.01, gt=0.0, description="lambda = damping_frac * mean(diag H)")
+    error: Literal["reconstruction", "saliency"] = Field(
+        "reconstruction", description="layer error the search minimises: measured output error, or summed rho")
+    buckets: int = Field(10_000, ge=100, description="time buckets of the dynamic program")
+
+
+@dataclass
+class ModuleDatabase:
+    """One module's greedy OBS path. Level index i of the table = i structures kept."""
+
+    layer: int
+    kind: Literal["attention", "ffn"]
+    W: torch.Tensor  # the dense weights of the projection whose input columns are removed
+    H: torch.Tensor
+    groups: torch.Tensor  # [structures, columns per structure]
+    path: obs.ObsPath
+
+    @property
+    def size(self) -> int:
+        return len(self.groups)
+
+    def error(self, measure: str) -> np.ndarray:
+        """Error at every level index 0..size (index = structures kept)."""
+        along_path = self.path.reconstruction if measure == "reconstruction" else self.path.saliency
+        return np.asarray(along_path[::-1])
+
+    def kept(self, level: int) -> list[int]:
+        """Indices of the structures kept at a level, in their original order."""
+        return sorted(set(range(self.size)) - set(self.path.order[: self.size - level]))
+
+
+@dataclass
+class Database:
+    modules: list[ModuleDatabase]  # attention and FFN of layer 0, then of layer 1, ...
+    settings: ZipLMSettings
+    group_size: int
+
+    def times(self, table: LatencyTable) -> list[np.ndarray]:
+        return [np.asarray(table.attention_ms if m.kind == "attention" else table.ffn_ms) for m in self.modules]
+
+    def errors(self) -> list[np.ndarray]:
+        return [m.error(self.settings.error) for m in self.modules]
+
+
+def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians],
+                   group_size: int, settings: ZipLMSettings = ZipLMSettings(),
+                   progress: Progress = print) -> Database:
+    """The greedy OBS path of every prunable module (ALGORITHMS.md section 1)."""
+    shape = adapter.shape(model.config)
+    modules = []
+    for index, (layer, layer_hessians) in enumerate(zip(adapter.layers(model), hessians)):
+        W_attention = adapter.attention_out_proj(layer).weight.detach()
+        W_ffn = adapter.ffn_out_proj(layer).weight.detach()
+        attention_groups = obs.column_groups(shape.num_units, shape.heads_per_unit * shape.head_dim)
+        ffn_groups = obs.saliency_groups(W_ffn, layer_hessians.ffn, group_size, settings.damping_frac)
+        for kind, W, H, groups in (("attention", W_attention, layer_hessians.attention, attention_groups),
+                                   ("ffn", W_ffn, layer_hessians.ffn, ffn_groups)):
+            path = obs.greedy_path(W, H, groups, settings.damping_frac)
+            modules.append(ModuleDatabase(index, kind, W.clone(), H, groups, path))
+        progress(f"database: layer {index + 1}/{shape.num_layers} "
+                 f"({modules[-2].path.dead_columns + modules[-1].path.dead_columns} dead columns)")
+    return Database(modules, settings, group_size)
+
+
+def solve(database: Database, table: LatencyTable, speedup: float) -> ModelStructure:
+    """Levels of every module for one speedup target (raises UnreachableTargetError beyond the table's reach)."""
+    levels = dp_solve(database.times(table), database.errors(), module_budget(table, speedup),
+                      database.settings.buckets)
+    return structure_from_levels(database, levels)
+
+
+def structure_from_levels(database: Database, levels: list[int]) -> ModelStructure:
+    pairs = zip(levels[0::2], levels[1::2])  # modules alternate attention, FFN per layer
+    return ModelStructure(tuple(LayerStructure(units, ffn_groups * database.group_size) for units, ffn_groups in pairs))
+
+
+def predicted_error(database: Database, structure: ModelStructure) -> float:
+    total = 0.0
+    for module, layer in zip(database.modules, (l for l in structure.layers for _ in range(2))):
+        level = layer.units if module.kind == "attention" else layer.ffn // database.group_size
+        total += float(module.error(database.settings.error)[level])
+    return total
+
+
+def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
+           structure: ModelStructure) -> PreTrainedModel:
+    """A copy of the teacher shrunk to `structure`, with the OBS-updated weights of the kept columns."""
+    model = copy.deepcopy(teacher)
+    shape = adapter.shape(model.config)
+    layers = adapter.layers(model)
+    for module in database.modules:
+        layer_structure = structure.layers[module.layer]
+        level = layer_structure.units if module.kind == "attention" else layer_structure.ffn // database.group_size
+        if level == module.size:
+            continue
+        kept = module.kept(level)
+        columns = module.groups[kept].flatten().sort().values if module.kind == "ffn" else module.groups[kept].flatten()
+        W = obs.replay(module.W, module.H, module.groups, module.path.order, [module.size - level],
+                       database.settings.damping_frac)[module.size - level]
+        layer = layers[module.layer]
+        if module.kind == "attention":
+            adapter.shrink_attention(layer, shape, kept)
+            projection = adapter.attention_out_proj(layer) if kept else None
+        else:
+            adapter.shrink_ffn(layer, columns.tolist())
+            projection = adapter.ffn_out_proj(layer) if kept else None
+        if projection is not None:
+            with torch.no_grad():
+                projection.weight.copy_(W[:, columns].to(projection.weight.dtype))
+    record_structure(model.config, structure)
+    return model.eval()
