@@ -102,9 +102,15 @@ class ParityReport:
 
 
 def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = 1e-4,
-                  shapes: Sequence[tuple[int, int]] = ((1, 128), (2, 17))) -> ParityReport:
-    """Run PyTorch and ONNX Runtime on several input shapes; raise with every failure at once."""
+                  shapes: Sequence[tuple[int, int]] | None = None) -> ParityReport:
+    """Run PyTorch and ONNX Runtime on several input shapes; raise with every failure at once.
+
+    Default shapes: batch 1 at the longest sequence up to 128 the model takes, and batch 2 at a short, odd length.
+    """
     import onnxruntime as ort  # the runtime of record for parity, whatever runtime serves latency
+
+    longest = min(128, getattr(model.config, "max_position_embeddings", 128))
+    shapes = shapes or ((1, longest), (2, min(17, longest)))
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     session_inputs = {i.name for i in session.get_inputs()}

@@ -1,0 +1,104 @@
+"""`ziplm run` end to end on a tiny model and toy task: the output contract, exit codes and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from ziplm.families.loading import load_model
+from ziplm.pipeline.cli import app
+from ziplm.stages.export import verify_export
+
+MANIFEST_KEYS = {"name", "target_speedup", "measured_speedup", "latency_ms", "dense_latency_ms", "runtime", "metric",
+                 "structure", "sparsity", "parameters", "file_bytes", "sha256", "passed", "stages", "rounds"}
+RUNTIME_KEYS = {"name", "version", "device", "threads", "batch_size", "sequence_length", "precision"}
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+
+    def write(**overrides) -> Path:
+        payload = {
+            "name": "tiny",
+            "model": str(tiny_bert_dir),
+            "task": {"data": str(toy_sentiment_csv), "calibration_fraction": 0.25},
+            "teacher": {"epochs": 1, "batch_size": 16, "max_length": 32},
+            "environment": {"threads": 1, "sequence_length": 32},
+            "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
+                              "random_calibration_models": 1},
+            "calibration": {"samples": 32},
+            "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1},
+            "targets": [1.3],
+        } | overrides
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(payload))
+        return path
+
+    return write
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_run_writes_the_output_contract(recipe, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", str(recipe()), "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"runtime", "dense", "members"}
+    assert RUNTIME_KEYS <= set(report["runtime"])
+    (member,) = report["members"]
+    assert MANIFEST_KEYS <= set(member)
+    assert result.exit_code == (0 if member["passed"] else 1)
+    assert member["runtime"]["threads"] == 1 and member["runtime"]["sequence_length"] == 32
+    assert member["metric"]["name"] == "accuracy" and 0.0 <= member["metric"]["value"] <= 1.0
+    assert len(member["structure"]["heads"]) == 2 and 1 <= len(member["rounds"]) <= 2
+
+    folder = out / member["name"]
+    assert {"model.onnx", "config.json", "manifest.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert json.loads((folder / "manifest.json").read_text()) == member
+    assert (out / "report.md").read_text().count(member["name"]) == 1
+    assert not list(out.glob(".*partial*"))  # nothing half-written left behind
+
+    reloaded = load_model(str(folder))  # a member reloads in PyTorch from its folder ...
+    verify_export(reloaded, folder / "model.onnx")  # ... and its ONNX outputs match
+    assert reloaded.config.ziplm_structure["ffn"] == member["structure"]["ffn"]
+
+
+def test_a_missed_target_exits_1(recipe, tmp_path):
+    strict = {"tolerance": 1e-9, "max_rounds": 1, "timing_rounds": 5, "warmup": 0}
+    result = invoke("run", str(recipe(verification=strict)), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "MISS" in result.output
+
+
+def test_unreachable_target_is_bad_input_naming_the_maximum(recipe, tmp_path):
+    result = invoke("run", str(recipe(targets=[500.0])), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "largest reachable speedup is" in result.output
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"environment": {"runtime": "tensorrt-typo"}}, "available runtimes: onnxruntime"),
+    ({"colour": "blue"}, "unknown key 'colour'"),
+    ({"verification": {"tolerence": 0.1}}, "allowed here: tolerance"),
+    ({"targets": [0.5]}, "above 1.0"),
+])
+def test_bad_recipes_exit_2_with_a_clear_message(recipe, tmp_path, change, message):
+    result = invoke("run", str(recipe(**change)), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_malformed_yaml_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    result = invoke("run", str(bad), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "not valid YAML" in result.output
