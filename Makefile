@@ -23,7 +23,7 @@ setup: $(INSTALLED)
 	$(BIN)/ziplm assets fetch
 
 demo: setup
-	$(BIN)/ziplm prepare $(RECIPE) --out $(OUT)
+	$(BIN)/ziplm run $(RECIPE) --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -72,7 +72,7 @@ def _write_fake_downloads(downloads: Path) -> None:
         info = tarfile.TarInfo(assets.MR_MEMBER)
         info.size = len(mr)
         tar.addfile(info, io.BytesIO(mr))
-    rt = "category,text,movie_name,has_plot_and_reviews\nplot,A plot.,m,True\nfresh,Sharp.,m,True\nrotten,Flat.,m,True\n"
+    rt = "category,text,movie_name\nplot,A plot.,m\nfresh,Sharp.,m\nrotten,Flat.,m\n"
     with zipfile.ZipFile(downloads / assets.RT_WHEEL, "w") as wheel:
         wheel.writestr(assets.RT_MEMBER, bz2.compress(rt.encode()))
 

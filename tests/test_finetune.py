@@ -36,7 +36,8 @@ def test_second_call_is_cached(tiny_bert_dir: Path, toy_task: TaskData) -> None:
 
 def test_changed_config_trains_a_new_teacher(tiny_bert_dir: Path, toy_task: TaskData) -> None:
     first = finetune_teacher(str(tiny_bert_dir), toy_task, QUICK, progress=lambda _: None)
-    other = finetune_teacher(str(tiny_bert_dir), toy_task, QUICK.model_copy(update={"seed": 1}), progress=lambda _: None)
+    reseeded = QUICK.model_copy(update={"seed": 1})
+    other = finetune_teacher(str(tiny_bert_dir), toy_task, reseeded, progress=lambda _: None)
     assert not other.cached
     assert other.path != first.path
 

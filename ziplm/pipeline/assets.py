@@ -112,7 +112,9 @@ def resolve_task_file(name_or_path: str) -> Path:
     if name_or_path in TASK_FILES:
         path = data_dir() / TASK_FILES[name_or_path]
         if not path.is_file():
-            raise AssetMissingError(f"the '{name_or_path}' data set has not been fetched into {path.parent}: {SETUP_HINT}")
+            raise AssetMissingError(
+                f"the '{name_or_path}' data set has not been fetched into {path.parent}: {SETUP_HINT}"
+            )
         return path
     path = Path(name_or_path).expanduser()
     if not path.is_file():
@@ -145,8 +147,8 @@ def _pip_download(filename: str, requirement: str, *pip_options: str) -> Path:
     target = downloads_dir() / filename
     if target.is_file():
         return target
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_options, requirement, "-d", str(target.parent)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *pip_options, requirement]
+    done = subprocess.run([*command, "-d", str(target.parent)], capture_output=True, text=True)
     if done.returncode != 0 or not target.is_file():
         raise ZipLMError(
             f"could not download {requirement} with pip (needs access to PyPI):\n{done.stderr.strip()[-2000:]}"

@@ -144,7 +144,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise BadInputError(f"{path} line {number} is not valid JSON: {exc.msg}") from exc
             if not isinstance(record, dict):
-                raise BadInputError(f"{path} line {number}: expected a JSON object per line, got {type(record).__name__}")
+                raise BadInputError(
+                    f"{path} line {number}: expected a JSON object per line, got {type(record).__name__}"
+                )
             records.append(record)
     if not records:
         raise BadInputError(f"{path} has no rows: expected one JSON object per line")

@@ -203,6 +203,7 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+    """Consecutive slices of ``size`` examples (the last one may be shorter), in the given order."""
     for i in range(0, len(examples), size):
         yield examples[i : i + size]
 
