@@ -126,8 +126,8 @@ def markdown(result: Result) -> str:
         f"(measured = {result.correction['scale']:.4f} x predicted {result.correction['offset']:+.2f} ms) was fitted "
         "when the table was built, on other models: these structures are held out.",
         "",
-        f"| summary | raw additive | corrected |",
-        f"|---|---|---|",
+        "| summary | raw additive | corrected |",
+        "|---|---|---|",
         f"| median abs relative error | {result.median_abs_error_raw:.1%} | {result.median_abs_error_corrected:.1%} |",
         f"| worst abs relative error | {result.worst_abs_error_raw:.1%} | {result.worst_abs_error_corrected:.1%} |",
         "",

@@ -15,7 +15,7 @@ from ziplm.runtimes.latency_table import LatencyTable
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.pipeline.run import Member
+    from ziplm.stages.verify import Member
     from ziplm.pipeline.tasks import TaskData
     from ziplm.stages.finetune import TeacherResult
 

@@ -1,19 +1,26 @@
-"""Verification: a member's speedup measured end to end against the dense model, paired, in the target runtime.
+"""Verification: a member's speedup measured end to end against the dense model, paired, in the target runtime,
+and the closed loop that re-solves a target until its member is measured within tolerance.
 
     verification: {tolerance: 0.03, max_rounds: 4, timing_rounds: 60, warmup: 5}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedModel
 
+from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
+from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
-from ziplm.stages.export import encoder_inputs
+from ziplm.stages.export import encoder_inputs, export_model, verify_export
+from ziplm.stages.search import max_speedup
 
 
 class VerificationSettings(BaseModel):
@@ -41,6 +48,7 @@ class PairedVerifier:
     def __init__(self, runtime: Runtime, env: InferenceEnv, dense_onnx: Path, vocab_size: int,
                  settings: VerificationSettings) -> None:
         self.runtime = runtime
+        self.env = env
         self.settings = settings
         self.inputs: dict[str, np.ndarray] = encoder_inputs(vocab_size, env.batch_size, env.sequence_length)
         self.dense: Session = runtime.load(dense_onnx)
@@ -51,3 +59,76 @@ class PairedVerifier:
                                             self.settings.timing_rounds, self.settings.warmup,
                                             max_relative_width=2 * self.settings.tolerance)
         return LatencyCheck(speedup, dense, timed)
+
+
+@dataclass
+class Round:
+    """One solve-build-measure round of the closed loop for one target."""
+
+    solved_for: float
+    structure: ModelStructure
+    predicted_speedup: float
+    check: LatencyCheck
+
+    def to_json(self, target: float) -> dict[str, Any]:
+        return {"solved_for": round(self.solved_for, 4), "predicted_speedup": round(self.predicted_speedup, 4),
+                "measured_speedup": round(self.check.speedup.value, 4), "speedup_ci": self.check.speedup.to_json(),
+                "deviation": round(self.check.deviation(target), 4), "structure": self.structure.to_json()}
+
+
+@dataclass
+class Member:
+    """A target's model: every round of its closed loop, and the chosen one (closest to the target)."""
+
+    target: float
+    rounds: list[Round] = field(default_factory=list)
+    models: list[PreTrainedModel] = field(default_factory=list)
+    onnx_paths: list[Path] = field(default_factory=list)
+    accuracy: float = float("nan")
+
+    @property
+    def chosen(self) -> int:
+        return min(range(len(self.rounds)), key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
+
+    @property
+    def final(self) -> Round:
+        return self.rounds[self.chosen]
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.models[self.chosen]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.onnx_paths[self.chosen]
+
+
+def closed_loop(target: float, solve: Callable[[float], ModelStructure],
+                build: Callable[[ModelStructure], PreTrainedModel], table: LatencyTable, verifier: PairedVerifier,
+                work: Path, progress: Callable[[str], None]) -> Member:
+    """Solve, build, export and measure; re-solve with a corrected target until within tolerance (bounded).
+
+    When a member misses, the table was off by measured / solved-for at that point; the next round aims that much
+    further (ALGORITHMS.md section 3; ZipLM's open loop deviated by up to 5.28%).
+    """
+    settings = verifier.settings
+    member = Member(target)
+    dense_ms = table.predict_ms(ModelStructure.dense(table.model_shape))
+    solved_for = target
+    for index in range(settings.max_rounds):
+        structure = solve(min(solved_for, max_speedup(table)))
+        model = build(structure)
+        onnx_path = export_model(model, work / f"round{index}.onnx", verifier.env.batch_size,
+                                 verifier.env.sequence_length)
+        verify_export(model, onnx_path)
+        check = verifier.measure(onnx_path)
+        predicted = dense_ms / table.predict_ms(structure)
+        member.rounds.append(Round(solved_for, structure, predicted, check))
+        member.models.append(model)
+        member.onnx_paths.append(onnx_path)
+        progress(f"round {index + 1}: solved for {solved_for:.3f}x, predicted {predicted:.3f}x, measured "
+                 f"{check.speedup.value:.3f}x [{check.speedup.ci_low:.3f}, {check.speedup.ci_high:.3f}]")
+        if abs(check.deviation(target)) <= settings.tolerance:
+            break
+        solved_for *= target / check.speedup.value
+    return member

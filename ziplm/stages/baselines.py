@@ -1,0 +1,51 @@
+"""Baselines ZipLM is measured against.
+
+Uniform magnitude pruning: the same number of attention units and the same FFN width in every layer, the kept
+structures chosen by weight magnitude, no weight update. Its structure for a speedup target comes from the same
+latency table, and it goes through the same closed loop, so both are compared at measured speedups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from ziplm.families import FamilyAdapter, ModelStructure
+from ziplm.families.base import record_structure
+from ziplm.runtimes.latency_table import LatencyTable
+
+
+def uniform_structure(table: LatencyTable, speedup: float) -> ModelStructure:
+    """The uniform structure (kept fraction f of units and FFN width) whose predicted speedup is closest."""
+    shape = table.model_shape
+    dense_ms = table.predict_ms(ModelStructure.dense(shape))
+    candidates = []
+    for fraction in np.linspace(0.0, 1.0, 401):
+        units = round(shape.num_units * fraction)
+        width = min(table.ffn_levels, key=lambda w: abs(w - shape.ffn_size * fraction))
+        structure = ModelStructure.uniform(shape, units, width)
+        candidates.append((abs(dense_ms / table.predict_ms(structure) - speedup), structure))
+    return min(candidates, key=lambda c: c[0])[1]
+
+
+def magnitude_prune(dense: PreTrainedModel, adapter: FamilyAdapter, structure: ModelStructure) -> PreTrainedModel:
+    """Keep, per layer, the attention units and FFN neurons with the largest weight norms."""
+    model = copy.deepcopy(dense)
+    shape = adapter.shape(model.config)
+    for layer, layer_structure in zip(adapter.layers(model), structure.layers):
+        out_proj = adapter.attention_out_proj(layer).weight.detach()
+        unit_norms = torch.stack([out_proj[:, adapter.unit_columns(shape, u)].norm()
+                                  for u in range(shape.num_units)])
+        ffn_in, ffn_out = adapter.ffn_in_projs(layer)[0].weight.detach(), adapter.ffn_out_proj(layer).weight.detach()
+        neuron_norms = ffn_in.norm(dim=1) * ffn_out.norm(dim=0)
+        adapter.shrink_attention(layer, shape, _largest(unit_norms, layer_structure.units))
+        adapter.shrink_ffn(layer, _largest(neuron_norms, layer_structure.ffn))
+    record_structure(model.config, structure)
+    return model.eval()
+
+
+def _largest(scores: torch.Tensor, count: int) -> list[int]:
+    return sorted(torch.topk(scores, count).indices.tolist()) if count else []
