@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -52,6 +52,8 @@ class ModuleDatabase:
     H: torch.Tensor
     groups: torch.Tensor  # [structures, columns per structure]
     path: obs.ObsPath
+    damping_frac: float
+    _weights: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
@@ -66,6 +68,14 @@ class ModuleDatabase:
         """Indices of the structures kept at a level, in their original order."""
         return sorted(set(range(self.size)) - set(self.path.order[: self.size - level]))
 
+    def weights(self, level: int) -> torch.Tensor:
+        """The OBS-updated W at a level (removed columns zero), replayed once and then remembered."""
+        if level not in self._weights:
+            removals = self.size - level
+            self._weights[level] = obs.replay(self.W, self.H, self.groups, self.path.order, [removals],
+                                              self.damping_frac)[removals]
+        return self._weights[level]
+
 
 @dataclass
 class Database:
@@ -78,6 +88,10 @@ class Database:
 
     def errors(self) -> list[np.ndarray]:
         return [m.error(self.settings.error) for m in self.modules]
+
+    def level(self, module: ModuleDatabase, layer: LayerStructure) -> int:
+        """A module's level index (structures kept) in a layer structure."""
+        return layer.units if module.kind == "attention" else layer.ffn // self.group_size
 
 
 def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians],
@@ -94,7 +108,7 @@ def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: lis
         for kind, W, H, groups in (("attention", W_attention, layer_hessians.attention, attention_groups),
                                    ("ffn", W_ffn, layer_hessians.ffn, ffn_groups)):
             path = obs.greedy_path(W, H, groups, settings.damping_frac)
-            modules.append(ModuleDatabase(index, kind, W.clone(), H, groups, path))
+            modules.append(ModuleDatabase(index, kind, W.clone(), H, groups, path, settings.damping_frac))
         progress(f"database: layer {index + 1}/{shape.num_layers} "
                  f"({modules[-2].path.dead_columns + modules[-1].path.dead_columns} dead columns)")
     return Database(modules, settings, group_size)
@@ -113,11 +127,9 @@ def structure_from_levels(database: Database, levels: list[int]) -> ModelStructu
 
 
 def predicted_error(database: Database, structure: ModelStructure) -> float:
-    total = 0.0
-    for module, layer in zip(database.modules, (l for l in structure.layers for _ in range(2))):
-        level = layer.units if module.kind == "attention" else layer.ffn // database.group_size
-        total += float(module.error(database.settings.error)[level])
-    return total
+    """The summed module errors the search minimised, for a structure."""
+    return sum(float(m.error(database.settings.error)[database.level(m, structure.layers[m.layer])])
+               for m in database.modules)
 
 
 def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
@@ -127,23 +139,19 @@ def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
     shape = adapter.shape(model.config)
     layers = adapter.layers(model)
     for module in database.modules:
-        layer_structure = structure.layers[module.layer]
-        level = layer_structure.units if module.kind == "attention" else layer_structure.ffn // database.group_size
+        level = database.level(module, structure.layers[module.layer])
         if level == module.size:
             continue
-        kept = module.kept(level)
-        columns = module.groups[kept].flatten().sort().values if module.kind == "ffn" else module.groups[kept].flatten()
-        W = obs.replay(module.W, module.H, module.groups, module.path.order, [module.size - level],
-                       database.settings.damping_frac)[module.size - level]
-        layer = layers[module.layer]
+        layer, kept = layers[module.layer], module.kept(level)
         if module.kind == "attention":
+            columns = module.groups[kept].flatten()  # the kept units' columns, in the order the units are kept
             adapter.shrink_attention(layer, shape, kept)
-            projection = adapter.attention_out_proj(layer) if kept else None
         else:
+            columns = module.groups[kept].flatten().sort().values
             adapter.shrink_ffn(layer, columns.tolist())
-            projection = adapter.ffn_out_proj(layer) if kept else None
-        if projection is not None:
+        if kept:  # a removed module has no projection left to update
+            projection = adapter.attention_out_proj(layer) if module.kind == "attention" else adapter.ffn_out_proj(layer)
             with torch.no_grad():
-                projection.weight.copy_(W[:, columns].to(projection.weight.dtype))
+                projection.weight.copy_(module.weights(level)[:, columns].to(projection.weight.dtype))
     record_structure(model.config, structure)
     return model.eval()
