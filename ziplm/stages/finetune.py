@@ -74,7 +74,8 @@ def finetune_teacher(
 ) -> TeacherResult:
     """Fine-tune ``model_name_or_path`` (a name ``resolve_model`` accepts) on ``task.train``, or reuse the cache.
 
-    Accuracy is measured on ``task.validation``. ``progress`` receives one line per epoch (default: print).
+    Accuracy is measured on ``task.validation``. While training, ``progress`` (default: print) receives one line
+    per epoch and one with the validation accuracy; a cached call trains nothing and reports nothing.
     """
     source = resolve_model(model_name_or_path)
     key = fingerprint({"model": _model_identity(source), "task": task.fingerprint, "config": config.model_dump()})
@@ -107,12 +108,12 @@ def evaluate_accuracy(
     if not examples:
         raise BadInputError("cannot measure accuracy on an empty set of examples")
     order = sorted(examples, key=lambda e: len(e.text) + len(e.text_pair or ""))
-    was_training = model.training
+    was_training, device = model.training, _device(model)
     model.eval()
     correct = 0
     with torch.no_grad():
         for batch in batches(order, batch_size):
-            logits = _logits(model(**encode_batch(tokenizer, batch, max_length, _device(model))))
+            logits = _logits(model(**encode_batch(tokenizer, batch, max_length, device)))
             labels = torch.tensor([e.label for e in batch], device=logits.device)
             correct += int((logits.argmax(dim=-1) == labels).sum())
     model.train(was_training)
