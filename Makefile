@@ -33,3 +33,5 @@ test-all: setup
 
 benchmarks: setup
 	$(BIN)/python -m benchmarks.latency_prediction
+	$(BIN)/python -m benchmarks.speedup_guarantee
+	$(BIN)/python -m benchmarks.oneshot_accuracy

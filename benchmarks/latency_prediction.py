@@ -21,14 +21,18 @@ from pathlib import Path
 
 from transformers import BertConfig
 
+from benchmarks.common import write_results
 from ziplm.families import ModelStructure, adapter_for
-from ziplm.pipeline.cache import write_json_atomic
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.latency_table import (LatencyTable, TableSettings, get_or_build_table, measure_structures,
-                                          random_structure)
+from ziplm.runtimes.latency_table import (
+    LatencyTable,
+    TableSettings,
+    get_or_build_table,
+    measure_structures,
+    random_structure,
+)
 from ziplm.runtimes.timing import speedup_of
 
-RESULTS = Path(__file__).parent / "results"
 COMMAND = "python -m benchmarks.latency_prediction"
 
 
@@ -106,12 +110,6 @@ def _row(name: str, structure: ModelStructure, table: LatencyTable, stats: dict)
     )
 
 
-def write(result: Result) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "latency_prediction.json", asdict(result))
-    (RESULTS / "latency_prediction.md").write_text(markdown(result))
-
-
 def markdown(result: Result) -> str:
     env = result.runtime
     lines = [
@@ -152,8 +150,7 @@ def main() -> None:
     parser.add_argument("--rebuild-table", action="store_true")
     args = parser.parse_args()
     result = run(BenchmarkConfig(models=args.models, rounds=args.rounds), rebuild_table=args.rebuild_table)
-    write(result)
-    print(markdown(result))
+    write_results("latency_prediction", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import progress, write_results
 from ziplm.families import adapter_for
-from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import runtime_json
 from ziplm.pipeline.run import build_family, prepare_inputs
@@ -25,12 +25,7 @@ from ziplm.stages.baselines import magnitude_prune, uniform_structure
 from ziplm.stages.finetune import evaluate_accuracy
 from ziplm.stages.verify import Member, closed_loop
 
-RESULTS = Path(__file__).parent / "results"
 COMMAND = "python -m benchmarks.oneshot_accuracy"
-
-
-def progress(stage: str):
-    return lambda message: print(f"[{stage}] {message}", flush=True)
 
 
 def run(targets: list[float]) -> dict[str, Any]:
@@ -95,10 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 2.5, 3])
     result = run(parser.parse_args().targets)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "oneshot_accuracy.json", result)
-    (RESULTS / "oneshot_accuracy.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("oneshot_accuracy", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BertConfig
 
+from benchmarks.common import progress, write_results
 from ziplm.families.loading import build_model
 from ziplm.pipeline.assets import resolve_model
-from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import runtime_json
 from ziplm.pipeline.run import build_family
@@ -32,7 +32,6 @@ from ziplm.runtimes.latency_table import get_or_build_table
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.verify import Member
 
-RESULTS = Path(__file__).parent / "results"
 COMMAND = "python -m benchmarks.speedup_guarantee"
 MODEL = "bert-base shape (random weights)"
 
@@ -47,8 +46,7 @@ def run(targets: list[float]) -> dict[str, Any]:
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=print)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
-        family = build_family(recipe, dense, tokenizer, calibration, table, Path(work),
-                              lambda stage: lambda message: print(f"[{stage}] {message}", flush=True))
+        family = build_family(recipe, dense, tokenizer, calibration, table, Path(work), progress)
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
     return {"runtime": runtime_json(table), "rows": rows, "tolerance": recipe.verification.tolerance,
             "table": table.fingerprint, "seconds": round(time.perf_counter() - start, 1), "command": COMMAND}
@@ -101,10 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8])
     result = run(parser.parse_args().targets)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "speedup_guarantee.json", result)
-    (RESULTS / "speedup_guarantee.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results("speedup_guarantee", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ziplm.families import ModelStructure, adapter_for
@@ -9,13 +10,13 @@ from ziplm.families.loading import build_model
 from ziplm.stages.baselines import magnitude_prune, uniform_structure
 
 
-def test_uniform_structure_is_uniform_and_near_the_target(tiny_table):
-    structure = uniform_structure(tiny_table, 1.5)
+def test_uniform_structure_hits_a_reachable_target_exactly(tiny_table):
+    shape = tiny_table.model_shape
+    half = ModelStructure.uniform(shape, shape.num_units // 2, shape.ffn_size // 2)  # a candidate (fraction 0.5)
+    target = tiny_table.predict_ms(ModelStructure.dense(shape)) / tiny_table.predict_ms(half)
+    structure = uniform_structure(tiny_table, target)
     assert len(set(structure.layers)) == 1
-    dense_ms = tiny_table.predict_ms(ModelStructure.dense(tiny_table.model_shape))
-    closest = min(abs(dense_ms / tiny_table.predict_ms(ModelStructure.uniform(tiny_table.model_shape, u, w)) - 1.5)
-                  for u in tiny_table.unit_levels for w in tiny_table.ffn_levels)
-    assert abs(dense_ms / tiny_table.predict_ms(structure) - 1.5) <= closest + 0.25
+    assert tiny_table.predict_ms(structure) == pytest.approx(tiny_table.predict_ms(half))
 
 
 def test_magnitude_prune_keeps_the_largest_heads(tiny_config):

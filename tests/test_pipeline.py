@@ -64,6 +64,7 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
     assert json.loads((folder / "manifest.json").read_text()) == member
     assert (out / "report.md").read_text().count(member["name"]) == 1
     assert not list(out.glob(".*partial*"))  # nothing half-written left behind
+    assert not (out / ".work").exists()  # nor the rounds' scratch files
 
     reloaded = load_model(str(folder))  # a member reloads in PyTorch from its folder ...
     verify_export(reloaded, folder / "model.onnx")  # ... and its ONNX outputs match

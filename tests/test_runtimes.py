@@ -72,3 +72,25 @@ def test_paired_timing_finds_the_smaller_model_faster(tmp_path):
     assert speedup.ci_low > 1.5, speedup
     assert small_stats.median_ms < large_stats.median_ms
     assert speedup.rounds == 15
+
+
+def test_paired_rounds_are_balanced_and_extended_while_wide():
+    """The faster side is repeated to fill its window; a noisy pair gets more rounds and then a warning."""
+    import itertools
+    import time
+
+    jitter = itertools.cycle([0.001, 0.008])  # the candidate alternates 1 ms and 8 ms: a very wide interval
+    with pytest.warns(WideIntervalWarning):
+        speedup, baseline, candidate = time_paired(lambda: time.sleep(0.01), lambda: time.sleep(next(jitter)),
+                                                   rounds=6, warmup=0, max_relative_width=0.01, extra_batches=2)
+    assert speedup.rounds == 18  # two extra batches of 6
+    assert len(candidate.samples_ms) > len(baseline.samples_ms)  # repeated calls to fill the window
+
+
+def test_balanced_repeats_match_window_lengths():
+    import time
+
+    from ziplm.runtimes.timing import _balanced_repeats
+
+    repeats = _balanced_repeats(lambda: time.sleep(0.02), lambda: time.sleep(0.002))
+    assert repeats["baseline"] == 1 and 5 <= repeats["candidate"] <= 12

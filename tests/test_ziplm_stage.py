@@ -21,7 +21,7 @@ def pruning_setup(tmp_path_factory):
     """A tiny BERT (the tiny_config shape) with the toy-task tokenizer, its Hessians and database."""
     root = tmp_path_factory.mktemp("ziplm")
     (root / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    tokenizer = BertTokenizerFast.from_pretrained(root)  # transformers 5 ignores a vocab_file= argument
     config = tiny_bert_config()
     config.vocab_size = len(TINY_VOCAB)
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def test_stitching_the_dense_levels_gives_the_teacher_back(pruning_setup):
 
 
 def test_stitched_weights_are_the_obs_update(pruning_setup):
-    """The kept FFN columns carry the replayed OBS weights, not the teacher's originals."""
+    """The kept FFN columns carry the OBS-updated weights, not the teacher's originals."""
     model, adapter, _, database = pruning_setup
     shape = adapter.shape(model.config)
     structure = ModelStructure.uniform(shape, shape.num_units, 64)

@@ -54,6 +54,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; artifacts and cache entries are meant to be shared
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

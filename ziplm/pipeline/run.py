@@ -4,6 +4,7 @@ export, verify (closed loop) -> member folders and the report.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,9 @@ def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any
     dense_info = dense_summary(dense, family.dense_onnx, dense_accuracy, len(task.validation), family.members)
     manifests = [write_member(recipe, runtime_json(table), member, tokenizer, teacher, task, dense_info, out)
                  for member in family.members]
-    return write_report(out, recipe, table, dense_info, manifests, max_speedup(table))
+    report = write_report(out, recipe, table, dense_info, manifests, max_speedup(table))
+    shutil.rmtree(out / ".work")  # every round's ONNX file: the chosen ones now live in the member folders
+    return report
 
 
 @dataclass

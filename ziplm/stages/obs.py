@@ -11,13 +11,13 @@ Alongside the summed saliency, the path tracks the exact layer-output reconstruc
 H = (2/n) sum x x^T of the calibration inputs:  E(dW) = tr(dW H dW^T) = (2/n) sum ||dW x||^2,  updated per step in
 O(m d^2) as dW grows by delta:  E += 2 tr(P delta^T) + tr(delta H delta^T), with P = dW H kept alongside.
 
-The greedy path is recorded as a removal order; `replay` re-applies the same updates in that order to produce the
-weights at any requested levels, so the database does not have to hold a weight matrix per level.
+Each step's weight change is kept in its low-rank form delta_k = -A_k R_k (A_k: d_out x m, R_k: m x d_in), so the
+weights after any number of removals are one matrix product away (`weights_after`): the database holds every
+level's updated weights for O(steps * m * (d_out + d_in)) memory instead of a full matrix per level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,15 @@ class ObsPath:
     reconstruction: list[float]  # E(dW) after k removals
     dead_columns: int  # columns with H_ii = 0 (never activated on the calibration data)
     damping: float  # the lambda added to the diagonal
+    W0: torch.Tensor  # the starting weights (dead columns zeroed)
+    A: torch.Tensor  # [d_out, steps * m]: the A_k side by side
+    R: torch.Tensor  # [steps * m, d_in]: the R_k stacked
+
+
+def weights_after(path: ObsPath, removals: int) -> torch.Tensor:
+    """W after `removals` greedy steps: W0 - sum_k A_k R_k (the removed columns come out zero up to rounding)."""
+    m = path.A.shape[1] // max(len(path.order), 1)
+    return path.W0 - path.A[:, : removals * m] @ path.R[: removals * m, :]
 
 
 def prepare_hessian(H: torch.Tensor, W: torch.Tensor, damping_frac: float) -> tuple[torch.Tensor, torch.Tensor, int,
@@ -106,12 +115,13 @@ class _Surgeon:
 
 
 def greedy_path(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, damping_frac: float = 0.01) -> ObsPath:
-    """Remove every group, always the one of smallest saliency; record order and both errors."""
+    """Remove every group, always the one of smallest saliency; record order, both errors and every update."""
     surgeon = _Surgeon(W, H, damping_frac)
+    W0 = surgeon.W.clone()
     H_true = H.double()
     P = torch.zeros_like(surgeon.W)  # dW H
     removed = torch.zeros(len(groups), dtype=torch.bool)
-    order, saliency, reconstruction = [], [0.0], [0.0]
+    order, saliency, reconstruction, updates = [], [0.0], [0.0], []
     for _ in range(len(groups)):
         remaining = torch.nonzero(~removed).flatten()
         rho = group_saliency(surgeon.W, surgeon.Hinv, groups[remaining])
@@ -124,22 +134,12 @@ def greedy_path(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, damping_
         P += delta_H
         removed[g] = True
         order.append(g)
+        updates.append((A, R))
         saliency.append(saliency[-1] + float(rho[best]))
         reconstruction.append(max(error, 0.0))
-    return ObsPath(order, saliency, reconstruction, surgeon.dead_columns, surgeon.damping)
-
-
-def replay(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, order: list[int], removals: Iterable[int],
-           damping_frac: float = 0.01) -> dict[int, torch.Tensor]:
-    """Weights (all columns, removed ones zero) after each requested number of removals along a recorded path."""
-    wanted = sorted(set(removals))
-    surgeon = _Surgeon(W, H, damping_frac)
-    snapshots = {0: surgeon.W.clone()} if 0 in wanted else {}
-    for step, g in enumerate(order[: max(wanted, default=0)], start=1):
-        surgeon.remove(groups[g])
-        if step in wanted:
-            snapshots[step] = surgeon.W.clone()
-    return snapshots
+    A_all = torch.cat([A for A, _ in updates], dim=1)
+    R_all = torch.cat([R for _, R in updates], dim=0)
+    return ObsPath(order, saliency, reconstruction, surgeon.dead_columns, surgeon.damping, W0, A_all, R_all)
 
 
 def column_groups(num_groups: int, group_width: int) -> torch.Tensor:

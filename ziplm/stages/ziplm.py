@@ -2,11 +2,10 @@
 
 Orchestration around the pure math in obs.py and search.py:
 1. `build_database`: for every layer's attention output projection (units of head_dim columns) and FFN down
-   projection (neurons in groups of G), the greedy OBS path: which structure goes at each step and the error after
-   each step, on every level of the latency table.
+   projection (neurons in groups of G), the greedy OBS path: which structure goes at each step, the error after
+   each step, and the updated weights at every level of the latency table.
 2. `solve`: the DP over all modules for one speedup target, with the time budget from the corrected table.
-3. `stitch`: the teacher with each module shrunk to its chosen level, its remaining weights OBS-updated by
-   replaying the recorded path.
+3. `stitch`: the teacher with each module shrunk to its chosen level, with that level's OBS-updated weights.
 
     ziplm: {damping_frac: 0.01, error: reconstruction, buckets: 10000}
 """
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -48,12 +47,8 @@ class ModuleDatabase:
 
     layer: int
     kind: Literal["attention", "ffn"]
-    W: torch.Tensor  # the dense weights of the projection whose input columns are removed
-    H: torch.Tensor
     groups: torch.Tensor  # [structures, columns per structure]
     path: obs.ObsPath
-    damping_frac: float
-    _weights: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def size(self) -> int:
@@ -69,12 +64,8 @@ class ModuleDatabase:
         return sorted(set(range(self.size)) - set(self.path.order[: self.size - level]))
 
     def weights(self, level: int) -> torch.Tensor:
-        """The OBS-updated W at a level (removed columns zero), replayed once and then remembered."""
-        if level not in self._weights:
-            removals = self.size - level
-            self._weights[level] = obs.replay(self.W, self.H, self.groups, self.path.order, [removals],
-                                              self.damping_frac)[removals]
-        return self._weights[level]
+        """The OBS-updated weights at a level (all columns; the removed ones zero)."""
+        return obs.weights_after(self.path, self.size - level)
 
 
 @dataclass
@@ -107,8 +98,7 @@ def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: lis
         ffn_groups = obs.saliency_groups(W_ffn, layer_hessians.ffn, group_size, settings.damping_frac)
         for kind, W, H, groups in (("attention", W_attention, layer_hessians.attention, attention_groups),
                                    ("ffn", W_ffn, layer_hessians.ffn, ffn_groups)):
-            path = obs.greedy_path(W, H, groups, settings.damping_frac)
-            modules.append(ModuleDatabase(index, kind, W.clone(), H, groups, path, settings.damping_frac))
+            modules.append(ModuleDatabase(index, kind, groups, obs.greedy_path(W, H, groups, settings.damping_frac)))
         progress(f"database: layer {index + 1}/{shape.num_layers} "
                  f"({modules[-2].path.dead_columns + modules[-1].path.dead_columns} dead columns)")
     return Database(modules, settings, group_size)
