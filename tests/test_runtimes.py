@@ -74,8 +74,8 @@ def test_paired_timing_finds_the_smaller_model_faster(tmp_path):
     assert speedup.rounds == 15
 
 
-def test_paired_rounds_are_balanced_and_extended_while_wide():
-    """The faster side is repeated to fill its window; a noisy pair gets more rounds and then a warning."""
+def test_paired_timing_adds_rounds_while_the_interval_is_wide():
+    """A noisy pair gets more rounds, and then a warning."""
     import itertools
     import time
 
@@ -83,14 +83,4 @@ def test_paired_rounds_are_balanced_and_extended_while_wide():
     with pytest.warns(WideIntervalWarning):
         speedup, baseline, candidate = time_paired(lambda: time.sleep(0.01), lambda: time.sleep(next(jitter)),
                                                    rounds=6, warmup=0, max_relative_width=0.01, extra_batches=2)
-    assert speedup.rounds == 18  # two extra batches of 6
-    assert len(candidate.samples_ms) > len(baseline.samples_ms)  # repeated calls to fill the window
-
-
-def test_balanced_repeats_match_window_lengths():
-    import time
-
-    from ziplm.runtimes.timing import _balanced_repeats
-
-    repeats = _balanced_repeats(lambda: time.sleep(0.02), lambda: time.sleep(0.002))
-    assert repeats["baseline"] == 1 and 5 <= repeats["candidate"] <= 12
+    assert speedup.rounds == 18 and len(baseline.samples_ms) == len(candidate.samples_ms) == 18

@@ -2,8 +2,8 @@
 
 Absolute times drift between runs by 10-25% here (ENVIRONMENT.md), so every comparison is made inside one run:
 the models are called in turn (A B, B A, A B, ...), and a speedup is the median of the per-round ratios, whose
-confidence interval comes from order statistics (no distribution assumed). A paired timing balances each round's
-two windows (the faster model is called several times) and measures more rounds while the interval is too wide.
+confidence interval comes from order statistics (no distribution assumed). A paired timing measures more rounds
+while the interval is too wide.
 """
 
 from __future__ import annotations
@@ -95,44 +95,22 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
                 max_relative_width: float = 0.05, extra_batches: int = 2) -> tuple[Speedup, TimingStats, TimingStats]:
     """Time two models interleaved and return (speedup of candidate over baseline, baseline, candidate stats).
 
-    Balanced windows: the faster model is called several times per round so that both sides of a round span
-    about the same wall time and meet the machine's noise alike; the round's ratio compares mean call times.
-    When the interval is wider than `max_relative_width`, up to `extra_batches` more batches of rounds are
-    measured; if it is still wide, a WideIntervalWarning says so. Latency statistics are of single calls.
+    One call of each per round, so both models run in the same cache regime as the latency table's blocks (calling
+    the faster model several times per round would warm its caches and flatter it). While the interval is wider
+    than `max_relative_width`, up to `extra_batches` more batches of rounds are measured; if it is still wide, a
+    WideIntervalWarning says so.
     """
-    for _ in range(warmup):
-        baseline()
-        candidate()
-    repeats = _balanced_repeats(baseline, candidate)
-    calls: dict[str, list[float]] = {"baseline": [], "candidate": []}
-    means: dict[str, list[float]] = {"baseline": [], "candidate": []}
     runners = {"baseline": baseline, "candidate": candidate}
-    for _ in range(1 + extra_batches):
-        for round_index in range(rounds):
-            for name in (("baseline", "candidate") if round_index % 2 == 0 else ("candidate", "baseline")):
-                times = [_timed(runners[name]) for _ in range(repeats[name])]
-                calls[name] += times
-                means[name].append(sum(times) / len(times))
-        speedup = speedup_of(TimingStats(tuple(means["baseline"])), TimingStats(tuple(means["candidate"])))
+    stats = time_interleaved(runners, rounds, warmup)
+    speedup = speedup_of(stats["baseline"], stats["candidate"])
+    for _ in range(extra_batches):
         if speedup.relative_width <= max_relative_width:
             break
+        more = time_interleaved(runners, rounds, warmup=0)
+        stats = {name: TimingStats(stats[name].samples_ms + more[name].samples_ms) for name in runners}
+        speedup = speedup_of(stats["baseline"], stats["candidate"])
     warn_if_wide(speedup, max_relative_width)
-    return speedup, TimingStats(tuple(calls["baseline"])), TimingStats(tuple(calls["candidate"]))
-
-
-def _timed(runner: Runner) -> float:
-    start = time.perf_counter()
-    runner()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _balanced_repeats(baseline: Runner, candidate: Runner, probes: int = 3) -> dict[str, int]:
-    """Calls per round so that each side of a round takes about as long as the other."""
-    baseline_ms = min(_timed(baseline) for _ in range(probes))
-    candidate_ms = min(_timed(candidate) for _ in range(probes))
-    if candidate_ms <= baseline_ms:
-        return {"baseline": 1, "candidate": max(1, round(baseline_ms / candidate_ms))}
-    return {"baseline": max(1, round(candidate_ms / baseline_ms)), "candidate": 1}
+    return speedup, stats["baseline"], stats["candidate"]
 
 
 def warn_if_wide(speedup: Speedup, max_relative_width: float) -> None:
