@@ -23,6 +23,7 @@ from transformers import BertConfig
 
 from benchmarks.common import write_results
 from ziplm.families import ModelStructure, adapter_for
+from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.latency_table import (
     LatencyTable,
@@ -115,9 +116,8 @@ def markdown(result: Result) -> str:
     lines = [
         "# Latency prediction: latency table vs end-to-end measurement",
         "",
-        f"bert-base shape (12 layers, hidden 768, 12 heads, FFN 3072, random weights), {env['name']} "
-        f"{env['version']} on {env['device']}, {env['threads']} threads, batch {env['batch_size']}, "
-        f"sequence {env['sequence_length']}, {env['precision']}. Table `{result.table_fingerprint}`.",
+        f"bert-base shape (12 layers, hidden 768, 12 heads, FFN 3072, random weights), {environment_line(env)}. "
+        f"Table `{result.table_fingerprint}`.",
         "",
         "Each model was timed interleaved with the dense model in one run; both columns are t_model / t_dense "
         f"(dense median {result.dense_ms:.1f} ms in this run). The correction "

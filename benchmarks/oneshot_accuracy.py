@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.common import progress, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.pipeline.report import runtime_json
+from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family, prepare_inputs
 from ziplm.stages.baselines import magnitude_prune, uniform_structure
 from ziplm.stages.finetune import evaluate_accuracy
@@ -66,8 +66,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# One-shot ZipLM vs uniform magnitude pruning (MiniLM fine-tuned on MR)",
         "",
-        f"{env['name']} {env['version']} on {env['device']}, {env['threads']} threads, batch {env['batch_size']}, "
-        f"sequence {env['sequence_length']}. Dense accuracy {result['dense_accuracy']:.4f} on "
+        f"{environment_line(env)}. Dense accuracy {result['dense_accuracy']:.4f} on "
         f"{result['validation_size']} validation examples (one figure carries about +-2 points of sampling noise at "
         f"this size; both methods are scored on the same examples). {result['calibration_samples']} calibration "
         "samples. Speedups measured end to end against the dense model, interleaved, after the closed loop.",

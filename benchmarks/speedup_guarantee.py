@@ -25,7 +25,7 @@ from benchmarks.common import progress, write_results
 from ziplm.families.loading import build_model
 from ziplm.pipeline.assets import resolve_model
 from ziplm.pipeline.recipe import Recipe
-from ziplm.pipeline.report import runtime_json
+from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
 from ziplm.pipeline.tasks import TaskSpec, load_task
 from ziplm.runtimes.latency_table import get_or_build_table
@@ -74,8 +74,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Speedup guarantee: target vs measured speedup",
         "",
-        f"{MODEL}, {env['name']} {env['version']} on {env['device']}, {env['threads']} threads, batch "
-        f"{env['batch_size']}, sequence {env['sequence_length']}, {env['precision']}. Speedup = dense time / member "
+        f"{MODEL}, {environment_line(env)}. Speedup = dense time / member "
         "time, median of per-round ratios of the two timed interleaved in one run (95% interval). Open loop = the "
         "latency table alone (first round); closed loop = re-solved until within "
         f"{result['tolerance']:.0%} (at most 4 rounds). The paper's open-loop deviation was up to 5.28%.",

@@ -28,6 +28,12 @@ def runtime_json(table: LatencyTable) -> dict[str, Any]:
     return {key: env[key] for key in keys}
 
 
+def environment_line(runtime: dict[str, Any]) -> str:
+    """One sentence naming where something was measured (runtime json as in the reports and tables)."""
+    return (f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
+            f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}")
+
+
 def dense_summary(dense: PreTrainedModel, dense_onnx: Path, accuracy: float, validation_size: int,
                   members: list[Member]) -> dict[str, Any]:
     """The dense reference: its latency is the median over the paired runs that measured the members."""
@@ -104,9 +110,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# ZipLM family: {report['recipe']['name']}",
         "",
-        f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
-        f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}. Speedups are "
-        "measured end to end against the dense model, interleaved in one run (95% interval in brackets).",
+        f"{environment_line(runtime)}. Speedups are measured end to end against the dense model, interleaved in "
+        "one run (95% interval in brackets).",
         "",
         f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
