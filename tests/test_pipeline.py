@@ -102,3 +102,14 @@ def test_malformed_yaml_exits_2(tmp_path):
     bad.write_text("name: [unclosed\n")
     result = invoke("run", str(bad), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_prepare_builds_the_cached_stages_and_summarises_them(recipe, tmp_path):
+    result = invoke("prepare", str(recipe()), "--out", str(tmp_path / "prep"))
+    assert result.exit_code == 0
+    summary = json.loads((tmp_path / "prep" / "prepare.json").read_text())
+    assert 0.0 <= summary["teacher"]["validation_accuracy"] <= 1.0 and not summary["teacher"]["cached"]
+    assert summary["latency_table"]["dense_predicted_ms"] > summary["latency_table"]["base_ms"] > 0
+    assert invoke("prepare", str(recipe()), "--out", str(tmp_path / "again")).exit_code == 0
+    again = json.loads((tmp_path / "again" / "prepare.json").read_text())
+    assert again["teacher"]["cached"] and again["latency_table"] == summary["latency_table"]

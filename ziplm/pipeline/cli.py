@@ -16,12 +16,11 @@ from ziplm.families.loading import load_config
 from ziplm.pipeline import assets
 from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.errors import ZipLMError
-from ziplm.pipeline.recipe import DEFAULT_RECIPE, Recipe, load_recipe
-from ziplm.pipeline.run import run_recipe
-from ziplm.pipeline.tasks import load_task
+from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
+from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
 from ziplm.runtimes.latency_table import LatencyTable, TableSettings, get_or_build_table
-from ziplm.stages.finetune import TeacherResult, finetune_teacher
+from ziplm.stages.finetune import TeacherResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
@@ -85,27 +84,16 @@ def prepare(
 ) -> None:
     """Run the cached stages of a recipe: the dense teacher fine-tune and the latency table."""
     spec = load_recipe(recipe)
-    teacher = run_teacher(spec)
-    table, cached = get_or_build_table(load_config(spec.model), spec.environment, spec.latency_table,
-                                       progress=stage_progress("latency-table"))
+    inputs = prepare_inputs(spec, stage_progress)
+    teacher, table = inputs.teacher, inputs.table
     summary = {"recipe": spec.model_dump(mode="json"), "teacher": teacher_summary(teacher),
-               "latency_table": table_summary(table, cached)}
+               "latency_table": table_summary(table)}
     show_table(table)
     console.print(f"teacher validation accuracy: [bold]{teacher.validation_accuracy:.4f}[/] "
                   f"on {teacher.validation_size} examples")
     if out is not None:
         write_json_atomic(out / "prepare.json", summary)
         console.print(f"wrote {out / 'prepare.json'}")
-
-
-def run_teacher(spec: Recipe) -> TeacherResult:
-    progress = stage_progress("teacher")
-    task = load_task(spec.task)
-    progress(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / "
-             f"{len(task.calibration)} calibration examples")
-    teacher = finetune_teacher(spec.model, task, spec.teacher, progress=progress)
-    progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
-    return teacher
 
 
 @app.command("latency-table")
@@ -136,8 +124,8 @@ def teacher_summary(teacher: TeacherResult) -> dict[str, object]:
             "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
 
 
-def table_summary(table: LatencyTable, cached: bool) -> dict[str, object]:
-    return {"fingerprint": table.fingerprint, "cached": cached, "base_ms": table.base_ms,
+def table_summary(table: LatencyTable) -> dict[str, object]:
+    return {"fingerprint": table.fingerprint, "base_ms": table.base_ms,
             "correction": {"scale": table.correction.scale, "offset": table.correction.offset},
             "dense_predicted_ms": dense_prediction(table)}
 

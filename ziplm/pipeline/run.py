@@ -42,8 +42,12 @@ class Inputs:
 
 
 def prepare_inputs(recipe: Recipe, stage: StageProgress) -> Inputs:
+    progress = stage("teacher")
     task = load_task(recipe.task)
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=stage("teacher"))
+    progress(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / "
+             f"{len(task.calibration)} calibration examples")
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress)
+    progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
     dense = load_model(str(teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=stage("table"))
