@@ -13,7 +13,7 @@ from ziplm.stages.baselines import magnitude_prune, uniform_structure
 def test_uniform_structure_hits_a_reachable_target_exactly(tiny_table):
     shape = tiny_table.model_shape
     half = ModelStructure.uniform(shape, shape.num_units // 2, shape.ffn_size // 2)  # a candidate (fraction 0.5)
-    target = tiny_table.predict_ms(ModelStructure.dense(shape)) / tiny_table.predict_ms(half)
+    target = tiny_table.dense_ms() / tiny_table.predict_ms(half)
     structure = uniform_structure(tiny_table, target)
     assert len(set(structure.layers)) == 1
     assert tiny_table.predict_ms(structure) == pytest.approx(tiny_table.predict_ms(half))

@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ziplm.families import ModelStructure
 from ziplm.families.loading import load_config
 from ziplm.pipeline import assets
 from ziplm.pipeline.cache import write_json_atomic
@@ -127,11 +126,7 @@ def teacher_summary(teacher: TeacherResult) -> dict[str, object]:
 def table_summary(table: LatencyTable) -> dict[str, object]:
     return {"fingerprint": table.fingerprint, "base_ms": table.base_ms,
             "correction": {"scale": table.correction.scale, "offset": table.correction.offset},
-            "dense_predicted_ms": dense_prediction(table)}
-
-
-def dense_prediction(table: LatencyTable) -> float:
-    return table.predict_ms(ModelStructure.dense(table.model_shape))
+            "dense_predicted_ms": table.dense_ms()}
 
 
 def show_table(table: LatencyTable) -> None:
@@ -148,7 +143,7 @@ def show_table(table: LatencyTable) -> None:
         view.add_row("ffn", f"{width} neurons", f"{ms:.3f}")
     console.print(view)
     console.print(f"base {table.base_ms:.3f} ms; correction: measured = {table.correction.scale:.4f} x predicted "
-                  f"{table.correction.offset:+.3f} ms; dense predicted {dense_prediction(table):.2f} ms")
+                  f"{table.correction.offset:+.3f} ms; dense predicted {table.dense_ms():.2f} ms")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,6 +86,10 @@ class LatencyTable:
     def model_shape(self) -> ModelShape:
         return ModelShape(**self.shape)
 
+    def dense_ms(self) -> float:
+        """The corrected prediction for the dense model: the reference every speedup target divides."""
+        return self.predict_ms(ModelStructure.dense(self.model_shape))
+
     def attention_cost(self, units: int) -> float:
         return self.attention_ms[self.unit_levels.index(units)]
 

@@ -21,7 +21,7 @@ from ziplm.runtimes.latency_table import LatencyTable
 def uniform_structure(table: LatencyTable, speedup: float) -> ModelStructure:
     """The uniform structure (kept fraction f of units and FFN width) whose predicted speedup is closest."""
     shape = table.model_shape
-    dense_ms = table.predict_ms(ModelStructure.dense(shape))
+    dense_ms = table.dense_ms()
     candidates = []
     for fraction in np.linspace(0.0, 1.0, 401):
         units = round(shape.num_units * fraction)

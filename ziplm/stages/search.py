@@ -54,12 +54,12 @@ def dp_solve(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: 
 def max_speedup(table: LatencyTable) -> float:
     """The predicted speedup with every module removed: nothing faster can be built from this table."""
     shape = table.model_shape
-    return table.predict_ms(ModelStructure.dense(shape)) / table.predict_ms(ModelStructure.uniform(shape, 0, 0))
+    return table.dense_ms() / table.predict_ms(ModelStructure.uniform(shape, 0, 0))
 
 
 def module_budget(table: LatencyTable, speedup: float) -> float:
     """Raw table ms the modules may take so that the corrected prediction is dense / speedup."""
-    target_ms = table.predict_ms(ModelStructure.dense(table.model_shape)) / speedup
+    target_ms = table.dense_ms() / speedup
     budget = table.correction.invert(target_ms) - table.base_ms
     reachable = max_speedup(table)
     if budget <= 0 or speedup > reachable:

@@ -113,7 +113,7 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
     """
     settings = verifier.settings
     member = Member(target)
-    dense_ms = table.predict_ms(ModelStructure.dense(table.model_shape))
+    dense_ms = table.dense_ms()
     solved_for = target
     for index in range(settings.max_rounds):
         structure = solve(min(solved_for, max_speedup(table)))
