@@ -7,7 +7,8 @@ import torch
 
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.families.loading import build_model
-from ziplm.stages.baselines import magnitude_prune, uniform_structure
+from ziplm.stages.baselines import drop_layers, magnitude_prune, uniform_structure
+from ziplm.stages.export import export_model, verify_export
 
 
 def test_uniform_structure_hits_a_reachable_target_exactly(tiny_table):
@@ -30,3 +31,16 @@ def test_magnitude_prune_keeps_the_largest_heads(tiny_config):
     kept = adapter.attention_out_proj(adapter.layers(pruned)[0]).weight
     assert torch.equal(kept, adapter.attention_out_proj(layer).weight[:, 32:48])
     assert adapter.ffn_out_proj(adapter.layers(pruned)[2]).weight.shape == (64, 32)
+
+
+def test_drop_layers_keeps_the_first_layers_and_runs(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    dense = build_model(tiny_config)
+    adapter = adapter_for(tiny_config)
+    dropped = drop_layers(dense, adapter, 2)
+    assert adapter.shape(dropped.config).num_layers == 2 and len(adapter.layers(dense)) == 3
+    for kept, original in zip(adapter.layers(dropped), adapter.layers(dense)):
+        assert torch.equal(adapter.ffn_out_proj(kept).weight, adapter.ffn_out_proj(original).weight)
+    verify_export(dropped, export_model(dropped, tmp_path / "dropped.onnx", 1, 16))
+    with pytest.raises(ValueError, match="1..3"):
+        drop_layers(dense, adapter, 0)

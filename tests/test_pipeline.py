@@ -62,7 +62,10 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
     folder = out / member["name"]
     assert {"model.onnx", "config.json", "manifest.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert json.loads((folder / "manifest.json").read_text()) == member
-    assert (out / "report.md").read_text().count(member["name"]) == 1
+    markdown = (out / "report.md").read_text()
+    assert markdown.count(member["name"]) == 1
+    for figure in ("accuracy_vs_speedup.png", "structure.png"):  # linked from report.md and real PNG files
+        assert f"({figure})" in markdown and (out / figure).read_bytes().startswith(b"\x89PNG")
     assert not list(out.glob(".*partial*"))  # nothing half-written left behind
     assert not (out / ".work").exists()  # nor the rounds' scratch files
 

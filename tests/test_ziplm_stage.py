@@ -90,3 +90,5 @@ def test_stitched_weights_are_the_obs_update(pruning_setup):
     member_w = adapter.ffn_out_proj(adapter.layers(member)[0]).weight
     assert member_w.shape == teacher_w.shape and not torch.allclose(member_w, teacher_w)
     assert zipl.predicted_error(database, structure) > 0
+    ablation = zipl.stitch(model, adapter, database, structure, obs_update=False)
+    assert torch.equal(adapter.ffn_out_proj(adapter.layers(ablation)[0]).weight, teacher_w)

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure, adapter_for
+from ziplm.pipeline import plots
 from ziplm.pipeline.cache import file_digest, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
 
@@ -101,11 +102,23 @@ def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dic
               "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
               "max_reachable_speedup": round(reachable, 3)}
     write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report))
+    (out / "report.md").write_text(report_markdown(report, draw_figures(out, report)))
     return report
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
+    """accuracy_vs_speedup.png and structure.png beside report.md; returns their names."""
+    members, dense = report["members"], report["dense"]
+    points = [(m["measured_speedup"], m["metric"]["value"]) for m in members]
+    plots.accuracy_vs_speedup(out / "accuracy_vs_speedup.png", {"family": [(1.0, dense["metric"]["value"]), *points]},
+                              dense["metric"]["value"], f"{report['recipe']['name']}: accuracy vs measured speedup")
+    kept = [plots.KeptStructure(m["name"], m["structure"]["heads"], m["structure"]["ffn"]) for m in members]
+    dense_kept = plots.KeptStructure("dense", dense["structure"]["heads"], dense["structure"]["ffn"])
+    plots.kept_per_layer(out / "structure.png", kept, dense_kept)
+    return ["accuracy_vs_speedup.png", "structure.png"]
+
+
+def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     runtime, dense = report["runtime"], report["dense"]
     lines = [
         f"# ZipLM family: {report['recipe']['name']}",
@@ -128,4 +141,5 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"| {m['metric']['value']:.4f} | {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
+    lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]
     return "\n".join(lines) + "\n"

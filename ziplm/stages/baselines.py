@@ -3,6 +3,9 @@
 Uniform magnitude pruning: the same number of attention units and the same FFN width in every layer, the kept
 structures chosen by weight magnitude, no weight update. Its structure for a speedup target comes from the same
 latency table, and it goes through the same closed loop, so both are compared at measured speedups.
+
+Layer dropping: keep the first k layers whole and drop the rest (the structured step of the paper's compound
+baseline). Its speedups are whatever k layers give, so it is measured at each k instead of solved for a target.
 """
 
 from __future__ import annotations
@@ -44,6 +47,17 @@ def magnitude_prune(dense: PreTrainedModel, adapter: FamilyAdapter, structure: M
         adapter.shrink_attention(layer, shape, _largest(unit_norms, layer_structure.units))
         adapter.shrink_ffn(layer, _largest(neuron_norms, layer_structure.ffn))
     record_structure(model.config, structure)
+    return model.eval()
+
+
+def drop_layers(dense: PreTrainedModel, adapter: FamilyAdapter, keep: int) -> PreTrainedModel:
+    """A copy of `dense` with only its first `keep` layers (the config's layer count follows)."""
+    num_layers = adapter.shape(dense.config).num_layers
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"can keep 1..{num_layers} layers, not {keep}")
+    model = copy.deepcopy(dense)
+    del adapter.layers(model)[keep:]
+    model.config.num_hidden_layers = keep
     return model.eval()
 
 

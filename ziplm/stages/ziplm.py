@@ -122,9 +122,12 @@ def predicted_error(database: Database, structure: ModelStructure) -> float:
                for m in database.modules)
 
 
-def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
-           structure: ModelStructure) -> PreTrainedModel:
-    """A copy of the teacher shrunk to `structure`, with the OBS-updated weights of the kept columns."""
+def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database, structure: ModelStructure,
+           obs_update: bool = True) -> PreTrainedModel:
+    """A copy of the teacher shrunk to `structure`, with the OBS-updated weights of the kept columns.
+
+    `obs_update=False` keeps the teacher's own weights of the kept columns (the ablation without the update).
+    """
     model = copy.deepcopy(teacher)
     shape = adapter.shape(model.config)
     layers = adapter.layers(model)
@@ -139,7 +142,7 @@ def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
         else:
             columns = module.groups[kept].flatten().sort().values
             adapter.shrink_ffn(layer, columns.tolist())
-        if kept:  # a removed module has no projection left to update
+        if kept and obs_update:  # a removed module has no projection left to update
             projection = adapter.attention_out_proj(layer) if module.kind == "attention" else adapter.ffn_out_proj(layer)
             with torch.no_grad():
                 projection.weight.copy_(module.weights(level)[:, columns].to(projection.weight.dtype))
