@@ -34,4 +34,5 @@ test-all: setup
 benchmarks: setup
 	$(BIN)/python -m benchmarks.latency_prediction
 	$(BIN)/python -m benchmarks.speedup_guarantee
-	$(BIN)/python -m benchmarks.oneshot_accuracy
+	$(BIN)/python -m benchmarks.accuracy_vs_speedup
+	$(BIN)/python -m benchmarks.cost

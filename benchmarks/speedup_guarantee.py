@@ -1,11 +1,11 @@
-"""Target vs achieved speedup (the paper's Table 5) for the bert-base shape in ONNX Runtime CPU.
+"""Target vs achieved speedup (the paper's Table 5) in ONNX Runtime CPU, for the bert-base shape and for MiniLM.
 
-Random weights serve for latency (ASSETS.md); calibration runs real MR sentences through MiniLM's tokenizer (the
-same 30,522-token BERT vocabulary). Each target goes through the closed loop; the first round is the open-loop
-result (the table alone), the chosen round the closed-loop one. Every member is measured end to end against the
-dense model, interleaved in one run.
+bert-base: random weights serve for latency (ASSETS.md); calibration runs real MR sentences through MiniLM's
+tokenizer (the same 30,522-token BERT vocabulary). MiniLM: the dense teacher fine-tuned on MR, as `ziplm run`
+builds it. Each target goes through the closed loop; the first round is the open-loop result (the table alone),
+the chosen round the closed-loop one. Every member is measured end to end against the dense model, interleaved.
 
-    python -m benchmarks.speedup_guarantee [--targets 1.5 2 3 4 6 8]
+    python -m benchmarks.speedup_guarantee [--models bert-base minilm] [--targets 1.5 2 3 4 6 8]
 
 writes benchmarks/results/speedup_guarantee.md and .json.
 """
@@ -18,44 +18,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoTokenizer, BertConfig
-
-from benchmarks.common import progress, write_results
-from ziplm.families.loading import build_model
-from ziplm.pipeline.assets import resolve_model
-from ziplm.pipeline.recipe import Recipe
+from benchmarks.common import MODELS, load_subject, progress, write_results
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
-from ziplm.pipeline.tasks import TaskSpec, load_task
 from ziplm.runtimes.latency_table import get_or_build_table
-from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.verify import Member
 
 COMMAND = "python -m benchmarks.speedup_guarantee"
-MODEL = "bert-base shape (random weights)"
 
 
-def run(targets: list[float]) -> dict[str, Any]:
-    recipe = Recipe(name="bert-base-random", model="bert-base", task=TaskSpec(data="mr"), targets=targets,
-                    calibration=CalibrationSettings(samples=128))
-    torch.manual_seed(0)
-    dense = build_model(BertConfig())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    calibration = load_task(recipe.task).calibration
+def run(model: str, targets: list[float]) -> dict[str, Any]:
+    recipe, dense, tokenizer, calibration, _ = load_subject(model, targets)
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=print)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
         family = build_family(recipe, dense, tokenizer, calibration, table, Path(work), progress)
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
-    return {"runtime": runtime_json(table), "rows": rows, "tolerance": recipe.verification.tolerance,
-            "table": table.fingerprint, "seconds": round(time.perf_counter() - start, 1), "command": COMMAND}
+    return {"model": MODELS[model], "runtime": runtime_json(table), "rows": rows,
+            "tolerance": recipe.verification.tolerance, "table": table.fingerprint,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _row(member: Member, tolerance: float) -> dict[str, Any]:
     open_loop, chosen = member.rounds[0], member.final
     return {
-        "model": MODEL,
         "target_speedup": member.target,
         "measured_speedup": round(chosen.check.speedup.value, 4),
         "deviation": round(chosen.check.deviation(member.target), 4),
@@ -69,36 +55,40 @@ def _row(member: Member, tolerance: float) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
-    env = result["runtime"]
+def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
         "# Speedup guarantee: target vs measured speedup",
         "",
-        f"{MODEL}, {environment_line(env)}. Speedup = dense time / member "
-        "time, median of per-round ratios of the two timed interleaved in one run (95% interval). Open loop = the "
-        "latency table alone (first round); closed loop = re-solved until within "
-        f"{result['tolerance']:.0%} (at most 4 rounds). The paper's open-loop deviation was up to 5.28%.",
+        f"{environment_line(results[0]['runtime'])}. Speedup = dense time / member time, median of per-round ratios "
+        "of the two timed interleaved in one run (95% interval). Open loop = the latency table alone (first round); "
+        f"closed loop = re-solved until within {results[0]['tolerance']:.0%} (at most 4 rounds). The paper's "
+        "open-loop deviation was up to 5.28%.",
         "",
-        "| target | open-loop measured | open-loop deviation | closed-loop measured (95% CI) | deviation | rounds "
-        "| within tolerance |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['target_speedup']:g}x | {r['open_loop_measured_speedup']:.3f}x | {r['open_loop_deviation']:+.1%} "
-            f"| {r['measured_speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) | {r['deviation']:+.1%} "
-            f"| {r['rounds']} | {'yes' if r['within_tolerance'] else 'NO'} |"
-        )
-    lines += ["", f"Family built and verified in {result['seconds']:.0f} s (table cached). Reproduce: "
-              f"`{result['command']}`.", ""]
-    return "\n".join(lines)
+    for result in results:
+        lines += [
+            f"## {result['model']}",
+            "",
+            "| target | open-loop measured | open-loop deviation | closed-loop measured (95% CI) | deviation | rounds "
+            "| within tolerance |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['target_speedup']:g}x | {r['open_loop_measured_speedup']:.3f}x "
+                f"| {r['open_loop_deviation']:+.1%} | {r['measured_speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
+                f"| {r['deviation']:+.1%} | {r['rounds']} | {'yes' if r['within_tolerance'] else 'NO'} |")
+        lines += ["", f"Family built and verified in {result['seconds']:.0f} s (table cached).", ""]
+    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bert-base", "minilm"])
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8])
-    result = run(parser.parse_args().targets)
-    write_results("speedup_guarantee", result, markdown(result))
+    args = parser.parse_args()
+    results = [run(model, args.targets) for model in args.models]
+    write_results("speedup_guarantee", {"models": results, "command": COMMAND}, markdown(results))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ and the closed loop that re-solves a target until its member is measured within 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,8 @@ from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
 from ziplm.stages.export import encoder_inputs, export_model, verify_export
 from ziplm.stages.search import max_speedup
+
+T = TypeVar("T")
 
 
 class VerificationSettings(BaseModel):
@@ -69,11 +72,13 @@ class Round:
     structure: ModelStructure
     predicted_speedup: float
     check: LatencyCheck
+    seconds: dict[str, float] = field(default_factory=dict)  # wall-clock of solve, build, export, verify
 
     def to_json(self, target: float) -> dict[str, Any]:
         return {"solved_for": round(self.solved_for, 4), "predicted_speedup": round(self.predicted_speedup, 4),
                 "measured_speedup": round(self.check.speedup.value, 4), "speedup_ci": self.check.speedup.to_json(),
-                "deviation": round(self.check.deviation(target), 4), "structure": self.structure.to_json()}
+                "deviation": round(self.check.deviation(target), 4), "structure": self.structure.to_json(),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 @dataclass
@@ -103,6 +108,19 @@ class Member:
         return self.onnx_paths[self.chosen]
 
 
+class Stopwatch:
+    """Wall-clock per named step, summed when a step runs more than once."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def time(self, step: str, function: Callable[..., T], *args: Any) -> T:
+        start = time.perf_counter()
+        result = function(*args)
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+        return result
+
+
 def closed_loop(target: float, solve: Callable[[float], ModelStructure],
                 build: Callable[[ModelStructure], PreTrainedModel], table: LatencyTable, verifier: PairedVerifier,
                 work: Path, progress: Callable[[str], None]) -> Member:
@@ -116,14 +134,15 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
     dense_ms = table.dense_ms()
     solved_for = target
     for index in range(settings.max_rounds):
-        structure = solve(min(solved_for, max_speedup(table)))
-        model = build(structure)
-        onnx_path = export_model(model, work / f"round{index}.onnx", verifier.env.batch_size,
-                                 verifier.env.sequence_length)
-        verify_export(model, onnx_path)
-        check = verifier.measure(onnx_path)
+        clock = Stopwatch()
+        structure = clock.time("solve", solve, min(solved_for, max_speedup(table)))
+        model = clock.time("build", build, structure)
+        onnx_path = clock.time("export", export_model, model, work / f"round{index}.onnx", verifier.env.batch_size,
+                               verifier.env.sequence_length)
+        clock.time("export", verify_export, model, onnx_path)
+        check = clock.time("verify", verifier.measure, onnx_path)
         predicted = dense_ms / table.predict_ms(structure)
-        member.rounds.append(Round(solved_for, structure, predicted, check))
+        member.rounds.append(Round(solved_for, structure, predicted, check, clock.seconds))
         member.models.append(model)
         member.onnx_paths.append(onnx_path)
         progress(f"round {index + 1}: solved for {solved_for:.3f}x, predicted {predicted:.3f}x, measured "

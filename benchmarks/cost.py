@@ -1,0 +1,85 @@
+"""What a family costs: wall-clock of every stage, for MiniLM (fine-tuned on MR) and for the bert-base shape.
+
+Stages: teacher fine-tune (MiniLM: the seconds recorded when the cached teacher was built; the bert-base shape has
+random weights, no teacher), latency table (built fresh here, the cache is left alone), dense export, calibration
+(Hessians), database, and per target every closed-loop round's search, stitch, export and paired verification.
+
+    python -m benchmarks.cost [--models minilm bert-base] [--targets 2 4]
+
+writes benchmarks/results/cost.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import MODELS, load_subject, progress, write_results
+from ziplm.families import adapter_for
+from ziplm.pipeline.report import environment_line, runtime_json
+from ziplm.runtimes import get_runtime
+from ziplm.runtimes.latency_table import build_table
+from ziplm.stages import ziplm as zipl
+from ziplm.stages.calibrate import collect_hessians
+from ziplm.stages.export import export_model
+from ziplm.stages.verify import PairedVerifier, Stopwatch, closed_loop
+
+COMMAND = "python -m benchmarks.cost"
+
+
+def run(model: str, targets: list[float]) -> dict[str, Any]:
+    recipe, dense, tokenizer, calibration, teacher = load_subject(model, targets)
+    env, clock = recipe.environment, Stopwatch()
+    adapter = adapter_for(dense.config)
+    table = clock.time("latency table", build_table, dense.config, env, recipe.latency_table, progress("table"))
+    with tempfile.TemporaryDirectory(prefix="ziplm-cost-") as tmp:
+        work = Path(tmp)
+        dense_onnx = clock.time("dense export", export_model, dense, work / "dense.onnx", env.batch_size,
+                                env.sequence_length)
+        hessians = clock.time("calibration", collect_hessians, dense, tokenizer, adapter, calibration,
+                              recipe.calibration, progress("calibrate"))
+        database = clock.time("database", zipl.build_database, dense, adapter, hessians, table.group_size,
+                              recipe.ziplm, progress("database"))
+        verifier = PairedVerifier(get_runtime(env), env, dense_onnx, dense.config.vocab_size, recipe.verification)
+        members = [closed_loop(target, lambda s: zipl.solve(database, table, s),
+                               lambda structure: zipl.stitch(dense, adapter, database, structure), table, verifier,
+                               work / f"{target:g}x", progress(f"{target:g}x")) for target in targets]
+    stages = {"teacher fine-tune": teacher.seconds if teacher else None, **clock.seconds}
+    per_member = [{"target": m.target, "rounds": len(m.rounds),
+                   "seconds": {step: round(sum(r.seconds.get(step, 0.0) for r in m.rounds), 2)
+                               for step in ("solve", "build", "export", "verify")}} for m in members]
+    return {"model": MODELS[model], "runtime": runtime_json(table), "calibration_samples": len(calibration),
+            "stages": {k: None if v is None else round(v, 2) for k, v in stages.items()}, "members": per_member}
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["# Cost: wall-clock of every stage", "",
+             f"{environment_line(results[0]['runtime'])}, on the 2-core build machine. Teacher: the fine-tune's "
+             "own recorded time (MiniLM, 3 epochs on 3000 examples); the bert-base shape has random weights and "
+             "no teacher. Member rows sum every closed-loop round.", ""]
+    for result in results:
+        lines += [f"## {result['model']} ({result['calibration_samples']} calibration samples)", "",
+                  "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {'n/a' if s is None else f'{s:.1f}'} |" for stage, s in result["stages"].items()]
+        for member in result["members"]:
+            seconds = member["seconds"]
+            lines.append(f"| {member['target']:g}x member ({member['rounds']} rounds): search "
+                         f"{seconds['solve']:.2f}, stitch {seconds['build']:.2f}, export {seconds['export']:.1f}, "
+                         f"verify {seconds['verify']:.1f} | {sum(seconds.values()):.1f} |")
+        lines.append("")
+    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "bert-base"])
+    parser.add_argument("--targets", type=float, nargs="+", default=[2, 4])
+    args = parser.parse_args()
+    results = [run(model, args.targets) for model in args.models]
+    write_results("cost", {"models": results, "command": COMMAND}, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
