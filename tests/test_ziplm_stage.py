@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from tests.conftest import TINY_VOCAB, tiny_bert_config, toy_sentiment_rows
-from ziplm.families import ModelStructure, adapter_for
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import load_model, save_model
 from ziplm.pipeline.tasks import TaskSpec, load_task
 from ziplm.stages import ziplm as zipl
@@ -16,20 +18,27 @@ from ziplm.stages.export import export_model, verify_export
 from ziplm.stages.search import module_budget
 
 
+def _toy_tokenizer(root: Path) -> BertTokenizerFast:
+    (root / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    return BertTokenizerFast.from_pretrained(root)  # transformers 5 ignores a vocab_file= argument
+
+
+def _toy_csv(root: Path) -> str:
+    data = root / "toy.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in toy_sentiment_rows(120)))
+    return str(data)
+
+
 @pytest.fixture(scope="module")
 def pruning_setup(tmp_path_factory):
     """A tiny BERT (the tiny_config shape) with the toy-task tokenizer, its Hessians and database."""
     root = tmp_path_factory.mktemp("ziplm")
-    (root / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-    tokenizer = BertTokenizerFast.from_pretrained(root)  # transformers 5 ignores a vocab_file= argument
+    tokenizer = _toy_tokenizer(root)
     config = tiny_bert_config()
     config.vocab_size = len(TINY_VOCAB)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config).eval()
-    rows = toy_sentiment_rows(120)
-    data = root / "toy.csv"
-    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
-    task = load_task(TaskSpec(data=str(data), calibration_fraction=0.5))
+    task = load_task(TaskSpec(data=_toy_csv(root), calibration_fraction=0.5))
     adapter = adapter_for(model.config)
     hessians = collect_hessians(model, tokenizer, adapter, task.calibration, CalibrationSettings(samples=64),
                                 progress=lambda _: None)
@@ -92,3 +101,24 @@ def test_stitched_weights_are_the_obs_update(pruning_setup):
     assert zipl.predicted_error(database, structure) > 0
     ablation = zipl.stitch(model, adapter, database, structure, obs_update=False)
     assert torch.equal(adapter.ffn_out_proj(adapter.layers(ablation)[0]).weight, teacher_w)
+
+
+def test_a_pruned_model_is_pruned_further_from_what_it_keeps(pruning_setup, tiny_table, tmp_path):
+    """Gradual ZipLM: calibrate and build the database again on a member, then solve for a larger target."""
+    model, adapter, _, database = pruning_setup
+    shape = adapter.shape(model.config)
+    first = ModelStructure((LayerStructure(0, 64), LayerStructure(2, 128), LayerStructure(4, 0)))
+    member = zipl.stitch(model, adapter, database, first)
+    examples = load_task(TaskSpec(data=_toy_csv(tmp_path), calibration_fraction=0.5)).calibration
+    hessians = collect_hessians(member, _toy_tokenizer(tmp_path), adapter, examples, CalibrationSettings(samples=32),
+                                progress=lambda _: None)
+    assert hessians[0].attention is None and hessians[2].ffn is None and hessians[1].ffn.shape == (128, 128)
+    again = zipl.build_database(member, adapter, hessians, group_size=32, progress=lambda _: None)
+    assert [m.size for m in again.modules] == [0, 2, 2, 4, 4, 0]
+    second = zipl.solve(again, tiny_table, 1.3 * tiny_table.dense_ms() / tiny_table.predict_ms(first))
+    for before, after in zip(first.layers, second.layers):
+        assert after.units <= before.units and after.ffn <= before.ffn
+    assert second != first and shape.num_layers == len(second.layers)
+    smaller = zipl.stitch(member, adapter, again, second)
+    assert adapter.structure(smaller.config) == second
+    verify_export(smaller, export_model(smaller, tmp_path / "smaller.onnx"), atol=1e-4)

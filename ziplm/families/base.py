@@ -178,6 +178,10 @@ class FamilyAdapter(ABC):
         if structure.ffn < shape.ffn_size:
             self.shrink_ffn(layer, range(structure.ffn))
 
+    def structure(self, config: PretrainedConfig) -> ModelStructure:
+        """What a model keeps now: its recorded structure once pruned, else the dense one."""
+        return recorded_structure(config) or ModelStructure.dense(self.shape(config))
+
     def validate_structure(self, config: PretrainedConfig, structure: ModelStructure) -> None:
         shape = self.shape(config)
         if len(structure.layers) != shape.num_layers:

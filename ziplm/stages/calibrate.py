@@ -33,10 +33,12 @@ class CalibrationSettings(BaseModel):
 
 @dataclass
 class LayerHessians:
-    """H of the attention output projection's input and of the FFN down projection's input, for one layer."""
+    """H of the attention output projection's input and of the FFN down projection's input, for one layer.
 
-    attention: torch.Tensor
-    ffn: torch.Tensor
+    None where the module was already removed (a pruned model calibrated again, as gradual ZipLM does)."""
+
+    attention: torch.Tensor | None
+    ffn: torch.Tensor | None
     tokens: int
 
 
@@ -65,23 +67,24 @@ def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     examples = list(examples)[: settings.samples]
     if not examples:
         raise BadInputError("no calibration examples: give the task a calibration_fraction above 0")
-    layers = adapter.layers(model)
-    accumulators = [(_HessianAccumulator(adapter.attention_out_proj(layer).in_features),
-                     _HessianAccumulator(adapter.ffn_out_proj(layer).in_features)) for layer in layers]
-    handles = [proj.register_forward_pre_hook(acc.hook)
-               for layer, pair in zip(layers, accumulators)
-               for proj, acc in zip((adapter.attention_out_proj(layer), adapter.ffn_out_proj(layer)), pair)]
+    projections = [(adapter.attention_out_proj(layer) if kept.units else None,
+                    adapter.ffn_out_proj(layer) if kept.ffn else None)
+                   for layer, kept in zip(adapter.layers(model), adapter.structure(model.config).layers)]
+    accumulators = [tuple(_HessianAccumulator(proj.in_features) if proj else None for proj in pair)
+                    for pair in projections]
+    live = [(proj, acc) for pairs in zip(projections, accumulators) for proj, acc in zip(*pairs) if proj]
+    handles = [proj.register_forward_pre_hook(acc.hook) for proj, acc in live]
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches(examples, settings.batch_size):
                 encoded = encode_batch(tokenizer, batch, settings.max_length, torch.device("cpu"))
-                for pair in accumulators:
-                    for acc in pair:
-                        acc.token_mask = encoded["attention_mask"]
+                for _, acc in live:
+                    acc.token_mask = encoded["attention_mask"]
                 model(**encoded)
-        progress(f"calibration: {len(examples)} samples, {accumulators[0][0].tokens} tokens")
+        tokens = max((acc.tokens for _, acc in live), default=0)
+        progress(f"calibration: {len(examples)} samples, {tokens} tokens")
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerHessians(attention.hessian(), ffn.hessian(), attention.tokens) for attention, ffn in accumulators]
+    return [LayerHessians(*(acc.hessian() if acc else None for acc in pair), tokens) for pair in accumulators]

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
@@ -47,8 +48,8 @@ class ModuleDatabase:
 
     layer: int
     kind: Literal["attention", "ffn"]
-    groups: torch.Tensor  # [structures, columns per structure]
-    path: obs.ObsPath
+    groups: torch.Tensor  # [structures, columns per structure]; no rows when the module is already removed
+    path: obs.ObsPath | None  # None when the module is already removed
 
     @property
     def size(self) -> int:
@@ -56,6 +57,8 @@ class ModuleDatabase:
 
     def error(self, measure: str) -> np.ndarray:
         """Error at every level index 0..size (index = structures kept)."""
+        if self.path is None:
+            return np.zeros(1)
         along_path = self.path.reconstruction if measure == "reconstruction" else self.path.saliency
         return np.asarray(along_path[::-1])
 
@@ -75,7 +78,10 @@ class Database:
     group_size: int
 
     def times(self, table: LatencyTable) -> list[np.ndarray]:
-        return [np.asarray(table.attention_ms if m.kind == "attention" else table.ffn_ms) for m in self.modules]
+        """Each module's cost at its level indices 0..size (a pruned model's modules reach only their current size;
+        FFN level i is width i * G, which holds because G divides the FFN width)."""
+        return [np.asarray((table.attention_ms if m.kind == "attention" else table.ffn_ms)[: m.size + 1])
+                for m in self.modules]
 
     def errors(self) -> list[np.ndarray]:
         return [m.error(self.settings.error) for m in self.modules]
@@ -88,20 +94,33 @@ class Database:
 def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians],
                    group_size: int, settings: ZipLMSettings = ZipLMSettings(),
                    progress: Progress = print) -> Database:
-    """The greedy OBS path of every prunable module (ALGORITHMS.md section 1)."""
+    """The greedy OBS path of every prunable module (ALGORITHMS.md section 1).
+
+    A pruned model (gradual ZipLM) starts each path from what it keeps now; a removed module gets an empty one."""
     shape = adapter.shape(model.config)
+    unit_width = shape.heads_per_unit * shape.head_dim
     modules = []
-    for index, (layer, layer_hessians) in enumerate(zip(adapter.layers(model), hessians)):
-        W_attention = adapter.attention_out_proj(layer).weight.detach()
-        W_ffn = adapter.ffn_out_proj(layer).weight.detach()
-        attention_groups = obs.column_groups(shape.num_units, shape.heads_per_unit * shape.head_dim)
-        ffn_groups = obs.saliency_groups(W_ffn, layer_hessians.ffn, group_size, settings.damping_frac)
-        for kind, W, H, groups in (("attention", W_attention, layer_hessians.attention, attention_groups),
-                                   ("ffn", W_ffn, layer_hessians.ffn, ffn_groups)):
-            modules.append(ModuleDatabase(index, kind, groups, obs.greedy_path(W, H, groups, settings.damping_frac)))
-        progress(f"database: layer {index + 1}/{shape.num_layers} "
-                 f"({modules[-2].path.dead_columns + modules[-1].path.dead_columns} dead columns)")
+    current = adapter.structure(model.config).layers
+    for index, (layer, H, kept) in enumerate(zip(adapter.layers(model), hessians, current)):
+        attention_groups = obs.column_groups(kept.units, unit_width)
+        modules.append(_module_database(index, "attention", adapter.attention_out_proj(layer) if kept.units else None,
+                                        H.attention, attention_groups, settings))
+        W_ffn = adapter.ffn_out_proj(layer).weight.detach() if kept.ffn else None
+        ffn_groups = (obs.saliency_groups(W_ffn, H.ffn, group_size, settings.damping_frac) if kept.ffn
+                      else torch.zeros(0, group_size, dtype=torch.long))
+        modules.append(_module_database(index, "ffn", adapter.ffn_out_proj(layer) if kept.ffn else None, H.ffn,
+                                        ffn_groups, settings))
+        dead = sum(m.path.dead_columns for m in modules[-2:] if m.path)
+        progress(f"database: layer {index + 1}/{shape.num_layers} ({dead} dead columns)")
     return Database(modules, settings, group_size)
+
+
+def _module_database(layer: int, kind: Literal["attention", "ffn"], projection: nn.Linear | None,
+                     H: torch.Tensor | None, groups: torch.Tensor, settings: ZipLMSettings) -> ModuleDatabase:
+    if projection is None:
+        return ModuleDatabase(layer, kind, groups, None)
+    return ModuleDatabase(layer, kind, groups,
+                          obs.greedy_path(projection.weight.detach(), H, groups, settings.damping_frac))
 
 
 def solve(database: Database, table: LatencyTable, speedup: float) -> ModelStructure:
