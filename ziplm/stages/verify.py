@@ -19,7 +19,7 @@ from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
-from ziplm.stages.export import encoder_inputs, export_model, verify_export
+from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
 from ziplm.stages.search import max_speedup
 
 
@@ -120,7 +120,7 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
         model = build(structure)
         onnx_path = export_model(model, work / f"round{index}.onnx", verifier.env.batch_size,
                                  verifier.env.sequence_length)
-        verify_export(model, onnx_path)
+        verify_export(model, onnx_path, atol=parity_atol(verifier.env.precision))
         check = verifier.measure(onnx_path)
         predicted = dense_ms / table.predict_ms(structure)
         member.rounds.append(Round(solved_for, structure, predicted, check))
