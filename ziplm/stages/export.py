@@ -24,9 +24,11 @@ from ziplm.pipeline.errors import ZipLMError
 from ziplm.runtimes.base import Precision
 
 OPSET = 17
-# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: ORT and torch may round an activation to adjacent
-# integers (1 LSB) where x / scale lies at a half step, and such flips compound through the layers.
-PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 5e-2}
+# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: torch's fake-quant rounds x * (1 / scale), ORT
+# rounds x / scale, so some activations land one integer apart (1 LSB), and the flips compound through the layers:
+# on the MiniLM MR teacher the logits of the two differ by 0.05-0.08, and torch alone moves by up to 0.28 when its
+# rounding is done by division instead (benchmarks/int8_parity.py). A wrong scale or a float file is far off that.
+PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 0.3}
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure
@@ -21,6 +23,19 @@ from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
 from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
 from ziplm.stages.search import max_speedup
+
+
+class SessionClassifier(nn.Module):
+    """A loaded ONNX session called like a Hugging Face model (keyword tensors in, logits out), so the accuracy of
+    the deployed file is measured with the same code as PyTorch's (ziplm.stages.finetune.evaluate_accuracy)."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: inputs[name].cpu().numpy().astype(np.int64) for name in self.session.input_names}
+        return torch.from_numpy(self.session.run(feed)[0])
 
 
 class VerificationSettings(BaseModel):
