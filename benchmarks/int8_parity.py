@@ -50,7 +50,7 @@ def run(calibration_examples: int = 256, observer: str = "minmax") -> dict[str, 
     say = progress("int8")
     say(f"calibrating activation scales on {min(calibration_examples, len(task.calibration))} examples")
     quantized = deployable(dense, adapter_for(dense.config).prunable_linears, "int8",
-                           example_batches(tokenizer, task.calibration, settings))
+                           example_batches(tokenizer, task.calibration, settings), settings)
     runtime = get_runtime(env)
     accuracy = lambda model: evaluate_accuracy(model, tokenizer, task.validation, recipe.teacher.max_length)  # noqa
     with tempfile.TemporaryDirectory(prefix="ziplm-int8-") as work:
