@@ -87,3 +87,37 @@ def test_a_stale_schema_asks_for_a_rebuild(tiny_config, cache):
     payload = table.to_json() | {"schema_version": 0}
     with pytest.raises(BadInputError, match="rebuild"):
         lt.LatencyTable.from_json(payload)
+
+
+def test_fingerprint_changes_with_precision(tiny_config):
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    int8 = ENV.model_copy(update={"precision": "int8"})
+    assert lt.table_fingerprint(shape, int8, get_runtime(int8), 32) != lt.table_fingerprint(
+        shape, ENV, get_runtime(ENV), 32)
+
+
+def test_int8_table_builds_and_predicts_like_the_fp32_one(tiny_table, tiny_config):
+    """Every block and calibration model is timed as its QDQ-quantized version; predictions stay positive and grow
+    with the structure."""
+    settings = lt.TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
+                                random_calibration_models=1)
+    table = lt.build_table(tiny_config, ENV.model_copy(update={"precision": "int8"}), settings,
+                           progress=lambda _: None)
+    assert table.environment["precision"] == "int8" and table.fingerprint != tiny_table.fingerprint
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    ladder = [ModelStructure.uniform(shape, units, width) for units, width in ((0, 0), (1, 32), (2, 64), (4, 128))]
+    predicted = [table.predict_ms(structure) for structure in ladder]
+    assert all(ms > 0 for ms in predicted)
+    assert predicted[-1] > predicted[0]  # the dense model costs more than the empty one (timing noise aside)
+    assert sum(b > a for a, b in zip(predicted, predicted[1:])) >= 2  # monotone-ish, like the fp32 table
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_timed_blocks_are_exported_in_the_environments_precision(tiny_config, tmp_path, precision):
+    import onnx
+
+    adapter = adapter_for(tiny_config)
+    env = ENV.model_copy(update={"precision": precision})
+    path = lt._export_block(adapter, tiny_config, adapter.shape(tiny_config), LayerStructure(2, 64), env, tmp_path)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("QuantizeLinear" in ops and "DequantizeLinear" in ops) == (precision == "int8")

@@ -116,6 +116,13 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def remove_ffn(self, layer: nn.Module) -> None: ...
 
+    @abstractmethod
+    def has_attention(self, layer: nn.Module) -> bool:
+        """False once the attention module was removed (level 0)."""
+
+    @abstractmethod
+    def has_ffn(self, layer: nn.Module) -> bool: ...
+
     def set_attention_counts(self, layer: nn.Module, units: int) -> None:
         """Tell the attention module how many heads it has now (families whose forward reads counters)."""
 
@@ -128,6 +135,23 @@ class FamilyAdapter(ABC):
         """Call one layer on hidden states [b, s, hidden] with an additive float mask [b, 1, 1, s]."""
 
     # --- generic part --------------------------------------------------------------------------------------------
+    def layer_linears(self, layer: nn.Module) -> list[nn.Linear]:
+        """The matmul projections one layer still has: attention Q, K, V, output, then FFN in (up, gate), out."""
+        linears: list[nn.Linear] = []
+        if self.has_attention(layer):
+            linears += [*self.attention_in_projs(layer), self.attention_out_proj(layer)]
+        if self.has_ffn(layer):
+            linears += [*self.ffn_in_projs(layer), self.ffn_out_proj(layer)]
+        return linears
+
+    def prunable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Attention Q/K/V/O and FFN in/out of every layer that still has them, by qualified module name.
+
+        No embeddings, pooler or classifier: these are the encoder's matmuls that sparsity and INT8 apply to.
+        """
+        names = {id(module): name for name, module in model.named_modules()}
+        return {names[id(linear)]: linear for layer in self.layers(model) for linear in self.layer_linears(layer)}
+
     def unit_columns(self, shape: ModelShape, unit: int) -> range:
         """Columns of the attention output projection (= rows of Q) that belong to one attention unit."""
         width = shape.heads_per_unit * shape.head_dim

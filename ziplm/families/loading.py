@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, PretrainedConfig,
                           PreTrainedModel)
@@ -12,6 +13,7 @@ from ziplm.families.base import STRUCTURE_KEY, ModelStructure, recorded_structur
 from ziplm.families.registry import adapter_for
 from ziplm.pipeline.assets import load_pretrained, resolve_model
 from ziplm.pipeline.errors import BadInputError
+from ziplm.stages.quantize import QUANTIZATION_KEY, recorded_quantization, restore_quantization
 
 _HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
 
@@ -34,14 +36,14 @@ def load_config(name_or_path: str) -> PretrainedConfig:
 
 
 def load_model(name_or_path: str, head: str = "sequence-classification", **kwargs: object) -> PreTrainedModel:
-    """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk skeleton first when recorded."""
+    """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk or INT8 skeleton first when recorded."""
     source = resolve_model(name_or_path)
     config = load_config(source)
     adapter_for(config)  # fail early, and clearly, on an unsupported family
-    if recorded_structure(config) is None:
+    if recorded_structure(config) is None and recorded_quantization(config) is None:
         loader = model_class(head).from_pretrained
         return load_pretrained(loader, source, attn_implementation="eager", **kwargs).eval()
-    return _load_shrunk(Path(source), config, head)
+    return _load_rebuilt(Path(source), config, head)
 
 
 def build_model(config: PretrainedConfig, head: str = "sequence-classification",
@@ -57,19 +59,38 @@ def save_model(model: PreTrainedModel, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _load_shrunk(model_dir: Path, config: PretrainedConfig, head: str) -> PreTrainedModel:
-    structure = recorded_structure(config)
-    delattr(config, STRUCTURE_KEY)
+def _load_rebuilt(model_dir: Path, config: PretrainedConfig, head: str) -> PreTrainedModel:
+    """Rebuild the recorded skeleton, load the float weights, re-apply INT8 fake-quant, then load its scales.
+
+    Quantization is applied after the float weights are in, because it keeps the zeros it finds (sparsity masks).
+    """
+    structure, quantization = recorded_structure(config), recorded_quantization(config)
+    for key in (STRUCTURE_KEY, QUANTIZATION_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
     model = build_model(config, head, structure)
+    state = _read_weights(model_dir)
+    float_keys = set(model.state_dict())
+    _load_state(model, {k: v for k, v in state.items() if quantization is None or k in float_keys}, model_dir)
+    if quantization is not None:
+        restore_quantization(model, adapter_for(config), quantization)
+        _load_state(model, state, model_dir)
+    return model.eval()
+
+
+def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
-        raise BadInputError(f"{model_dir} records a pruned structure but holds no *.safetensors weights")
-    state = {}
+        raise BadInputError(f"{model_dir} records a pruned or quantized model but holds no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
     for file in weights:
         state.update(load_file(str(file)))
+    return state
+
+
+def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], model_dir: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BadInputError(
             f"weights in {model_dir} do not fit its recorded structure: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return model.eval()

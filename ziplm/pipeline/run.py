@@ -22,8 +22,9 @@ from ziplm.runtimes import get_runtime
 from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians
-from ziplm.stages.export import export_model, verify_export
+from ziplm.stages.export import export_model, parity_atol, verify_export
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
+from ziplm.stages.quantize import QuantSettings, deployable, example_batches
 from ziplm.stages.search import max_speedup, module_budget
 from ziplm.stages.verify import Member, PairedVerifier, closed_loop
 
@@ -85,13 +86,19 @@ def build_family(recipe: Recipe, dense: PreTrainedModel, tokenizer: PreTrainedTo
         module_budget(table, target)
     adapter = adapter_for(dense.config)
     env = recipe.environment
-    dense_onnx = export_model(dense, work / "dense.onnx", env.batch_size, env.sequence_length)
-    verify_export(dense, dense_onnx)
+    quant_batches = example_batches(tokenizer, calibration, QuantSettings()) if env.precision == "int8" else []
+
+    def deploy(model: PreTrainedModel) -> PreTrainedModel:  # INT8: post-training calibration on the task's data
+        return deployable(model, adapter.prunable_linears, env.precision, quant_batches)
+
+    deployed_dense = deploy(dense)
+    dense_onnx = export_model(deployed_dense, work / "dense.onnx", env.batch_size, env.sequence_length)
+    verify_export(deployed_dense, dense_onnx, atol=parity_atol(env.precision))
     hessians = collect_hessians(dense, tokenizer, adapter, calibration, recipe.calibration, stage("calibrate"))
     database = zipl.build_database(dense, adapter, hessians, table.group_size, recipe.ziplm, stage("database"))
     verifier = PairedVerifier(get_runtime(env), env, dense_onnx, dense.config.vocab_size, recipe.verification)
     members = [closed_loop(target, lambda speedup: zipl.solve(database, table, speedup),
-                           lambda structure: zipl.stitch(dense, adapter, database, structure), table, verifier,
+                           lambda structure: deploy(zipl.stitch(dense, adapter, database, structure)), table, verifier,
                            work / f"{target:g}x", stage(f"{target:g}x"))
                for target in recipe.targets]
     return Family(dense_onnx, verifier, database, members)

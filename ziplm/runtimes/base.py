@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ziplm.pipeline.errors import BadInputError
 
 
+Precision = Literal["fp32", "int8"]  # int8: QuantizeLinear/DequantizeLinear models (ziplm.stages.quantize)
+
+
 class InferenceEnv(BaseModel):
     """Where a model will be served; every latency figure and table is tied to one of these."""
 
@@ -24,7 +27,7 @@ class InferenceEnv(BaseModel):
     threads: int = Field(2, ge=1)
     batch_size: int = Field(1, ge=1)
     sequence_length: int = Field(128, ge=1)
-    precision: Literal["fp32"] = "fp32"
+    precision: Precision = "fp32"
     options: dict[str, Any] = Field(default_factory=dict)
 
 

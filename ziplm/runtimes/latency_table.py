@@ -2,8 +2,9 @@
 
 For a model shape and an inference environment, one layer is timed as ONNX in the runtime at every attention level
 (units H..0, the FFN removed) and every FFN level (width I..0 in steps of G, the attention removed), through the
-same export path and session settings as the final artifact. A level's entry is its time minus the time of the
-removed block, so per-call overheads cancel; `base` is the whole model with every module removed (embeddings,
+same export path, precision and session settings as the final artifact (INT8: every block and model goes through
+`ziplm.stages.quantize.deployable`, scales calibrated on random inputs). A level's entry is its time minus the time
+of the removed block, so per-call overheads cancel; `base` is the whole model with every module removed (embeddings,
 mask, residual norms, head), measured end to end.
 
     predicted(structure) = base + sum over layers (attention[units] + ffn[width])
@@ -35,6 +36,7 @@ from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_model, get_runtime
 from ziplm.runtimes.timing import TimingStats, time_interleaved
 from ziplm.stages.export import encoder_inputs, export_model, export_module
+from ziplm.stages.quantize import deployable
 
 SCHEMA_VERSION = 1
 Progress = Callable[[str], None]
@@ -214,7 +216,19 @@ def _export_block(adapter: FamilyAdapter, config: PretrainedConfig, shape: Model
     adapter.shrink_layer(layer, shape, structure)
     axes = {"hidden_states": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 3: "sequence"}}
     path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
-    return export_module(LayerBlock(adapter, layer), path, _block_inputs(shape, env), axes, "hidden_states_out")
+    inputs = _block_inputs(shape, env)
+    block = deployable(LayerBlock(adapter, layer), lambda b: _block_linears(adapter, b), env.precision,
+                       [_as_tensors(inputs)])
+    return export_module(block, path, inputs, axes, "hidden_states_out")
+
+
+def _block_linears(adapter: FamilyAdapter, block: LayerBlock) -> dict[str, nn.Linear]:
+    names = {id(module): name for name, module in block.named_modules()}
+    return {names[id(linear)]: linear for linear in adapter.layer_linears(block.layer)}
+
+
+def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(value) for name, value in inputs.items()}
 
 
 def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], rounds: int,
@@ -261,11 +275,14 @@ def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape,
 
 def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
                        runtime: Runtime, rounds: int, warmup: int, workdir: Path) -> dict[str, TimingStats]:
-    """Export a random-weight classifier per structure and time them all interleaved in one run."""
+    """Export a random-weight classifier per structure (in the environment's precision; INT8 scales from random
+    tokens) and time them all interleaved in one run."""
+    adapter = adapter_for(config)
+    inputs = encoder_inputs(config.vocab_size, env.batch_size, env.sequence_length)
     sessions = {}
     for name, structure in structures.items():
-        model = build_model(config, structure=structure)
+        model = deployable(build_model(config, structure=structure), adapter.prunable_linears, env.precision,
+                           [_as_tensors(inputs)])
         sessions[name] = runtime.load(export_model(model, workdir / f"{name}.onnx", env.batch_size,
                                                    env.sequence_length))
-    inputs = encoder_inputs(config.vocab_size, env.batch_size, env.sequence_length)
     return time_sessions(sessions, inputs, rounds, warmup)

@@ -64,6 +64,13 @@ class OnnxRuntimeCPU(Runtime):
             raise BadInputError(f"onnxruntime cannot load {onnx_path}: {error}") from error
         return OrtSession(session)
 
+    def save_optimized(self, onnx_path: Path, out_path: Path) -> Path:
+        """Write the graph as this runtime's session optimises it (which kernels really run, e.g. INT8 ones)."""
+        options = self.session_options()
+        options.optimized_model_filepath = str(out_path)
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return Path(out_path)
+
     def info(self) -> RuntimeInfo:
         return RuntimeInfo(
             name=self.name,

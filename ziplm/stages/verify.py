@@ -13,17 +13,32 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
-from ziplm.stages.export import encoder_inputs, export_model, verify_export
+from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
 from ziplm.stages.search import max_speedup
 
 T = TypeVar("T")
+
+
+class SessionClassifier(nn.Module):
+    """A loaded ONNX session called like a Hugging Face model (keyword tensors in, logits out), so the accuracy of
+    the deployed file is measured with the same code as PyTorch's (ziplm.stages.finetune.evaluate_accuracy)."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: inputs[name].cpu().numpy().astype(np.int64) for name in self.session.input_names}
+        return torch.from_numpy(self.session.run(feed)[0])
 
 
 class VerificationSettings(BaseModel):
@@ -139,7 +154,7 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
         model = clock.time("build", build, structure)
         onnx_path = clock.time("export", export_model, model, work / f"round{index}.onnx", verifier.env.batch_size,
                                verifier.env.sequence_length)
-        clock.time("export", verify_export, model, onnx_path)
+        clock.time("export", verify_export, model, onnx_path, parity_atol(verifier.env.precision))
         check = clock.time("verify", verifier.measure, onnx_path)
         predicted = dense_ms / table.predict_ms(structure)
         member.rounds.append(Round(solved_for, structure, predicted, check, clock.seconds))

@@ -1,0 +1,129 @@
+"""INT8 accuracy parity on the real MiniLM MR teacher: ONNX Runtime's integer kernels against torch fake-quant.
+
+Post-training calibration only (no QAT): the cached teacher gets fake-quant linears (ziplm.stages.quantize), its
+activation scales are calibrated on the task's calibration split, it is exported as QDQ ONNX, and the accuracy of
+the file in ONNX Runtime is compared with the fake-quant model's in PyTorch on the same validation examples. The
+issue's criterion: within 0.5 points. Accuracy only (no timing).
+
+    python -m benchmarks.int8_parity [--calibration-examples 256] [--observer minmax|ema]
+
+writes benchmarks/results/int8_parity.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from transformers import AutoTokenizer
+
+from benchmarks.common import progress, write_results
+from ziplm.families import adapter_for
+from ziplm.families.loading import load_model
+from ziplm.pipeline.recipe import load_recipe
+from ziplm.pipeline.tasks import load_task
+from ziplm.runtimes import get_runtime
+from ziplm.stages.export import export_model, parity_atol, verify_export
+from ziplm.stages.finetune import batches, encode_batch, evaluate_accuracy, finetune_teacher
+from ziplm.stages.quantize import QuantSettings, deployable, example_batches
+from ziplm.stages.verify import SessionClassifier
+
+COMMAND = "python -m benchmarks.int8_parity"
+CRITERION_POINTS = 0.5
+INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QAttention")
+
+
+def run(calibration_examples: int = 256, observer: str = "minmax") -> dict[str, Any]:
+    recipe = load_recipe("minilm_mr")
+    env = recipe.environment.model_copy(update={"precision": "int8"})
+    task = load_task(recipe.task)
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress("teacher"))
+    dense = load_model(str(teacher.path))
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
+    settings = QuantSettings(calibration_examples=calibration_examples, max_length=recipe.teacher.max_length,
+                             observer=observer)
+    say = progress("int8")
+    say(f"calibrating activation scales on {min(calibration_examples, len(task.calibration))} examples")
+    quantized = deployable(dense, adapter_for(dense.config).prunable_linears, "int8",
+                           example_batches(tokenizer, task.calibration, settings), settings)
+    runtime = get_runtime(env)
+    accuracy = lambda model: evaluate_accuracy(model, tokenizer, task.validation, recipe.teacher.max_length)  # noqa
+    with tempfile.TemporaryDirectory(prefix="ziplm-int8-") as work:
+        onnx_path = export_model(quantized, Path(work) / "int8.onnx", env.batch_size, env.sequence_length)
+        parity = verify_export(quantized, onnx_path, atol=parity_atol("int8"))
+        graph = onnx.load(str(runtime.save_optimized(onnx_path, Path(work) / "optimized.onnx"))).graph
+        ops = Counter(node.op_type for node in graph.node)
+        session = SessionClassifier(runtime.load(onnx_path))
+        say(f"accuracy on {len(task.validation)} validation examples")
+        fp32_acc, fake_quant_acc, onnx_acc = accuracy(dense), accuracy(quantized), accuracy(session)
+        agreement = prediction_agreement(quantized, session, tokenizer, task.validation, recipe.teacher.max_length)
+    gap_points = 100 * abs(onnx_acc - fake_quant_acc)
+    return {
+        "model": recipe.model, "task": task.name, "validation_size": len(task.validation),
+        "calibration_examples": min(calibration_examples, len(task.calibration)), "observer": observer, "qat": False,
+        "accuracy": {"fp32_torch": fp32_acc, "int8_fake_quant_torch": fake_quant_acc, "int8_onnxruntime": onnx_acc},
+        "onnx_vs_fake_quant_points": round(gap_points, 3), "criterion_points": CRITERION_POINTS,
+        "passed": gap_points <= CRITERION_POINTS, "prediction_agreement": agreement,
+        "parity_max_abs_logit_diff": parity.max_abs_diff, "parity_atol": parity_atol("int8"),
+        "integer_kernels": {op: ops[op] for op in INTEGER_OPS if ops[op]},
+        "float_matmuls_left": ops["MatMul"] + ops["FusedMatMul"],
+        "runtime": {**runtime.info().to_json(), "precision": "int8"}, "command": COMMAND,
+    }
+
+
+@torch.no_grad()
+def prediction_agreement(model: torch.nn.Module, session: SessionClassifier, tokenizer, examples,
+                         max_length: int) -> float:
+    """Fraction of examples on which the ONNX file and the torch model predict the same label."""
+    model.eval()
+    same = 0
+    for batch in batches(examples, 64):
+        encoded = encode_batch(tokenizer, batch, max_length, torch.device("cpu"))
+        same += int((model(**encoded).logits.argmax(-1) == session(**encoded).argmax(-1)).sum())
+    return same / len(examples)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    acc = result["accuracy"]
+    kernels = ", ".join(f"{op} x{count}" for op, count in result["integer_kernels"].items())
+    return "\n".join([
+        "# INT8 accuracy parity: ONNX Runtime vs torch fake-quant (MiniLM on MR)",
+        "",
+        f"Post-training calibration ({result['observer']} observer) on {result['calibration_examples']} calibration "
+        f"examples, no QAT; accuracy on "
+        f"{result['validation_size']} validation examples. Reproduce: `{result['command']}`.",
+        "",
+        "| model | accuracy |",
+        "|---|---|",
+        f"| FP32, PyTorch | {acc['fp32_torch']:.4f} |",
+        f"| INT8 fake-quant, PyTorch | {acc['int8_fake_quant_torch']:.4f} |",
+        f"| INT8 QDQ ONNX, ONNX Runtime | {acc['int8_onnxruntime']:.4f} |",
+        "",
+        f"- ONNX vs fake-quant: {result['onnx_vs_fake_quant_points']:.2f} points (criterion <= "
+        f"{result['criterion_points']}): **{'pass' if result['passed'] else 'FAIL'}**; same prediction on "
+        f"{result['prediction_agreement']:.2%} of the examples.",
+        f"- Largest logit difference on the export check: {result['parity_max_abs_logit_diff']:.2e} "
+        f"(tolerance {result['parity_atol']}).",
+        f"- Integer kernels in ONNX Runtime's optimised graph: {kernels}; float MatMuls left (attention scores): "
+        f"{result['float_matmuls_left']}.",
+        f"- Runtime: {result['runtime']['name']} {result['runtime']['version']}, {result['runtime']['device']}.",
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration-examples", type=int, default=256)
+    parser.add_argument("--observer", choices=["minmax", "ema"], default="minmax")
+    args = parser.parse_args()
+    result = run(args.calibration_examples, args.observer)
+    write_results("int8_parity", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
