@@ -18,6 +18,7 @@ from typing import Any
 
 from benchmarks.common import progress, write_results
 from ziplm.families import adapter_for
+from ziplm.pipeline.cache import StageCache
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family, prepare_inputs
@@ -36,7 +37,7 @@ def run(targets: list[float]) -> dict[str, Any]:
     accuracy = lambda model: evaluate_accuracy(model, tokenizer, validation, recipe.teacher.max_length)  # noqa: E731
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-oneshot-") as work:
-        family = build_family(recipe, dense, tokenizer, inputs.task.calibration, table, Path(work), progress)
+        family = build_family(recipe, inputs, StageCache(Path(work) / "stages", progress))  # measured afresh
         ziplm_seconds = time.perf_counter() - start
         uniform = [closed_loop(target, lambda s: uniform_structure(table, s),
                                lambda structure: magnitude_prune(dense, adapter, structure), table, family.verifier,

@@ -26,7 +26,8 @@ from ziplm.families.loading import build_model
 from ziplm.pipeline.assets import resolve_model
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import environment_line, runtime_json
-from ziplm.pipeline.run import build_family
+from ziplm.pipeline.cache import StageCache, fingerprint
+from ziplm.pipeline.run import Inputs, build_family
 from ziplm.pipeline.tasks import TaskSpec, load_task
 from ziplm.runtimes.latency_table import get_or_build_table
 from ziplm.stages.calibrate import CalibrationSettings
@@ -42,11 +43,12 @@ def run(targets: list[float]) -> dict[str, Any]:
     torch.manual_seed(0)
     dense = build_model(BertConfig())
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    calibration = load_task(recipe.task).calibration
+    task = load_task(recipe.task)
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=print)
+    inputs = Inputs(task, dense, tokenizer, table, dense_key=fingerprint({"random": MODEL, "seed": 0}))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
-        family = build_family(recipe, dense, tokenizer, calibration, table, Path(work), progress)
+        family = build_family(recipe, inputs, StageCache(Path(work) / "stages", progress))  # measured afresh
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
     return {"runtime": runtime_json(table), "rows": rows, "tolerance": recipe.verification.tolerance,
             "table": table.fingerprint, "seconds": round(time.perf_counter() - start, 1), "command": COMMAND}
