@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_recipe
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
 from ziplm.stages.export import verify_export
@@ -23,18 +24,7 @@ def recipe(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
 
     def write(**overrides) -> Path:
-        payload = {
-            "name": "tiny",
-            "model": str(tiny_bert_dir),
-            "task": {"data": str(toy_sentiment_csv), "calibration_fraction": 0.25},
-            "teacher": {"epochs": 1, "batch_size": 16, "max_length": 32},
-            "environment": {"threads": 1, "sequence_length": 32},
-            "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
-                              "random_calibration_models": 1},
-            "calibration": {"samples": 32},
-            "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1},
-            "targets": [1.3],
-        } | overrides
+        payload = tiny_recipe(tiny_bert_dir, toy_sentiment_csv, **overrides)
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(payload))
         return path

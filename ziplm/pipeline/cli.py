@@ -33,7 +33,7 @@ from ziplm.stages.finetune import TeacherResult
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
 app.add_typer(assets_app, name="assets")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths in messages stay whole
 
 
 def stage_progress(stage: str) -> Callable[[str], None]:

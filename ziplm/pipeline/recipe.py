@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,9 +124,14 @@ def _explain(error: dict[str, Any]) -> str:
 
 
 def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings model at a location such as ('verification',) or ('slas', 0) (list items by index)."""
     model: type[BaseModel] = Recipe
     for part in location:
+        if isinstance(part, int):  # an item of the list the previous part named: its model was taken already
+            continue
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if get_origin(annotation) is list:
+            (annotation,) = get_args(annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
