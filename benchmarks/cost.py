@@ -30,7 +30,8 @@ COMMAND = "python -m benchmarks.cost"
 
 
 def run(model: str, targets: list[float]) -> dict[str, Any]:
-    recipe, dense, tokenizer, calibration, teacher = load_subject(model, targets)
+    recipe, inputs = load_subject(model, targets)
+    dense, tokenizer, calibration, teacher = inputs.dense, inputs.tokenizer, inputs.task.calibration, inputs.teacher
     env, clock = recipe.environment, Stopwatch()
     adapter = adapter_for(dense.config)
     table = clock.time("latency table", build_table, dense.config, env, recipe.latency_table, progress("table"))

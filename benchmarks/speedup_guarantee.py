@@ -19,23 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MODELS, load_subject, progress, write_results
+from ziplm.pipeline.cache import StageCache
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
-from ziplm.runtimes.latency_table import get_or_build_table
 from ziplm.stages.verify import Member
 
 COMMAND = "python -m benchmarks.speedup_guarantee"
 
 
 def run(model: str, targets: list[float]) -> dict[str, Any]:
-    recipe, dense, tokenizer, calibration, _ = load_subject(model, targets)
-    table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=print)
+    recipe, inputs = load_subject(model, targets)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
-        family = build_family(recipe, dense, tokenizer, calibration, table, Path(work), progress)
+        family = build_family(recipe, inputs, StageCache(Path(work), progress))  # measured afresh, not cached
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
-    return {"model": MODELS[model], "runtime": runtime_json(table), "rows": rows,
-            "tolerance": recipe.verification.tolerance, "table": table.fingerprint,
+    return {"model": MODELS[model], "runtime": runtime_json(inputs.table), "rows": rows,
+            "tolerance": recipe.verification.tolerance, "table": inputs.table.fingerprint,
             "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 POSITIVE_WORDS = ["good", "great", "fine", "nice"]
@@ -65,8 +66,11 @@ def toy_sentiment_csv(write_task_file: WriteTaskFile) -> Path:
 @pytest.fixture
 def tiny_bert_dir(tmp_path: Path) -> Path:
     """A randomly initialised 2-layer BERT classifier (hidden 32, 2 heads, 2 labels) with its tokenizer, on disk."""
-    out = tmp_path / "tiny-bert"
-    out.mkdir()
+    return write_tiny_bert(tmp_path / "tiny-bert")
+
+
+def write_tiny_bert(out: Path) -> Path:
+    out.mkdir(parents=True)
     (out / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     # from_pretrained reads vocab.txt; transformers 5 ignores a `vocab_file=` argument to the constructor.
     tokenizer = BertTokenizerFast.from_pretrained(out)
@@ -84,6 +88,42 @@ def tiny_bert_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(out)
     return out
+
+
+def tiny_recipe(model_dir: Path, data: Path, **overrides: Any) -> dict[str, Any]:
+    """A recipe for the tiny BERT and toy task whose whole `ziplm run` takes seconds (one target, 1.3x)."""
+    return {
+        "name": "tiny",
+        "model": str(model_dir),
+        "task": {"data": str(data), "calibration_fraction": 0.25},
+        "teacher": {"epochs": 1, "batch_size": 16, "max_length": 32},
+        "environment": {"threads": 1, "sequence_length": 32},
+        "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
+                          "random_calibration_models": 1},
+        "calibration": {"samples": 32},
+        "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1},
+        "targets": [1.3],
+    } | overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one `ziplm run` of the tiny recipe with a 1.3x target and a loose p90 SLA."""
+    from typer.testing import CliRunner
+
+    from ziplm.pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("family")
+    data = root / "toy.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in toy_sentiment_rows(160)))
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(write_tiny_bert(root / "tiny-bert"), data,
+                                                 slas=[{"p90_ms": 1000.0}])))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZIPLM_CACHE", str(root / "cache"))
+        result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(root / "out")], catch_exceptions=False)
+    assert result.exit_code in (0, 1), result.output
+    return root / "out"
 
 
 # --- shapes for structure, export, runtime and latency-table tests ----------------------------------------------

@@ -42,6 +42,7 @@ def slice_recipe(tmp_path, monkeypatch):
 def test_minilm_family_on_a_slice_of_mr(slice_recipe, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["run", str(slice_recipe), "--out", str(out)], catch_exceptions=False)
+    assert (out / "report.json").is_file(), result.output  # a failure shows the run's message
     report = json.loads((out / "report.json").read_text())
     (member,) = report["members"]
     assert result.exit_code == (0 if member["passed"] else 1), result.output

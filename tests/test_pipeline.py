@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_recipe
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
 from ziplm.stages.export import verify_export
@@ -23,18 +24,7 @@ def recipe(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
 
     def write(**overrides) -> Path:
-        payload = {
-            "name": "tiny",
-            "model": str(tiny_bert_dir),
-            "task": {"data": str(toy_sentiment_csv), "calibration_fraction": 0.25},
-            "teacher": {"epochs": 1, "batch_size": 16, "max_length": 32},
-            "environment": {"threads": 1, "sequence_length": 32},
-            "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
-                              "random_calibration_models": 1},
-            "calibration": {"samples": 32},
-            "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1},
-            "targets": [1.3],
-        } | overrides
+        payload = tiny_recipe(tiny_bert_dir, toy_sentiment_csv, **overrides)
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(payload))
         return path
@@ -68,6 +58,8 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
         assert f"({figure})" in markdown and (out / figure).read_bytes().startswith(b"\x89PNG")
     assert not list(out.glob(".*partial*"))  # nothing half-written left behind
     assert not (out / ".work").exists()  # nor the rounds' scratch files
+    assert (folder / member["dense_reference"]).resolve() == (out / "dense" / "model.onnx").resolve()
+    assert json.loads((out / "dense" / "manifest.json").read_text())["runtime"] == report["runtime"]
 
     reloaded = load_model(str(folder))  # a member reloads in PyTorch from its folder ...
     verify_export(reloaded, folder / "model.onnx")  # ... and its ONNX outputs match
@@ -81,11 +73,51 @@ def test_a_missed_target_exits_1(recipe, tmp_path):
     assert "MISS" in result.output
 
 
-def test_unreachable_target_is_bad_input_naming_the_maximum(recipe, tmp_path):
-    result = invoke("run", str(recipe(targets=[500.0])), "--out", str(tmp_path / "out"))
+def assert_nothing_written(tmp_path: Path) -> None:
+    """Bad input leaves no output folder and no visible half-written cache entry."""
+    assert not (tmp_path / "out").exists()
+    cache = tmp_path / "cache"
+    leftovers = [p for p in cache.rglob("*") if "partial" in p.name] if cache.exists() else []
+    assert not leftovers
+
+
+@pytest.mark.parametrize("change", [{"targets": [500.0]}, {"targets": [], "slas": [{"p90_ms": 1e-6}]}])
+def test_unreachable_target_or_sla_is_bad_input_naming_the_maximum(recipe, tmp_path, change):
+    result = invoke("run", str(recipe(**change)), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert "largest reachable speedup is" in result.output
-    assert not (tmp_path / "out" / "report.json").exists()
+    assert_nothing_written(tmp_path)
+
+
+def test_unsupported_architecture_exits_2_before_training(recipe, tmp_path):
+    from transformers import GPT2Config
+
+    model = tmp_path / "tiny-gpt2"
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(model)
+    result = invoke("run", str(recipe(model=str(model))), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "unsupported architecture 'gpt2'" in result.output and "supported model types: bert" in result.output
+    assert_nothing_written(tmp_path)
+    assert not (tmp_path / "cache" / "teachers").exists()
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "has no rows"),
+    ([{"text": f"good film {i}", "label": "positive"} for i in range(40)], "mislabelled: needs at least 2 classes"),
+])
+def test_empty_or_mislabelled_dataset_exits_2(recipe, tmp_path, write_task_file, rows, message):
+    data = write_task_file("data.csv", rows) if rows else tmp_path / "data.csv"
+    if not rows:
+        data.write_text("text,label\n")
+    result = invoke("run", str(recipe(task={"data": str(data)})), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and message in result.output
+    assert_nothing_written(tmp_path)
+
+
+def test_missing_asset_names_the_setup_command(recipe, tmp_path):
+    result = invoke("run", str(recipe(task={"data": "mr"})), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "has not been fetched" in result.output and "make setup" in result.output
+    assert_nothing_written(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -98,6 +130,7 @@ def test_bad_recipes_exit_2_with_a_clear_message(recipe, tmp_path, change, messa
     result = invoke("run", str(recipe(**change)), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+    assert_nothing_written(tmp_path)
 
 
 def test_malformed_yaml_exits_2(tmp_path):
@@ -105,6 +138,7 @@ def test_malformed_yaml_exits_2(tmp_path):
     bad.write_text("name: [unclosed\n")
     result = invoke("run", str(bad), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "not valid YAML" in result.output
+    assert_nothing_written(tmp_path)
 
 
 def test_prepare_builds_the_cached_stages_and_summarises_them(recipe, tmp_path):

@@ -1,7 +1,20 @@
-"""Fingerprints and the on-disk cache that every expensive stage writes into.
+"""Fingerprints, the on-disk cache, and the one mechanism that makes every stage of a run resumable.
 
-The cache lives outside git (default ~/.cache/ziplm, override with ZIPLM_CACHE). Entries are written to a
-temporary name and renamed when complete, so an interrupted run never leaves a half-written entry behind.
+The cache lives outside git (default ~/.cache/ziplm, override with ZIPLM_CACHE). Entries are written to a hidden
+temporary name (`.NAME.partial-PID-...`) and renamed when complete, so an interrupted run never leaves a half-written
+entry behind; the next build of the same entry removes temporary folders whose process has died.
+
+A stage of a chain is one call of `StageCache.run`: its output is cached under a fingerprint of exactly its inputs
+(pass the upstream stages' keys among them), so a rerun reuses every finished stage and a changed input rebuilds
+only the stages that depend on it:
+
+    stages = StageCache(cache_root() / "stages", progress)
+    hessians = stages.run("calibrate", {"teacher": teacher_key, "settings": settings.model_dump()},
+                          lambda folder, progress: collect_hessians(..., progress=progress))
+    database = stages.run("database", {"hessians": hessians.key, ...}, lambda folder, progress: ...)
+
+A stage's value is pickled into its folder; files it writes go into `folder`, and the value refers to them by paths
+relative to it (the folder is renamed when the stage completes): `result.path / "model.onnx"`.
 """
 
 from __future__ import annotations
@@ -9,12 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+Progress = Callable[[str], None]
+StageProgress = Callable[[str], Progress]
+VALUE_FILE = "value.pkl"
 
 
 def cache_root() -> Path:
@@ -46,12 +67,31 @@ def directory_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Remove the temporary folders of `final` left by processes that were killed while building it."""
+    for partial in final.parent.glob(f".{final.name}.partial-*"):
+        pid = partial.name.removeprefix(f".{final.name}.partial-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; rename it to `final` only if the block completes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; artifacts and cache entries are meant to be shared
@@ -71,10 +111,58 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def cached_directory(kind: str, key: str, build: Callable[[Path], None]) -> Path:
-    """Return cache_root()/kind/key, building it with `build(tmp_dir)` first when it does not exist."""
-    final = cache_root() / kind / key
+def cached_directory(kind: str, key: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
+    """Return (root or cache_root())/kind/key, building it with `build(tmp_dir)` first when it does not exist."""
+    final = (root or cache_root()) / kind / key
     if not final.exists():
         with atomic_directory(final) as tmp:
             build(tmp)
     return final
+
+
+@dataclass(frozen=True)
+class StageResult(Generic[T]):
+    """A stage's output: its value, its folder (files the value names relatively), its key and whether reused."""
+
+    name: str
+    key: str
+    path: Path
+    value: T
+    cached: bool
+
+
+class StageCache:
+    """Runs the stages of a chain, each cached under root/<stage name>/<fingerprint of its inputs>."""
+
+    def __init__(self, root: Path, stage: StageProgress) -> None:
+        self.root = Path(root)
+        self.stage = stage
+
+    def run(self, name: str, inputs: Mapping[str, Any], build: Callable[[Path, Progress], T],
+            label: str | None = None) -> StageResult[T]:
+        """The cached output of `build(folder, progress)` for these inputs; built (atomically) only when missing.
+
+        `label` names the stage in progress lines when several calls share a stage name (one per target).
+        """
+        key = fingerprint({"stage": name, **inputs})
+        progress = self.stage(label or name)
+        final = self.root / name / key
+        if final.exists():
+            progress(f"cached ({key})")
+            return StageResult(name, key, final, _load_value(final), True)
+        start = time.perf_counter()
+        built: list[T] = []
+
+        def build_and_pickle(folder: Path) -> None:
+            built.append(build(folder, progress))
+            with open(folder / VALUE_FILE, "wb") as f:
+                pickle.dump(built[0], f, protocol=pickle.HIGHEST_PROTOCOL)
+
+        cached_directory(name, key, build_and_pickle, root=self.root)
+        progress(f"done in {time.perf_counter() - start:.1f} s ({key})")
+        return StageResult(name, key, final, built[0], False)
+
+
+def _load_value(folder: Path) -> Any:
+    with open(folder / VALUE_FILE, "rb") as f:
+        return pickle.load(f)  # our own cache entry, written by StageCache.run

@@ -1,7 +1,15 @@
-"""The `ziplm` command line. Exit status: 0 success, 1 a target or check missed, 2 bad input (DESIGN.md)."""
+"""The `ziplm` command line. Exit status: 0 success, 1 a target or check missed, 2 bad input (DESIGN.md).
+
+Test hook, the only one: with ZIPLM_KILL_AT=<stage> in the environment (a progress label such as teacher, table,
+dense, calibrate, database, 2x), the process kills itself with SIGKILL at that stage's first progress line. The
+kill-and-resume tests use it to interrupt a run in the middle of a stage: with tiny models a stage ends before a
+parent that watches the output could send the signal.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +22,8 @@ from rich.table import Table
 from ziplm.families.loading import load_config
 from ziplm.pipeline import assets
 from ziplm.pipeline.cache import write_json_atomic
-from ziplm.pipeline.errors import ZipLMError
+from ziplm.pipeline.errors import BadInputError, ZipLMError
+from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
@@ -24,13 +33,19 @@ from ziplm.stages.finetune import TeacherResult
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
 app.add_typer(assets_app, name="assets")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # long paths in messages stay whole
 
 
 def stage_progress(stage: str) -> Callable[[str], None]:
-    """Per-stage progress lines with the time since the stage began."""
+    """Per-stage progress lines with the time since the stage began (and the ZIPLM_KILL_AT hook, see above)."""
     start = time.perf_counter()
-    return lambda message: console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/] [bold]{stage}[/] {message}")
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/] [bold]{stage}[/] {message}")
+        if os.environ.get("ZIPLM_KILL_AT") == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return progress
 
 
 def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
@@ -67,11 +82,61 @@ def run(
     report = run_recipe(spec, out, stage_progress)
     for member in report["members"]:
         mark = "[green]pass[/]" if member["passed"] else "[red]MISS[/]"
-        console.print(f"{mark} {member['name']}: target {member['target_speedup']:g}x, measured "
-                      f"{member['measured_speedup']:.3f}x ({member['deviation']:+.1%}), accuracy "
+        sla = member["sla"]
+        holds = f", {sla['metric']} {sla['measured_ms']:.2f} ms vs SLA {sla['ms']:g} ms" if sla else ""
+        console.print(f"{mark} {member['name']}: target {member['target_speedup']:.3g}x, measured "
+                      f"{member['measured_speedup']:.3f}x ({member['deviation']:+.1%}){holds}, accuracy "
                       f"{member['metric']['value']:.4f} (dense {member['metric']['dense_value']:.4f})")
     console.print(f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s")
     if not all(member["passed"] for member in report["members"]):
+        raise typer.Exit(1)
+
+
+@app.command()
+@fail_clearly
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="a member folder written by `ziplm run` (OUT/<name>)")],
+    runtime: Annotated[str | None, typer.Option(help="runtime to measure in (default: the manifest's)")] = None,
+    threads: Annotated[int | None, typer.Option(help="threads (default: the manifest's)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size (default: the manifest's)")] = None,
+    sequence_length: Annotated[int | None, typer.Option(help="sequence length (default: the manifest's)")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="latency SLA in ms (default: the member's SLA)")] = None,
+    metric: Annotated[str | None, typer.Option(help="latency statistic the SLA bounds: p90 or median")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="required speedup (default: target x (1 - tolerance))")]
+    = None,
+    rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = 60,
+    junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
+) -> None:
+    """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
+    if metric not in (None, "p90", "median"):
+        raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
+    loaded = load_artifact(artifact)
+    env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
+    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds)
+    if junit is not None:
+        write_junit(verdict, junit)
+    print(verdict.line())
+    if not verdict.passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@fail_clearly
+def publish(
+    folder: Annotated[Path, typer.Argument(help="the --out folder of `ziplm run`, or one member folder")],
+    registry: Annotated[str, typer.Option(help="MLflow tracking/registry URI, e.g. http://127.0.0.1:5000")],
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the runs")] = "ziplm-deploy",
+    force: Annotated[bool, typer.Option(help="also publish members that failed verification")] = False,
+) -> None:
+    """Register every verified member in an MLflow model registry; exit 1 if a failed member was refused."""
+    from ziplm.pipeline.registry import publish_family
+
+    result = publish_family(folder, registry, experiment, force)
+    for name, version in result.published.items():
+        console.print(f"[green]published[/] {name} version {version} to {registry}")
+    for name in result.refused:
+        console.print(f"[red]refused[/] {name}: it failed verification (passed=false); --force publishes it anyway")
+    if result.refused:
         raise typer.Exit(1)
 
 

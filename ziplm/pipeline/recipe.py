@@ -10,6 +10,13 @@
     ziplm: {damping_frac: 0.01}      # see ZipLMSettings
     verification: {tolerance: 0.03}  # see VerificationSettings
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
+    slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
+
+A latency SLA sets exactly one of `p90_ms` or `median_ms` (at most that many ms per call) and may repeat the
+environment's `batch_size` / `sequence_length` (another value is rejected: SLAs are measured at the latency table's
+shape, so run a recipe with that environment instead). Each SLA becomes a speedup target with the measured dense
+latency (see ziplm/stages/verify.py), and its member's manifest records the SLA and whether it holds (`passed`).
+`targets: []` with SLAs gives SLA members only.
 
 Unknown keys are rejected with the list of allowed ones; a recipe round-trips (load, dump, load gives the same).
 """
@@ -18,10 +25,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.tasks import TaskSpec
@@ -29,7 +36,8 @@ from ziplm.runtimes.base import InferenceEnv
 from ziplm.runtimes.latency_table import TableSettings
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.finetune import FinetuneConfig
-from ziplm.stages.verify import VerificationSettings
+from ziplm.stages.quantize import QuantSettings
+from ziplm.stages.verify import LatencySLA, VerificationSettings
 from ziplm.stages.ziplm import ZipLMSettings
 
 DEFAULT_RECIPE = "minilm_mr"
@@ -47,7 +55,9 @@ class Recipe(BaseModel):
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     ziplm: ZipLMSettings = Field(default_factory=ZipLMSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)
-    targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0], min_length=1)
+    quantization: QuantSettings = Field(default_factory=QuantSettings)  # used when environment.precision is int8
+    targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])
+    slas: list[LatencySLA] = Field(default_factory=list)
 
     @field_validator("targets")
     @classmethod
@@ -55,6 +65,20 @@ class Recipe(BaseModel):
         if any(t <= 1.0 for t in targets):
             raise ValueError(f"every target speedup must be above 1.0, got {targets}")
         return sorted(targets)
+
+    @model_validator(mode="after")
+    def _goals_in_this_environment(self) -> Recipe:
+        if not self.targets and not self.slas:
+            raise ValueError("give at least one speedup target (targets: [2.0]) or latency SLA (slas: [{p90_ms: 12}])")
+        env = self.environment
+        for sla in self.slas:
+            for key in ("batch_size", "sequence_length"):
+                if getattr(sla, key) not in (None, getattr(env, key)):
+                    raise ValueError(
+                        f"SLA {sla.label} is for {key} {getattr(sla, key)}, but the environment (and its latency "
+                        f"table) has {key} {getattr(env, key)}: run a recipe whose environment has {key}: "
+                        f"{getattr(sla, key)} for this SLA")
+        return self
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -102,9 +126,14 @@ def _explain(error: dict[str, Any]) -> str:
 
 
 def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings model at a location such as ('verification',) or ('slas', 0) (list items by index)."""
     model: type[BaseModel] = Recipe
     for part in location:
+        if isinstance(part, int):  # an item of the list the previous part named: its model was taken already
+            continue
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if get_origin(annotation) is list:
+            (annotation,) = get_args(annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

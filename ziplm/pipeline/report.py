@@ -11,22 +11,28 @@ from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
-from ziplm.pipeline.cache import file_digest, write_json_atomic
+from ziplm.pipeline.cache import file_digest, fingerprint, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
     from ziplm.stages.verify import Member
     from ziplm.pipeline.tasks import TaskData
-    from ziplm.stages.finetune import TeacherResult
 
 STAGES = ["teacher-finetune", "ziplm-oneshot", "onnx-export", "paired-verification"]
+DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
+DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
 
 
 def runtime_json(table: LatencyTable) -> dict[str, Any]:
     env = table.environment
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
     return {key: env[key] for key in keys}
+
+
+def runtime_fingerprint(runtime: dict[str, Any]) -> str:
+    """Names the environment a latency was measured in (runtime, version, device, threads, batch, sequence...)."""
+    return fingerprint(runtime)
 
 
 def environment_line(runtime: dict[str, Any]) -> str:
@@ -49,8 +55,13 @@ def dense_summary(dense: PreTrainedModel, dense_onnx: Path, accuracy: float, val
     }
 
 
+def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
+    return {"name": DENSE_DIR, **dense_info, "runtime": runtime, "runtime_fingerprint": runtime_fingerprint(runtime),
+            "sha256": file_digest(onnx_path)}
+
+
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
-             onnx_path: Path, teacher: TeacherResult, task: TaskData) -> dict[str, Any]:
+             onnx_path: Path, teacher_fingerprint: str, task: TaskData) -> dict[str, Any]:
     check = member.final.check
     deviation = check.deviation(member.target)
     return {
@@ -63,7 +74,10 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "predicted_speedup": round(member.final.predicted_speedup, 4),
         "latency_ms": {"median": round(check.member.median_ms, 4), "p90": round(check.member.p90_ms, 4)},
         "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)},
+        "sla": member.sla.to_json(check.member) if member.sla else None,
         "runtime": runtime,
+        "runtime_fingerprint": runtime_fingerprint(runtime),
+        "dense_reference": DENSE_REFERENCE,
         "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
                    "validation_size": dense_info["metric"]["validation_size"]},
         "structure": structure_json(member.model, member.final.structure),
@@ -71,11 +85,11 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "parameters": parameter_count(member.model),
         "file_bytes": onnx_path.stat().st_size,
         "sha256": file_digest(onnx_path),
-        "passed": abs(deviation) <= recipe.verification.tolerance,
+        "passed": member.passed(recipe.verification.tolerance),
         "stages": STAGES,
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
-        "teacher": {"fingerprint": teacher.fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
+        "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
 
 

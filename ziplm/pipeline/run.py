@@ -1,11 +1,16 @@
-"""The chain behind `ziplm run`: teacher -> latency table -> calibration -> database -> per target: search, stitch,
-export, verify (closed loop) -> member folders and the report.
+"""The chain behind `ziplm run`: teacher -> latency table -> dense reference -> calibration -> database -> per goal
+(a speedup target or a latency SLA): search, stitch, export, verify (closed loop) -> member folders and the report.
+
+Each stage after the teacher and the table (which keep their own caches) is one `StageCache.run` call keyed by a
+fingerprint of exactly its inputs (ziplm/pipeline/cache.py): a killed run resumes where it stopped, and a changed
+recipe rebuilds only the stages that depend on the change. The output folder gets the dense reference (`dense/`),
+one folder per member (each written under a temporary name and renamed when complete) and the report.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,37 +18,42 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
-from ziplm.families.loading import load_model, save_model
-from ziplm.pipeline.cache import atomic_directory, write_json_atomic
+from ziplm.families.loading import load_config, load_model, save_model
+from ziplm.pipeline.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root
+from ziplm.pipeline.cache import write_json_atomic
+from ziplm.pipeline.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
-from ziplm.pipeline.report import dense_summary, manifest, runtime_json, write_report
-from ziplm.pipeline.tasks import Example, TaskData, load_task
+from ziplm.pipeline.report import DENSE_DIR, dense_manifest, dense_summary, manifest, runtime_json, write_report
+from ziplm.pipeline.tasks import TaskData, load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table
+from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
-from ziplm.stages.calibrate import collect_hessians
+from ziplm.stages.calibrate import LayerHessians, collect_hessians
 from ziplm.stages.export import export_model, parity_atol, verify_export
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
-from ziplm.stages.quantize import QuantSettings, deployable, example_batches
+from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.search import max_speedup, module_budget
-from ziplm.stages.verify import Member, PairedVerifier, closed_loop
+from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, closed_loop
 
-StageProgress = Callable[[str], Callable[[str], None]]
+Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
 
 
 @dataclass
 class Inputs:
-    """What every family is built from: the task, the dense teacher and the latency table (all cached)."""
+    """What every family is built from: the task, the dense model (keyed by `dense_key`) and the latency table."""
 
     task: TaskData
-    teacher: TeacherResult
     dense: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     table: LatencyTable
+    dense_key: str
+    teacher: TeacherResult | None = None
 
 
 def prepare_inputs(recipe: Recipe, stage: StageProgress) -> Inputs:
     progress = stage("teacher")
+    adapter_for(load_config(recipe.model))  # an unsupported architecture fails before anything is trained
     task = load_task(recipe.task)
     progress(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / "
              f"{len(task.calibration)} calibration examples")
@@ -51,67 +61,157 @@ def prepare_inputs(recipe: Recipe, stage: StageProgress) -> Inputs:
     progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
     dense = load_model(str(teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=stage("table"))
-    return Inputs(task, teacher, dense, tokenizer, table)
+    table, cached = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=stage("table"))
+    if cached:
+        stage("table")(f"cached ({table.fingerprint})")
+    return Inputs(task, dense, tokenizer, table, teacher.fingerprint, teacher)
 
 
 def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any]:
-    """Run the whole chain; write out/report.json, out/report.md and one folder per member. Returns the report."""
+    """Run the whole chain; write out/dense, one folder per member, out/report.json and out/report.md."""
     inputs = prepare_inputs(recipe, stage)
-    task, teacher, dense, tokenizer, table = inputs.task, inputs.teacher, inputs.dense, inputs.tokenizer, inputs.table
-    family = build_family(recipe, dense, tokenizer, task.calibration, table, out / ".work", stage)
-    dense_accuracy = evaluate_accuracy(dense, tokenizer, task.validation, recipe.teacher.max_length)
-    for member in family.members:
-        member.accuracy = evaluate_accuracy(member.model, tokenizer, task.validation, recipe.teacher.max_length)
-    dense_info = dense_summary(dense, family.dense_onnx, dense_accuracy, len(task.validation), family.members)
-    manifests = [write_member(recipe, runtime_json(table), member, tokenizer, teacher, task, dense_info, out)
-                 for member in family.members]
-    report = write_report(out, recipe, table, dense_info, manifests, max_speedup(table))
-    shutil.rmtree(out / ".work")  # every round's ONNX file: the chosen ones now live in the member folders
-    return report
+    family = build_family(recipe, inputs, StageCache(cache_root() / "stages", stage))
+    return write_family(recipe, inputs, family, out)
 
 
 @dataclass
 class Family:
     dense_onnx: Path
+    dense_accuracy: float
     verifier: PairedVerifier
-    database: zipl.Database
     members: list[Member]
+    database: zipl.Database
 
 
-def build_family(recipe: Recipe, dense: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 calibration: Sequence[Example], table: LatencyTable, work: Path, stage: StageProgress) -> Family:
-    """Export the dense model, calibrate, build the database, and run the closed loop for every target."""
+def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
+    """Export the dense reference, calibrate, build the database, and run the closed loop for every goal."""
+    table, env, settings = inputs.table, recipe.environment, recipe.verification
     for target in recipe.targets:  # fail before the expensive work, and name the largest reachable speedup
         module_budget(table, target)
-    adapter = adapter_for(dense.config)
+    dense = stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size, **_precision(recipe),
+                                 "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length},
+                       lambda folder, progress: export_dense(inputs, recipe, folder, progress))
+    verifier = PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
+                              settings)
+    goals = [(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages)
+    hessians = stages.run("calibrate", {"model": inputs.dense_key, "task": inputs.task.fingerprint,
+                                        "settings": recipe.calibration.model_dump()},
+                          lambda _, progress: collect_hessians(inputs.dense, inputs.tokenizer,
+                                                               adapter_for(inputs.dense.config),
+                                                               inputs.task.calibration, recipe.calibration, progress))
+    database = stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(),
+                                       "group_size": table.group_size},
+                          lambda _, progress: build_database(inputs.dense, hessians, table.group_size, recipe,
+                                                             progress))
+    members = [member_stage(recipe, inputs, goal, database, dense.key, verifier, stages) for goal in goals]
+    return Family(dense.path / "model.onnx", dense.value, verifier, members, database.value)
+
+
+def export_dense(inputs: Inputs, recipe: Recipe, folder: Path, progress: Callable[[str], None]) -> float:
+    """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense accuracy."""
     env = recipe.environment
-    quant_batches = example_batches(tokenizer, calibration, QuantSettings()) if env.precision == "int8" else []
-
-    def deploy(model: PreTrainedModel) -> PreTrainedModel:  # INT8: post-training calibration on the task's data
-        return deployable(model, adapter.prunable_linears, env.precision, quant_batches)
-
-    deployed_dense = deploy(dense)
-    dense_onnx = export_model(deployed_dense, work / "dense.onnx", env.batch_size, env.sequence_length)
-    verify_export(deployed_dense, dense_onnx, atol=parity_atol(env.precision))
-    hessians = collect_hessians(dense, tokenizer, adapter, calibration, recipe.calibration, stage("calibrate"))
-    database = zipl.build_database(dense, adapter, hessians, table.group_size, recipe.ziplm, stage("database"))
-    verifier = PairedVerifier(get_runtime(env), env, dense_onnx, dense.config.vocab_size, recipe.verification)
-    members = [closed_loop(target, lambda speedup: zipl.solve(database, table, speedup),
-                           lambda structure: deploy(zipl.stitch(dense, adapter, database, structure)), table, verifier,
-                           work / f"{target:g}x", stage(f"{target:g}x"))
-               for target in recipe.targets]
-    return Family(dense_onnx, verifier, database, members)
+    deployed = deployer(recipe, inputs)(inputs.dense)
+    onnx = export_model(deployed, folder / "model.onnx", env.batch_size, env.sequence_length)
+    parity = verify_export(deployed, onnx, atol=parity_atol(env.precision))
+    progress(f"exported the dense reference in {env.precision} ({onnx.stat().st_size:,} bytes, "
+             f"parity {parity.max_abs_diff:.1e})")
+    return evaluate_accuracy(inputs.dense, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
 
 
-def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, tokenizer: PreTrainedTokenizerBase,
-                 teacher: TeacherResult, task: TaskData, dense_info: dict[str, Any], out: Path) -> dict[str, Any]:
+def _precision(recipe: Recipe) -> dict[str, Any]:
+    """What a stage's output depends on through the deployed precision (part of its cache key)."""
+    env = recipe.environment
+    return {"precision": env.precision, "quantization": recipe.quantization.model_dump() if env.precision == "int8"
+            else None}
+
+
+def deployer(recipe: Recipe, inputs: Inputs) -> Callable[[PreTrainedModel], PreTrainedModel]:
+    """A model as it is deployed in the environment's precision (INT8: activation scales calibrated on the task's
+    calibration split; ziplm.stages.quantize.deployable is the one place that decides)."""
+    precision = recipe.environment.precision
+    batches = (example_batches(inputs.tokenizer, inputs.task.calibration, recipe.quantization)
+               if precision == "int8" else [])
+    adapter = adapter_for(inputs.dense.config)
+    return lambda model: deployable(model, adapter.prunable_linears, precision, batches)
+
+
+def build_database(dense: PreTrainedModel, hessians: StageResult[list[LayerHessians]], group_size: int,
+                   recipe: Recipe, progress: Callable[[str], None]) -> zipl.Database:
+    return zipl.build_database(dense, adapter_for(dense.config), hessians.value, group_size, recipe.ziplm, progress)
+
+
+def sla_goals(recipe: Recipe, inputs: Inputs, dense: StageResult[float], verifier: PairedVerifier,
+              stages: StageCache) -> list[Goal]:
+    """Each SLA as a speedup target, from the dense latency measured alone in the environment."""
+    if not recipe.slas:
+        return []
+    settings = recipe.verification
+    latency: StageResult[TimingStats] = stages.run(
+        "dense-latency", {"dense": dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
+                          "warmup": settings.warmup},
+        lambda _, progress: verifier.measure_dense())
+    return [(sla_target(sla, latency.value, inputs.table, settings.tolerance), sla) for sla in recipe.slas]
+
+
+def sla_target(sla: LatencySLA, dense: TimingStats, table: LatencyTable, tolerance: float) -> float:
+    target = sla.speedup_target(dense, tolerance)
+    reachable = max_speedup(table)
+    if target > reachable:
+        raise UnreachableTargetError(
+            f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
+            f"{sla.ms * target * (1 - tolerance):.2f} ms), but the largest reachable speedup is {reachable:.2f}x in "
+            "this environment: relax the SLA or serve with more threads")
+    return max(target, 1.0)  # the dense model already meets a looser SLA
+
+
+def member_stage(recipe: Recipe, inputs: Inputs, goal: Goal, database: StageResult[zipl.Database], dense_key: str,
+                 verifier: PairedVerifier, stages: StageCache) -> Member:
+    """One member's closed loop and accuracy, cached; its rounds' ONNX files live in the stage folder."""
+    target, sla = goal
+    adapter, deploy = adapter_for(inputs.dense.config), deployer(recipe, inputs)
+
+    def build(folder: Path, progress: Callable[[str], None]) -> Member:
+        member = closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
+                             lambda structure: deploy(zipl.stitch(inputs.dense, adapter, database.value, structure)),
+                             inputs.table, verifier, folder, progress, sla)
+        member.accuracy = evaluate_accuracy(member.model, inputs.tokenizer, inputs.task.validation,
+                                            recipe.teacher.max_length)
+        member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
+        return member
+
+    result = stages.run("member", {"database": database.key, "dense": dense_key, "table": inputs.table.fingerprint,
+                                   "target": target, "sla": sla.model_dump() if sla else None,
+                                   "verification": recipe.verification.model_dump(), **_precision(recipe),
+                                   "max_length": recipe.teacher.max_length},
+                        build, label=sla.label if sla else f"{target:g}x")
+    return dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
+
+
+def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
+    """The dense reference folder, the member folders and the report."""
+    runtime = runtime_json(inputs.table)
+    dense_info = dense_summary(inputs.dense, family.dense_onnx, family.dense_accuracy, len(inputs.task.validation),
+                               family.members)
+    with atomic_directory(out / DENSE_DIR) as folder:
+        (folder / "model.onnx").write_bytes(family.dense_onnx.read_bytes())
+        write_json_atomic(folder / "manifest.json", dense_manifest(runtime, dense_info, folder / "model.onnx"))
+    manifests = [write_member(recipe, runtime, member, inputs, dense_info, out) for member in family.members]
+    return write_report(out, recipe, inputs.table, dense_info, manifests, max_speedup(inputs.table))
+
+
+def member_name(recipe: Recipe, member: Member) -> str:
+    return f"{recipe.name}-{member.sla.metric}-{member.sla.ms:g}ms" if member.sla else f"{recipe.name}-{member.target:g}x"
+
+
+def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs: Inputs, dense_info: dict[str, Any],
+                 out: Path) -> dict[str, Any]:
     """The member folder (model.onnx, weights, config.json, tokenizer, manifest.json), written atomically."""
-    name = f"{recipe.name}-{member.target:g}x"
+    name = member_name(recipe, member)
     with atomic_directory(out / name) as folder:
         save_model(member.model, folder)
-        tokenizer.save_pretrained(folder)
+        inputs.tokenizer.save_pretrained(folder)
         (folder / "model.onnx").write_bytes(member.onnx_path.read_bytes())
-        payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", teacher, task)
+        payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", inputs.dense_key,
+                           inputs.task)
         write_json_atomic(folder / "manifest.json", payload)
     return payload

@@ -1,7 +1,13 @@
 """Verification: a member's speedup measured end to end against the dense model, paired, in the target runtime,
-and the closed loop that re-solves a target until its member is measured within tolerance.
+the closed loop that re-solves a target until its member is measured within tolerance, and latency SLAs.
 
     verification: {tolerance: 0.03, max_rounds: 4, timing_rounds: 60, warmup: 5}
+    slas: [{p90_ms: 12.0}, {median_ms: 8.0, batch_size: 1, sequence_length: 128}]
+
+An SLA bounds one latency statistic (p90 or median, in ms) at the environment's batch size and sequence length
+(the latency table's shape; naming others is only a check that they agree). It becomes a speedup target with the
+measured dense latency: target = dense_ms / (sla_ms * (1 - tolerance)), so that a member measured at the low end
+of the tolerance still meets the SLA. The member passes when its measured statistic is at most the SLA's ms.
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
-from ziplm.runtimes.timing import Speedup, TimingStats, time_paired
+from ziplm.runtimes.timing import Speedup, TimingStats, time_interleaved, time_paired
 from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
 from ziplm.stages.search import max_speedup
 
@@ -48,6 +54,50 @@ class VerificationSettings(BaseModel):
     max_rounds: int = Field(4, ge=1, description="solve-measure rounds per target (closed loop)")
     timing_rounds: int = Field(60, ge=5, description="interleaved dense/member pairs per measurement")
     warmup: int = Field(5, ge=0)
+
+
+class LatencySLA(BaseModel):
+    """At most `p90_ms` (or `median_ms`) per call, measured in the recipe's environment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p90_ms: float | None = Field(None, gt=0.0)
+    median_ms: float | None = Field(None, gt=0.0)
+    batch_size: int | None = Field(None, ge=1, description="optional; must equal the environment's")
+    sequence_length: int | None = Field(None, ge=1, description="optional; must equal the environment's")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> LatencySLA:
+        if (self.p90_ms is None) == (self.median_ms is None):
+            raise ValueError("an SLA sets exactly one of p90_ms or median_ms, e.g. {p90_ms: 12.0}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return "p90" if self.p90_ms is not None else "median"
+
+    @property
+    def ms(self) -> float:
+        return self.p90_ms if self.p90_ms is not None else self.median_ms  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}<={self.ms:g}ms"
+
+    def speedup_target(self, dense: TimingStats, tolerance: float) -> float:
+        """The speedup that meets the SLA even at the low end of the tolerance (see the module docstring)."""
+        return statistic(dense, self.metric) / (self.ms * (1.0 - tolerance))
+
+    def holds(self, measured: TimingStats) -> bool:
+        return statistic(measured, self.metric) <= self.ms
+
+    def to_json(self, measured: TimingStats) -> dict[str, Any]:
+        return {"metric": self.metric, "ms": self.ms, "measured_ms": round(statistic(measured, self.metric), 4),
+                "holds": self.holds(measured)}
+
+
+def statistic(stats: TimingStats, metric: str) -> float:
+    return stats.p90_ms if metric == "p90" else stats.median_ms
 
 
 @dataclass(frozen=True)
@@ -78,6 +128,11 @@ class PairedVerifier:
                                             max_relative_width=2 * self.settings.tolerance)
         return LatencyCheck(speedup, dense, timed)
 
+    def measure_dense(self) -> TimingStats:
+        """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
+        return time_interleaved({"dense": lambda: self.dense.run(self.inputs)}, self.settings.timing_rounds,
+                                self.settings.warmup)["dense"]
+
 
 @dataclass
 class Round:
@@ -101,6 +156,7 @@ class Member:
     """A target's model: every round of its closed loop, and the chosen one (closest to the target)."""
 
     target: float
+    sla: LatencySLA | None = None
     rounds: list[Round] = field(default_factory=list)
     models: list[PreTrainedModel] = field(default_factory=list)
     onnx_paths: list[Path] = field(default_factory=list)
@@ -122,6 +178,12 @@ class Member:
     def onnx_path(self) -> Path:
         return self.onnx_paths[self.chosen]
 
+    def passed(self, tolerance: float) -> bool:
+        """An SLA member passes when its SLA holds; a speedup member when it is within tolerance of its target."""
+        if self.sla is not None:
+            return self.sla.holds(self.final.check.member)
+        return abs(self.final.check.deviation(self.target)) <= tolerance
+
 
 class Stopwatch:
     """Wall-clock per named step, summed when a step runs more than once."""
@@ -138,14 +200,14 @@ class Stopwatch:
 
 def closed_loop(target: float, solve: Callable[[float], ModelStructure],
                 build: Callable[[ModelStructure], PreTrainedModel], table: LatencyTable, verifier: PairedVerifier,
-                work: Path, progress: Callable[[str], None]) -> Member:
+                work: Path, progress: Callable[[str], None], sla: LatencySLA | None = None) -> Member:
     """Solve, build, export and measure; re-solve with a corrected target until within tolerance (bounded).
 
     When a member misses, the table was off by measured / solved-for at that point; the next round aims that much
     further (ALGORITHMS.md section 3; ZipLM's open loop deviated by up to 5.28%).
     """
     settings = verifier.settings
-    member = Member(target)
+    member = Member(target, sla)
     dense_ms = table.dense_ms()
     solved_for = target
     for index in range(settings.max_rounds):

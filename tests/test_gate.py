@@ -1,0 +1,133 @@
+"""`ziplm verify` (release gating with JUnit output) and latency SLAs, on one tiny family built per test session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ziplm.pipeline.cli import app
+from ziplm.pipeline.errors import BadInputError
+from ziplm.pipeline.recipe import parse_recipe
+from ziplm.runtimes.timing import TimingStats
+from ziplm.stages.verify import LatencySLA
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def speedup_member(family: Path) -> Path:
+    return family / "tiny-1.3x"
+
+
+def copy_family(family: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(family, tmp_path / "family"))
+
+
+def test_the_family_has_a_dense_reference_and_an_sla_member(tiny_family):
+    report = json.loads((tiny_family / "report.json").read_text())
+    by_name = {m["name"]: m for m in report["members"]}
+    assert set(by_name) == {"tiny-1.3x", "tiny-p90-1000ms"}
+    sla_member = by_name["tiny-p90-1000ms"]
+    assert sla_member["sla"]["metric"] == "p90" and sla_member["sla"]["ms"] == 1000.0
+    assert sla_member["passed"] is sla_member["sla"]["holds"] is (sla_member["sla"]["measured_ms"] <= 1000.0)
+    assert by_name["tiny-1.3x"]["sla"] is None
+    for member in report["members"]:
+        reference = (tiny_family / member["name"] / member["dense_reference"]).resolve()
+        assert reference == (tiny_family / "dense" / "model.onnx").resolve() and reference.is_file()
+    dense = json.loads((tiny_family / "dense" / "manifest.json").read_text())
+    assert dense["runtime_fingerprint"] == sla_member["runtime_fingerprint"]
+
+
+def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp_path):
+    junit = tmp_path / "verify.xml"
+    result = invoke("verify", speedup_member(tiny_family), "--min-speedup", "0.2", "--max-latency-ms", "1000",
+                    "--rounds", "10", "--junit", junit)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("PASS tiny-1.3x: speedup") and "p90 latency" in result.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "0"
+    assert [case.get("name") for case in suite.iter("testcase")] == ["speedup", "p90 latency"]
+    assert suite.find(".//property[@name='runtime.threads']").get("value") == "1"
+
+
+def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_family, tmp_path):
+    junit = tmp_path / "verify.xml"
+    result = invoke("verify", speedup_member(tiny_family), "--max-latency-ms", "0.0001", "--min-speedup", "0.2",
+                    "--rounds", "10", "--junit", junit)
+    assert result.exit_code == 1
+    assert result.output.startswith("FAIL tiny-1.3x") and "0.0001 ms required" in result.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "1"
+    (failure,) = suite.iter("failure")
+    assert "p90 latency" in failure.get("message") and "> 0.0001 ms required" in failure.get("message")
+
+
+def test_verify_gates_an_sla_member_on_its_own_sla(tiny_family):
+    result = invoke("verify", tiny_family / "tiny-p90-1000ms", "--rounds", "10", "--threads", "1")
+    assert "p90 latency" in result.output and "1000 ms" in result.output and "speedup" not in result.output
+    assert result.exit_code == (0 if result.output.startswith("PASS") else 1)
+
+
+def test_verify_a_corrupt_onnx_exits_2(tiny_family, tmp_path):
+    family = copy_family(tiny_family, tmp_path)
+    onnx = speedup_member(family) / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    junit = tmp_path / "verify.xml"
+    result = invoke("verify", speedup_member(family), "--junit", junit)
+    assert result.exit_code == 2
+    assert "corrupt" in result.output and "model.onnx" in result.output
+    assert not junit.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_verify_without_the_dense_reference_exits_2(tiny_family, tmp_path):
+    family = copy_family(tiny_family, tmp_path)
+    shutil.rmtree(family / "dense")
+    result = invoke("verify", speedup_member(family))
+    assert result.exit_code == 2 and "keep the dense/ folder" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "tensorrt-typo"], "available runtimes: onnxruntime"),
+    (["--metric", "p99"], "choose p90 or median"),
+])
+def test_verify_bad_options_exit_2(tiny_family, args, message):
+    result = invoke("verify", speedup_member(tiny_family), *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_verify_a_folder_without_manifest_exits_2(tmp_path):
+    result = invoke("verify", tmp_path)
+    assert result.exit_code == 2 and "has no manifest.json" in result.output
+
+
+def test_sla_becomes_a_speedup_target_with_room_for_the_tolerance():
+    dense = TimingStats((9.0, 10.0, 10.0, 10.0, 20.0))
+    sla = LatencySLA(p90_ms=5.0)
+    target = sla.speedup_target(dense, tolerance=0.05)
+    assert target == pytest.approx(dense.p90_ms / (5.0 * 0.95))
+    assert sla.holds(TimingStats((4.0,) * 5)) and not sla.holds(TimingStats((5.5,) * 5))
+    assert LatencySLA(median_ms=5.0).speedup_target(dense, 0.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("slas, message", [
+    ([{"p90_ms": 5.0, "median_ms": 4.0}], "exactly one of p90_ms or median_ms"),
+    ([{"p99_ms": 5.0}], "unknown key 'slas.0.p99_ms'; allowed here: p90_ms, median_ms, batch_size, sequence_length"),
+    ([{"p90_ms": 5.0, "batch_size": 8}], "run a recipe whose environment has batch_size: 8"),
+])
+def test_bad_slas_are_rejected_with_a_clear_message(slas, message):
+    text = json.dumps({"name": "x", "model": "minilm", "task": {"data": "mr"}, "slas": slas})
+    with pytest.raises(BadInputError) as error:
+        parse_recipe(text)
+    assert message in " ".join(str(error.value).split())
+
+
+def test_a_recipe_with_only_slas_round_trips():
+    recipe = parse_recipe(json.dumps({"name": "x", "model": "minilm", "task": {"data": "mr"}, "targets": [],
+                                      "slas": [{"median_ms": 8.0, "sequence_length": 128}]}))
+    assert parse_recipe(recipe.dump_yaml()) == recipe and recipe.slas[0].label == "median<=8ms"
