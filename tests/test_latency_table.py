@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import tiny_bert_config
@@ -11,6 +12,7 @@ from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes import latency_table as lt
+from ziplm.runtimes.latency_table import anchored_fit
 
 QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1)
 QUICK_64 = QUICK.model_copy(update={"group_size": 64})
@@ -121,3 +123,15 @@ def test_timed_blocks_are_exported_in_the_environments_precision(tiny_config, tm
     path = lt._export_block(adapter, tiny_config, adapter.shape(tiny_config), LayerStructure(2, 64), env, tmp_path)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ("QuantizeLinear" in ops and "DequantizeLinear" in ops) == (precision == "int8")
+
+
+def test_the_correction_passes_through_the_all_removed_model():
+    """Noisy calibration points cannot tilt the fit into a negative time for the smallest model."""
+    base = 2.0
+    predicted = np.array([2.0, 5.0, 6.0, 14.0, 20.0])
+    measured = np.array([2.0, 2.5, 3.0, 30.0, 33.0])  # noisy: a free affine fit puts the smallest model below 0 ms
+    assert np.polyval(np.polyfit(predicted, measured, 1), base) < 0
+    correction = anchored_fit(predicted, measured, base)
+    assert correction.apply(base) == pytest.approx(base)
+    x, y = predicted - base, measured - base
+    assert correction.scale == pytest.approx(x @ y / (x @ x)) and correction.apply(20.0) > base

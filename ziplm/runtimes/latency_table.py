@@ -10,7 +10,8 @@ mask, residual norms, head), measured end to end.
     predicted(structure) = base + sum over layers (attention[units] + ffn[width])
 
 Summed single-block times are biased against end-to-end time on these machines, so each table also measures a few
-calibration models end to end (interleaved, in one run) and fits `measured = scale * predicted + offset`.
+calibration models end to end (interleaved, in one run) and fits `measured = scale * predicted + offset` through
+the all-removed model (measured directly, so left exact).
 """
 
 from __future__ import annotations
@@ -265,12 +266,22 @@ def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape,
     table.base_ms = stats["uniform-0"].median_ms
     predicted = np.array([table.predict_ms(s, corrected=False) for s in structures.values()])
     measured = np.array([stats[name].median_ms for name in structures])
-    scale, offset = np.polyfit(predicted, measured, 1)
-    table.correction = Correction(float(scale), float(offset))
+    table.correction = anchored_fit(predicted, measured, table.base_ms)
     table.calibration = [
         {"name": name, "structure": s.to_json(), "predicted_ms": round(float(p), 4), "measured_ms": round(float(m), 4)}
         for (name, s), p, m in zip(structures.items(), predicted, measured)
     ]
+
+
+def anchored_fit(predicted: np.ndarray, measured: np.ndarray, base_ms: float) -> Correction:
+    """Least squares of measured - base = scale * (predicted - base): a line through the all-removed model.
+
+    That model is measured end to end, so the correction leaves it exact; a free affine fit on a handful of noisy
+    points can tilt far enough to predict a negative time for it (and so a negative largest reachable speedup).
+    """
+    x, y = predicted - base_ms, measured - base_ms
+    scale = float(x @ y / (x @ x))
+    return Correction(scale, base_ms * (1.0 - scale))
 
 
 def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
