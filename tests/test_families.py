@@ -9,6 +9,7 @@ import torch
 from transformers import T5Config
 
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.families.base import recorded_structure
 from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.pipeline.errors import BadInputError
 from ziplm.stages.export import ExportParityError, export_model, verify_export
@@ -92,3 +93,11 @@ def test_structure_outside_the_model_is_rejected(tiny_config):
 def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(BadInputError, match=r"unsupported architecture 't5'.*supported model types: .*bert"):
         adapter_for(T5Config())
+
+
+def test_building_a_shrunk_model_leaves_the_given_config_alone(tiny_config):
+    """A latency table builds shrunk copies from a real model's config; the real model must stay dense."""
+    adapter = adapter_for(tiny_config)
+    shrunk = build_model(tiny_config, structure=ModelStructure.uniform(adapter.shape(tiny_config), 1, 32))
+    assert recorded_structure(tiny_config) is None
+    assert adapter.structure(shrunk.config) == ModelStructure.uniform(adapter.shape(tiny_config), 1, 32)

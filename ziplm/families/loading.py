@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -48,8 +49,11 @@ def load_model(name_or_path: str, head: str = "sequence-classification", **kwarg
 
 def build_model(config: PretrainedConfig, head: str = "sequence-classification",
                 structure: ModelStructure | None = None) -> PreTrainedModel:
-    """A randomly initialised model of `config`, shrunk to `structure` (latency work: weights do not matter)."""
-    model = model_class(head).from_config(config, attn_implementation="eager")
+    """A randomly initialised model of `config`, shrunk to `structure` (latency work: weights do not matter).
+
+    The model gets its own copy of `config` (from_config keeps the object it is given), so recording the structure
+    in it leaves the caller's config, often a real model's, untouched."""
+    model = model_class(head).from_config(copy.deepcopy(config), attn_implementation="eager")
     if structure is not None:
         adapter_for(config).apply_structure(model, structure)
     return model.eval()
