@@ -116,6 +116,13 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def remove_ffn(self, layer: nn.Module) -> None: ...
 
+    @abstractmethod
+    def has_attention(self, layer: nn.Module) -> bool:
+        """False once `remove_attention` replaced the module (level 0)."""
+
+    @abstractmethod
+    def has_ffn(self, layer: nn.Module) -> bool: ...
+
     def set_attention_counts(self, layer: nn.Module, units: int) -> None:
         """Tell the attention module how many heads it has now (families whose forward reads counters)."""
 
@@ -177,6 +184,18 @@ class FamilyAdapter(ABC):
             self.shrink_attention(layer, shape, range(structure.units))
         if structure.ffn < shape.ffn_size:
             self.shrink_ffn(layer, range(structure.ffn))
+
+    def prunable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The linears whose weights unstructured pruning may zero, by module name: attention Q, K, V, output and
+        the FFN projections of every layer that still has them; never embeddings, pooler or classifier."""
+        linears: list[nn.Linear] = []
+        for layer in self.layers(model):
+            if self.has_attention(layer):
+                linears += [*self.attention_in_projs(layer), self.attention_out_proj(layer)]
+            if self.has_ffn(layer):
+                linears += [*self.ffn_in_projs(layer), self.ffn_out_proj(layer)]
+        names = {id(module): name for name, module in model.named_modules()}
+        return {names[id(linear)]: linear for linear in linears}
 
     def validate_structure(self, config: PretrainedConfig, structure: ModelStructure) -> None:
         shape = self.shape(config)

@@ -70,6 +70,12 @@ class BertAdapter(FamilyAdapter):
     def ffn_out_proj(self, layer: nn.Module) -> nn.Linear:
         return layer.output.dense
 
+    def has_attention(self, layer: nn.Module) -> bool:
+        return not isinstance(layer.attention, RemovedAttention)
+
+    def has_ffn(self, layer: nn.Module) -> bool:
+        return not isinstance(layer.output, RemovedFFNOutput)
+
     def set_attention_counts(self, layer: nn.Module, units: int) -> None:
         attention = layer.attention.self
         attention.num_attention_heads = units

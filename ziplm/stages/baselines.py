@@ -3,6 +3,8 @@
 Uniform magnitude pruning: the same number of attention units and the same FFN width in every layer, the kept
 structures chosen by weight magnitude, no weight update. Its structure for a speedup target comes from the same
 latency table, and it goes through the same closed loop, so both are compared at measured speedups.
+
+Global magnitude pruning: the unstructured baseline for oBERT (ziplm.stages.obert), at the same sparsity.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import copy
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import FamilyAdapter, ModelStructure
 from ziplm.families.base import record_structure
 from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.stages.masks import Masks, global_lowest_masks
 
 
 def uniform_structure(table: LatencyTable, speedup: float) -> ModelStructure:
@@ -49,3 +53,10 @@ def magnitude_prune(dense: PreTrainedModel, adapter: FamilyAdapter, structure: M
 
 def _largest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.topk(scores, count).indices.tolist()) if count else []
+
+
+def global_magnitude_masks(model: nn.Module, adapter: FamilyAdapter, sparsity: float) -> Masks:
+    """Unstructured baseline: prune the `sparsity` fraction of prunable weights with the smallest |w|, one threshold
+    across all layers, no weight update. Returns the masks; the model is untouched (apply with `apply_masks`)."""
+    linears = adapter.prunable_linears(model)
+    return global_lowest_masks({name: linear.weight.detach().abs() for name, linear in linears.items()}, sparsity)
