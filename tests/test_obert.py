@@ -131,7 +131,6 @@ def test_gradual_reaches_the_final_sparsity_with_masks_that_only_grow(tiny_bert_
     student, teacher = load_model(str(tiny_bert_dir)), load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     settings = QUICK.model_copy(update={"sparsity": 0.7, "pruning_steps": 3})
-    seen: list = []
     lines: list[str] = []
     masks = gradual(student, teacher, tokenizer, toy_examples(48), settings,
                     DistillSettings(epochs=1, batch_size=16, max_length=32), lines.append)
@@ -139,7 +138,6 @@ def test_gradual_reaches_the_final_sparsity_with_masks_that_only_grow(tiny_bert_
     assert sum(line.startswith("gradual step") for line in lines) == 3
     linears = adapter_for(student.config).prunable_linears(student)
     assert all(torch.all(linears[name].weight[~mask] == 0) for name, mask in masks.items())
-    seen.append(masks)
 
 
 def test_settings_reject_unknown_keys_and_bad_values() -> None:
