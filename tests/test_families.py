@@ -92,3 +92,13 @@ def test_structure_outside_the_model_is_rejected(tiny_config):
 def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(BadInputError, match=r"unsupported architecture 't5'.*supported model types: .*bert"):
         adapter_for(T5Config())
+
+
+def test_prunable_linears_are_the_projections_of_modules_still_present(tiny_config):
+    model = build_model(tiny_config, structure=UNEVEN)  # layer 1 has no attention, layer 2 no FFN
+    names = list(adapter_for(tiny_config).prunable_linears(model))
+    assert len(names) == 6 + 2 + 4
+    assert "bert.encoder.layer.0.attention.self.query" in names and "bert.encoder.layer.0.output.dense" in names
+    assert not any(n.startswith(("bert.encoder.layer.1.attention", "bert.encoder.layer.2.output",
+                                 "bert.encoder.layer.2.intermediate")) for n in names)
+    assert not any("embeddings" in n or "pooler" in n or "classifier" in n for n in names)
