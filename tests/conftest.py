@@ -14,6 +14,8 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from ziplm.pipeline.tasks import Example
+
 POSITIVE_WORDS = ["good", "great", "fine", "nice"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "dull"]
 FILLER_WORDS = ["the", "a", "movie", "film", "was", "is", "very", "plot", "actor", "story", "and", "quite"]
@@ -37,6 +39,11 @@ def toy_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
             seen.add(text)
             rows.append({"text": text, "label": label})
     return rows
+
+
+def toy_examples(n: int, seed: int = 0) -> list[Example]:
+    """toy_sentiment_rows as task examples (negative=0, positive=1), for stages that take examples directly."""
+    return [Example(row["text"], None, int(row["label"] == "positive")) for row in toy_sentiment_rows(n, seed)]
 
 
 @pytest.fixture

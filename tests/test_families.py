@@ -101,3 +101,13 @@ def test_building_a_shrunk_model_leaves_the_given_config_alone(tiny_config):
     shrunk = build_model(tiny_config, structure=ModelStructure.uniform(adapter.shape(tiny_config), 1, 32))
     assert recorded_structure(tiny_config) is None
     assert adapter.structure(shrunk.config) == ModelStructure.uniform(adapter.shape(tiny_config), 1, 32)
+
+
+def test_prunable_linears_are_the_projections_of_modules_still_present(tiny_config):
+    model = build_model(tiny_config, structure=UNEVEN)  # layer 1 has no attention, layer 2 no FFN
+    names = list(adapter_for(tiny_config).prunable_linears(model))
+    assert len(names) == 6 + 2 + 4
+    assert "bert.encoder.layer.0.attention.self.query" in names and "bert.encoder.layer.0.output.dense" in names
+    assert not any(n.startswith(("bert.encoder.layer.1.attention", "bert.encoder.layer.2.output",
+                                 "bert.encoder.layer.2.intermediate")) for n in names)
+    assert not any("embeddings" in n or "pooler" in n or "classifier" in n for n in names)

@@ -6,6 +6,8 @@ latency table, and it goes through the same closed loop, so both are compared at
 
 Layer dropping: keep the first k layers whole and drop the rest (the structured step of the paper's compound
 baseline). Its speedups are whatever k layers give, so it is measured at each k instead of solved for a target.
+
+Global magnitude pruning: the unstructured baseline for oBERT (ziplm.stages.obert), at the same sparsity.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import copy
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import FamilyAdapter, ModelStructure
 from ziplm.families.base import record_structure
 from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.stages.masks import Masks, global_lowest_masks
 
 
 def uniform_structure(table: LatencyTable, speedup: float) -> ModelStructure:
@@ -63,3 +67,10 @@ def drop_layers(dense: PreTrainedModel, adapter: FamilyAdapter, keep: int) -> Pr
 
 def _largest(scores: torch.Tensor, count: int) -> list[int]:
     return sorted(torch.topk(scores, count).indices.tolist()) if count else []
+
+
+def global_magnitude_masks(model: nn.Module, adapter: FamilyAdapter, sparsity: float) -> Masks:
+    """Unstructured baseline: prune the `sparsity` fraction of prunable weights with the smallest |w|, one threshold
+    across all layers, no weight update. Returns the masks; the model is untouched (apply with `apply_masks`)."""
+    linears = adapter.prunable_linears(model)
+    return global_lowest_masks({name: linear.weight.detach().abs() for name, linear in linears.items()}, sparsity)

@@ -14,6 +14,9 @@ Recipe snippet::
 The teacher is cached under ``<cache_root()>/teachers/<key>``, keyed by the model (directory digest, or the hub id
 as given), the task fingerprint and this config: a repeated call with the same inputs loads nothing and trains
 nothing. The directory holds the model and tokenizer (``save_pretrained``) and ``teacher.json`` with the metrics.
+
+``train`` is the one training loop of the project: the teacher fine-tune calls it with the task loss, distillation
+(ziplm.stages.distill) with its own loss and an ``after_step`` that keeps pruned weights at zero.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def evaluate_accuracy(
     if not examples:
         raise BadInputError("cannot measure accuracy on an empty set of examples")
     order = sorted(examples, key=lambda e: len(e.text) + len(e.text_pair or ""))
-    was_training, device = model.training, _device(model)
+    was_training, device = model.training, model_device(model)
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -140,7 +143,7 @@ def _build_teacher(
         # Eager attention: ONNX Runtime fuses the Attention op only for eagerly exported models.
         attn_implementation="eager",
     )
-    losses = _train(model, tokenizer, task.train, config, progress)
+    losses = train(model, tokenizer, task.train, config, progress)
     accuracy = evaluate_accuracy(model, tokenizer, task.validation, config.max_length)
     seconds = time.perf_counter() - start
     progress(f"teacher: validation accuracy {accuracy:.4f} on {len(task.validation)} examples, {seconds:.0f} s")
@@ -163,32 +166,53 @@ def _build_teacher(
     )
 
 
-def _train(
+# (model, encoded batch, labels) -> scalar loss of one batch; the model is in train mode.
+BatchLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+# Called with the number of optimizer steps taken so far, right after each step (masks, pruning, ...).
+AfterStep = Callable[[int], None]
+
+
+def task_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """The model's own loss against the labels (cross-entropy for classification)."""
+    return model(**inputs, labels=labels).loss
+
+
+def train(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     config: FinetuneConfig,
     progress: Callable[[str], None],
+    loss: BatchLoss = task_loss,
+    after_step: AfterStep | None = None,
 ) -> list[float]:
-    """Plain loop: shuffled batches, dynamic padding, AdamW without decay on biases and norms. Mean loss per epoch."""
+    """The one training loop (teacher fine-tune and distillation): shuffled batches, dynamic padding, AdamW without
+    decay on biases and norms, linear warm-up then linear decay. ``after_step`` runs after every optimizer step.
+    Returns the mean loss per epoch.
+    """
+    if not examples:
+        raise BadInputError("cannot train on an empty set of examples")
     optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
     steps = config.epochs * math.ceil(len(examples) / config.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_fraction * steps), steps)
     generator = torch.Generator().manual_seed(config.seed)
-    device = _device(model)
+    device = model_device(model)
     model.train()
-    losses = []
+    losses, step = [], 0
     for epoch in range(1, config.epochs + 1):
         start, total = time.perf_counter(), 0.0
         shuffled = [examples[i] for i in torch.randperm(len(examples), generator=generator).tolist()]
         for batch in batches(shuffled, config.batch_size):
             labels = torch.tensor([e.label for e in batch], device=device)
-            loss = model(**encode_batch(tokenizer, batch, config.max_length, device), labels=labels).loss
-            loss.backward()
+            batch_loss = loss(model, encode_batch(tokenizer, batch, config.max_length, device), labels)
+            batch_loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
-            total += loss.item() * len(batch)
+            step += 1
+            if after_step is not None:
+                after_step(step)
+            total += batch_loss.item() * len(batch)
         losses.append(total / len(examples))
         progress(f"epoch {epoch}/{config.epochs}: loss {losses[-1]:.4f}, {time.perf_counter() - start:.0f} s")
     return losses
@@ -224,6 +248,6 @@ def _logits(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")

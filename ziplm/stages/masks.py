@@ -1,0 +1,53 @@
+"""Sparsity masks: the module name of a prunable linear -> a bool tensor of its weight's shape, True where kept.
+
+oBERT (ziplm.stages.obert) and the global magnitude baseline produce them over the family adapter's
+`prunable_linears`; distillation re-applies them after every optimizer step so pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ziplm.pipeline.errors import BadInputError
+
+Masks = dict[str, torch.Tensor]
+
+
+def check_masks(model: nn.Module, masks: Masks) -> None:
+    """Every mask names a linear of `model` and has its weight's shape."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise BadInputError(f"mask {name!r} names no linear layer of the model: masks are keyed by module name, "
+                                "as FamilyAdapter.prunable_linears returns them")
+        if mask.shape != module.weight.shape or mask.dtype != torch.bool:
+            raise BadInputError(f"mask {name!r} is {mask.dtype} {tuple(mask.shape)}; the weight is "
+                                f"{tuple(module.weight.shape)}: build masks on the model they are applied to")
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    """Zero every weight whose mask entry is False, in place."""
+    for name, mask in masks.items():
+        model.get_submodule(name).weight.mul_(mask)
+
+
+def masks_sparsity(masks: Masks) -> float:
+    """Fraction of masked (pruned) entries over all masks together."""
+    total = sum(mask.numel() for mask in masks.values())
+    return sum(int((~mask).sum()) for mask in masks.values()) / max(total, 1)
+
+
+def global_lowest_masks(scores: dict[str, torch.Tensor], sparsity: float) -> Masks:
+    """Prune exactly round(sparsity * total) entries, those with the lowest scores across all tensors together.
+
+    Ties are broken by position, so the count is exact; a score of -inf forces an entry into the pruned set.
+    """
+    names = list(scores)
+    flat = torch.cat([scores[name].reshape(-1) for name in names])
+    kept = torch.ones_like(flat, dtype=torch.bool)
+    kept[torch.argsort(flat, stable=True)[: round(sparsity * flat.numel())]] = False
+    sizes = [scores[name].numel() for name in names]
+    return {name: part.view_as(scores[name]) for name, part in zip(names, torch.split(kept, sizes))}
