@@ -17,6 +17,7 @@ writes benchmarks/results/accuracy_vs_speedup.md, .json and accuracy_vs_speedup_
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -80,7 +81,7 @@ def run_task(task: str, targets: list[float]) -> dict[str, Any]:
     dense_accuracy = accuracy(dense)
     return {"task": task, "recipe": recipe.name, "runtime": runtime_json(table), "dense_accuracy": dense_accuracy,
             "validation_size": len(validation), "targets": targets, "methods": points,
-            "ahead": ziplm_ahead(points), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+            "ahead": ziplm_ahead(points, dense_accuracy), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
 def measure(model: PreTrainedModel, verifier: PairedVerifier, path: Path) -> LatencyCheck:
@@ -106,9 +107,10 @@ def _point(target: float | None, check: LatencyCheck, accuracy: float) -> dict[s
             "ci": [round(check.speedup.ci_low, 4), round(check.speedup.ci_high, 4)], "accuracy": accuracy}
 
 
-def ziplm_ahead(points: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Every baseline point against ZipLM's accuracy at the same measured speedup (linear between ZipLM's points)."""
-    ziplm = sorted((p["measured_speedup"], p["accuracy"]) for p in points[ZIPLM])
+def ziplm_ahead(points: dict[str, list[dict[str, Any]]], dense_accuracy: float) -> list[dict[str, Any]]:
+    """Every baseline point against ZipLM's accuracy at the same measured speedup (linear between ZipLM's points,
+    the dense model at 1x being the first)."""
+    ziplm = sorted([(1.0, dense_accuracy)] + [(p["measured_speedup"], p["accuracy"]) for p in points[ZIPLM]])
     speedups, accuracies = np.array([s for s, _ in ziplm]), np.array([a for _, a in ziplm])
     verdicts = []
     for method in BASELINES:
@@ -146,11 +148,7 @@ def _task_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {target:g}x | " + " | ".join(cells) + " |")
     lines += ["", "Layer dropping: " + ", ".join(f"{p['layers_kept']} layers {p['measured_speedup']:.2f}x: "
                                                  f"{p['accuracy']:.3f}" for p in methods["layer dropping"]) + ".", ""]
-    flops_open = [abs(p["open_loop_deviation"]) for p in methods["ZipLM w/ FLOPs table"]]
-    table_open = [abs(p["open_loop_deviation"]) for p in methods[ZIPLM]]
-    lines += [f"Open loop (first round, before the closed loop corrects it): the measured table missed its targets "
-              f"by at most {max(table_open):.1%}, the FLOPs table by up to {max(flops_open):.1%}.", ""]
-    return lines + _verdict(result["ahead"]) + [""]
+    return lines + _verdict(result["ahead"]) + [""] + _why(result) + [""]
 
 
 def _verdict(ahead: list[dict[str, Any]]) -> list[str]:
@@ -167,6 +165,36 @@ def _verdict(ahead: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _why(result: dict[str, Any]) -> list[str]:
+    """What the ablations and the layer-dropping baseline show, from the numbers of this run."""
+    methods = result["methods"]
+    flops, table = methods["ZipLM w/ FLOPs table"], methods[ZIPLM]
+    missed = [f"{p['target_speedup']:g}x (reached {p['measured_speedup']:.2f}x)" for p in flops
+              if abs(p["measured_speedup"] / p["target_speedup"] - 1) > 0.03]
+    margins = [100 * (v["accuracy"] - v["ziplm_accuracy"]) for v in result["ahead"]
+               if v["method"] == "ZipLM w/ FLOPs table" and v["ziplm_accuracy"] is not None]
+    no_obs_gap = min(t["accuracy"] - n["accuracy"] for t, n in zip(table, methods["ZipLM w/o OBS update"]))
+    return [
+        "Why:",
+        f"- FLOPs table: open loop it missed its targets by up to "
+        f"{max(abs(p['open_loop_deviation']) for p in flops):.1%} (the measured table by up to "
+        f"{max(abs(p['open_loop_deviation']) for p in table):.1%}) and needed "
+        f"{sum(p['rounds'] for p in flops)} closed-loop rounds against {sum(p['rounds'] for p in table)}"
+        + (f"; it never came within 3% at {', '.join(missed)}" if missed else "") + ". Once the closed loop has "
+        f"corrected its speed, its members differ from ZipLM's by {min(margins):+.1f} to {max(margins):+.1f} accuracy "
+        "points at the same measured speedup (one figure's sampling noise is about +-2 points): both minimise the same "
+        "OBS error, and on ONNX Runtime CPU at batch 1 the time of attention and FFN tracks their FLOPs closely "
+        "enough that ranking by FLOPs costs no accuracy here. What measuring buys is the guarantee (members within "
+        "tolerance in the first rounds, where FLOPs needed more rounds or missed), not accuracy.",
+        f"- The OBS weight update is worth at least {no_obs_gap * 100:.1f} points at every target (same structures "
+        "without it).",
+        "- Layer dropping is one-shot here like every method in this table: the classifier then reads a representation "
+        "it was never trained on, so below the full depth it falls to about chance (or the majority class). The "
+        "paper's layer-dropping baseline is fine-tuned after dropping; the chain with distillation is in "
+        "benchmarks/results/compound.md.",
+    ]
+
+
 def plot(result: dict[str, Any]) -> Path:
     series = {method: [(1.0, result["dense_accuracy"])] + [(p["measured_speedup"], p["accuracy"]) for p in points]
               for method, points in result["methods"].items()}
@@ -178,8 +206,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=sorted(RECIPES), default=["mr", "rotten_tomatoes"])
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 2.5, 3, 4])
+    parser.add_argument("--render", action="store_true", help="redraw markdown and plots from the saved JSON only")
     args = parser.parse_args()
-    results = [run_task(task, sorted(args.targets)) for task in args.tasks]
+    if args.render:
+        results = json.loads((RESULTS / "accuracy_vs_speedup.json").read_text())["tasks"]
+        for result in results:
+            result["ahead"] = ziplm_ahead(result["methods"], result["dense_accuracy"])
+    else:
+        results = [run_task(task, sorted(args.targets)) for task in args.tasks]
     for result in results:
         plot(result)
     write_results("accuracy_vs_speedup", {"tasks": results, "command": COMMAND}, markdown(results))
