@@ -57,9 +57,10 @@ def run(model: str, targets: list[float]) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["# Cost: wall-clock of every stage", "",
-             f"{environment_line(results[0]['runtime'])}, on the 2-core build machine. Teacher: the fine-tune's "
-             "own recorded time (MiniLM, 3 epochs on 3000 examples); the bert-base shape has random weights and "
-             "no teacher. Member rows sum every closed-loop round.", ""]
+             f"{environment_line(results[0]['runtime'])}, on the 2-core build machine. Teacher: the time recorded "
+             "when the cached teacher was built (MiniLM, 3 epochs on 3000 examples; that build shared the machine "
+             "with other jobs, so it is an upper bound); the bert-base shape has random weights and no teacher. "
+             "Member rows sum every closed-loop round.", ""]
     for result in results:
         lines += [f"## {result['model']} ({result['calibration_samples']} calibration samples)", "",
                   "| stage | seconds |", "|---|---|"]
