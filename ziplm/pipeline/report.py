@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # run.py imports this module; the types are only needed for a
     from ziplm.stages.verify import Member
     from ziplm.pipeline.tasks import TaskData
 
-STAGES = ["teacher-finetune", "ziplm-oneshot", "onnx-export", "paired-verification"]
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
 
@@ -86,11 +85,21 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "file_bytes": onnx_path.stat().st_size,
         "sha256": file_digest(onnx_path),
         "passed": member.passed(recipe.verification.tolerance),
-        "stages": STAGES,
+        "stages": recipe.chain.stage_names(recipe.environment.precision),
+        "speedup_vs_dense_fp32": _reference_json(member),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
+
+
+def _reference_json(member: Member) -> dict[str, Any] | None:
+    """INT8 members: the same file measured against the dense FP32 model (speedup and its interval)."""
+    check = member.reference_check
+    return None if check is None else {"measured_speedup": round(check.speedup.value, 4),
+                                       "speedup_ci": check.speedup.to_json(),
+                                       "dense_latency_ms": {"median": round(check.dense.median_ms, 4),
+                                                            "p90": round(check.dense.p90_ms, 4)}}
 
 
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
