@@ -164,5 +164,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {m['metric']['value']:.4f} | {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
+    lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
+    lines += [f"- {m['name']} against the dense FP32 model: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x; "
+              f"weight sparsity {m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
     lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]
     return "\n".join(lines) + "\n"
