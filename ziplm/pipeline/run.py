@@ -122,7 +122,7 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
                                 "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length,
                                 **_precision(recipe, precision)},
                       lambda folder, progress: export_dense(inputs, recipe, precision, folder, progress),
-                      label=f"dense {precision}")
+                      label="dense" if precision == env.precision else f"dense {precision}")
 
 
 def fp32_reference(recipe: Recipe, inputs: Inputs, stages: StageCache) -> PairedVerifier | None:
