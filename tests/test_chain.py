@@ -40,6 +40,7 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
         assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
         assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"]["measured_speedup"] > 0
         assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
+        assert 0.0 <= member["metric"]["onnx_value"] <= 1.0  # the INT8 file's own accuracy, beside torch's
         graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
         assert any(node.op_type == "QuantizeLinear" for node in graph.node)
     # gradual: the second member was pruned from the first, so it keeps no more anywhere

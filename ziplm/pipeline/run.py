@@ -36,7 +36,7 @@ from ziplm.stages.export import export_model, parity_atol, verify_export
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.search import max_speedup, module_budget
-from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, Stopwatch, closed_loop
+from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, SessionClassifier, Stopwatch, closed_loop
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
 
@@ -223,11 +223,14 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
             member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
             member.structured = finished.structured
             progress(f"finished: measured {member.final.check.speedup.value:.3f}x")
-        if fp32:
+        accuracy = lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation,  # noqa: E731
+                                                   recipe.teacher.max_length)
+        member.accuracy = accuracy(member.model)
+        if fp32:  # INT8: the file against dense FP32, and its own accuracy (integer kernels round differently)
             member.reference_check = fp32.measure(member.onnx_path)
-            progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x")
-        member.accuracy = evaluate_accuracy(member.model, inputs.tokenizer, inputs.task.validation,
-                                            recipe.teacher.max_length)
+            member.onnx_accuracy = accuracy(SessionClassifier(verifier.runtime.load(member.onnx_path)))
+            progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x; accuracy "
+                     f"{member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
         member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
         return member
 

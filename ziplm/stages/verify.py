@@ -165,6 +165,7 @@ class Member:
     accuracy: float = float("nan")
     structured: PreTrainedModel | None = None  # fine-tuned, before oBERT and QAT: where gradual ZipLM goes on from
     reference_check: LatencyCheck | None = None  # INT8 members: the same file against the dense FP32 model
+    onnx_accuracy: float | None = None  # INT8 members: the accuracy of the ONNX file itself, in the runtime
 
     @property
     def chosen(self) -> int:
