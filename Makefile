@@ -36,3 +36,7 @@ benchmarks: setup
 	$(BIN)/python -m benchmarks.speedup_guarantee
 	$(BIN)/python -m benchmarks.accuracy_vs_speedup
 	$(BIN)/python -m benchmarks.cost
+	$(BIN)/python -m benchmarks.obert_oneshot
+	$(BIN)/python -m benchmarks.int8_parity
+	$(BIN)/python -m benchmarks.int8_speedup
+	$(BIN)/python -m benchmarks.compound

@@ -11,6 +11,8 @@
     verification: {tolerance: 0.03}  # see VerificationSettings
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
     slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
+    quantization: {observer: minmax} # INT8 activation scales, when environment.precision is int8; see QuantSettings
+    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see ziplm/pipeline/chain.py
 
 A latency SLA sets exactly one of `p90_ms` or `median_ms` (at most that many ms per call) and may repeat the
 environment's `batch_size` / `sequence_length` (another value is rejected: SLAs are measured at the latency table's
@@ -30,6 +32,7 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.tasks import TaskSpec
 from ziplm.runtimes.base import InferenceEnv
@@ -56,6 +59,7 @@ class Recipe(BaseModel):
     ziplm: ZipLMSettings = Field(default_factory=ZipLMSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)
     quantization: QuantSettings = Field(default_factory=QuantSettings)  # used when environment.precision is int8
+    chain: ChainSettings = Field(default_factory=ChainSettings)
     targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])
     slas: list[LatencySLA] = Field(default_factory=list)
 
@@ -71,6 +75,10 @@ class Recipe(BaseModel):
         if not self.targets and not self.slas:
             raise ValueError("give at least one speedup target (targets: [2.0]) or latency SLA (slas: [{p90_ms: 12}])")
         env = self.environment
+        if self.chain.qat and env.precision != "int8":
+            raise ValueError("chain.qat trains the INT8 model, but environment.precision is "
+                             f"{env.precision}: set environment.precision: int8 (the latency table is then "
+                             "measured on INT8 blocks, so the targets hold for the INT8 file)")
         for sla in self.slas:
             for key in ("batch_size", "sequence_length"):
                 if getattr(sla, key) not in (None, getattr(env, key)):

@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # run.py imports this module; the types are only needed for a
     from ziplm.stages.verify import Member
     from ziplm.pipeline.tasks import TaskData
 
-STAGES = ["teacher-finetune", "ziplm-oneshot", "onnx-export", "paired-verification"]
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
 
@@ -79,6 +78,7 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "runtime_fingerprint": runtime_fingerprint(runtime),
         "dense_reference": DENSE_REFERENCE,
         "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
+                   "onnx_value": member.onnx_accuracy,
                    "validation_size": dense_info["metric"]["validation_size"]},
         "structure": structure_json(member.model, member.final.structure),
         "sparsity": weight_sparsity(member.model),
@@ -86,11 +86,21 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "file_bytes": onnx_path.stat().st_size,
         "sha256": file_digest(onnx_path),
         "passed": member.passed(recipe.verification.tolerance),
-        "stages": STAGES,
+        "stages": recipe.chain.stage_names(recipe.environment.precision),
+        "speedup_vs_dense_fp32": _reference_json(member),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
+
+
+def _reference_json(member: Member) -> dict[str, Any] | None:
+    """INT8 members: the same file measured against the dense FP32 model (speedup and its interval)."""
+    check = member.reference_check
+    return None if check is None else {"measured_speedup": round(check.speedup.value, 4),
+                                       "speedup_ci": check.speedup.to_json(),
+                                       "dense_latency_ms": {"median": round(check.dense.median_ms, 4),
+                                                            "p90": round(check.dense.p90_ms, 4)}}
 
 
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
@@ -155,5 +165,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {m['metric']['value']:.4f} | {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
+    lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
+    lines += [f"- {m['name']} against the dense FP32 model: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x; "
+              f"weight sparsity {m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
     lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]
     return "\n".join(lines) + "\n"

@@ -21,20 +21,22 @@ from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
 from ziplm.pipeline.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root
 from ziplm.pipeline.cache import write_json_atomic
+from ziplm.pipeline.chain import finish
 from ziplm.pipeline.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import DENSE_DIR, dense_manifest, dense_summary, manifest, runtime_json, write_report
 from ziplm.pipeline.tasks import TaskData, load_task
 from ziplm.runtimes import get_runtime
+from ziplm.runtimes.base import Precision
 from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
-from ziplm.stages.calibrate import LayerHessians, collect_hessians
+from ziplm.stages.calibrate import collect_hessians
 from ziplm.stages.export import export_model, parity_atol, verify_export
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.search import max_speedup, module_budget
-from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, closed_loop
+from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, SessionClassifier, Stopwatch, closed_loop
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
 
@@ -84,60 +86,92 @@ class Family:
 
 
 def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
-    """Export the dense reference, calibrate, build the database, and run the closed loop for every goal."""
+    """Export the dense reference; then per goal, in increasing order: calibrate, build the database, run the closed
+    loop and the chain's fine-tuning. One-shot ZipLM prunes every goal from the dense model (its Hessians and
+    database are computed once, the later goals find them cached); gradual ZipLM from the previous member."""
     table, env, settings = inputs.table, recipe.environment, recipe.verification
     for target in recipe.targets:  # fail before the expensive work, and name the largest reachable speedup
         module_budget(table, target)
-    dense = stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size, **_precision(recipe),
-                                 "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length},
-                       lambda folder, progress: export_dense(inputs, recipe, folder, progress))
+    dense = dense_stage(recipe, inputs, env.precision, stages)
     verifier = PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
                               settings)
-    goals = [(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages)
-    hessians = stages.run("calibrate", {"model": inputs.dense_key, "task": inputs.task.fingerprint,
-                                        "settings": recipe.calibration.model_dump()},
-                          lambda _, progress: collect_hessians(inputs.dense, inputs.tokenizer,
-                                                               adapter_for(inputs.dense.config),
-                                                               inputs.task.calibration, recipe.calibration, progress))
-    database = stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(),
-                                       "group_size": table.group_size},
-                          lambda _, progress: build_database(inputs.dense, hessians, table.group_size, recipe,
-                                                             progress))
-    members = [member_stage(recipe, inputs, goal, database, dense.key, verifier, stages) for goal in goals]
+    goals = sorted([(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages),
+                   key=lambda goal: goal[0])
+    fp32 = fp32_reference(recipe, inputs, stages)
+    start, members = Start(inputs.dense, inputs.dense_key), []
+    for goal in goals:
+        database = database_stage(recipe, inputs, start, stages)
+        member = member_stage(recipe, inputs, start, goal, database, dense.key, verifier, fp32, stages)
+        members.append(member.value)
+        if recipe.chain.gradual:
+            start = Start(member.value.structured, member.key)
     return Family(dense.path / "model.onnx", dense.value, verifier, members, database.value)
 
 
-def export_dense(inputs: Inputs, recipe: Recipe, folder: Path, progress: Callable[[str], None]) -> float:
+@dataclass
+class Start:
+    """The model a goal is pruned from, and the cache key it is known by."""
+
+    model: PreTrainedModel
+    key: str
+
+
+def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: StageCache) -> StageResult[float]:
+    env = recipe.environment
+    return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
+                                "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length,
+                                **_precision(recipe, precision)},
+                      lambda folder, progress: export_dense(inputs, recipe, precision, folder, progress),
+                      label="dense" if precision == env.precision else f"dense {precision}")
+
+
+def fp32_reference(recipe: Recipe, inputs: Inputs, stages: StageCache) -> PairedVerifier | None:
+    """INT8 families are also measured against the dense FP32 model (the speedup a user of FP32 sees)."""
+    if recipe.environment.precision == "fp32":
+        return None
+    env = recipe.environment
+    dense = dense_stage(recipe, inputs, "fp32", stages)
+    return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
+                          recipe.verification)
+
+
+def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCache) -> StageResult[zipl.Database]:
+    adapter = adapter_for(start.model.config)
+    hessians = stages.run("calibrate", {"model": start.key, "task": inputs.task.fingerprint,
+                                        "settings": recipe.calibration.model_dump()},
+                          lambda _, progress: collect_hessians(start.model, inputs.tokenizer, adapter,
+                                                               inputs.task.calibration, recipe.calibration, progress))
+    group_size = inputs.table.group_size
+    return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(),
+                                   "group_size": group_size},
+                      lambda _, progress: zipl.build_database(start.model, adapter, hessians.value, group_size,
+                                                              recipe.ziplm, progress))
+
+
+def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: Path,
+                 progress: Callable[[str], None]) -> float:
     """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense accuracy."""
     env = recipe.environment
-    deployed = deployer(recipe, inputs)(inputs.dense)
+    deployed = deployer(recipe, inputs, precision)(inputs.dense)
     onnx = export_model(deployed, folder / "model.onnx", env.batch_size, env.sequence_length)
-    parity = verify_export(deployed, onnx, atol=parity_atol(env.precision))
-    progress(f"exported the dense reference in {env.precision} ({onnx.stat().st_size:,} bytes, "
+    parity = verify_export(deployed, onnx, atol=parity_atol(precision))
+    progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
              f"parity {parity.max_abs_diff:.1e})")
     return evaluate_accuracy(inputs.dense, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
 
 
-def _precision(recipe: Recipe) -> dict[str, Any]:
+def _precision(recipe: Recipe, precision: Precision) -> dict[str, Any]:
     """What a stage's output depends on through the deployed precision (part of its cache key)."""
-    env = recipe.environment
-    return {"precision": env.precision, "quantization": recipe.quantization.model_dump() if env.precision == "int8"
-            else None}
+    return {"precision": precision, "quantization": recipe.quantization.model_dump() if precision == "int8" else None}
 
 
-def deployer(recipe: Recipe, inputs: Inputs) -> Callable[[PreTrainedModel], PreTrainedModel]:
-    """A model as it is deployed in the environment's precision (INT8: activation scales calibrated on the task's
-    calibration split; ziplm.stages.quantize.deployable is the one place that decides)."""
-    precision = recipe.environment.precision
+def deployer(recipe: Recipe, inputs: Inputs, precision: Precision) -> Callable[[PreTrainedModel], PreTrainedModel]:
+    """A model as it is deployed in `precision` (INT8: activation scales calibrated on the task's calibration split;
+    ziplm.stages.quantize.deployable is the one place that decides)."""
     batches = (example_batches(inputs.tokenizer, inputs.task.calibration, recipe.quantization)
                if precision == "int8" else [])
     adapter = adapter_for(inputs.dense.config)
     return lambda model: deployable(model, adapter.prunable_linears, precision, batches)
-
-
-def build_database(dense: PreTrainedModel, hessians: StageResult[list[LayerHessians]], group_size: int,
-                   recipe: Recipe, progress: Callable[[str], None]) -> zipl.Database:
-    return zipl.build_database(dense, adapter_for(dense.config), hessians.value, group_size, recipe.ziplm, progress)
 
 
 def sla_goals(recipe: Recipe, inputs: Inputs, dense: StageResult[float], verifier: PairedVerifier,
@@ -164,27 +198,51 @@ def sla_target(sla: LatencySLA, dense: TimingStats, table: LatencyTable, toleran
     return max(target, 1.0)  # the dense model already meets a looser SLA
 
 
-def member_stage(recipe: Recipe, inputs: Inputs, goal: Goal, database: StageResult[zipl.Database], dense_key: str,
-                 verifier: PairedVerifier, stages: StageCache) -> Member:
-    """One member's closed loop and accuracy, cached; its rounds' ONNX files live in the stage folder."""
+def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, database: StageResult[zipl.Database],
+                 dense_key: str, verifier: PairedVerifier, fp32: PairedVerifier | None,
+                 stages: StageCache) -> StageResult[Member]:
+    """One member, cached: the closed loop from `start`, the chain's fine-tuning, accuracy; its ONNX files live in
+    the stage folder."""
     target, sla = goal
-    adapter, deploy = adapter_for(inputs.dense.config), deployer(recipe, inputs)
+    env = recipe.environment
+    adapter, deploy = adapter_for(start.model.config), deployer(recipe, inputs, env.precision)
+    stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
         member = closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
-                             lambda structure: deploy(zipl.stitch(inputs.dense, adapter, database.value, structure)),
-                             inputs.table, verifier, folder, progress, sla)
-        member.accuracy = evaluate_accuracy(member.model, inputs.tokenizer, inputs.task.validation,
-                                            recipe.teacher.max_length)
+                             lambda structure: deploy(stitch(structure)), inputs.table, verifier, folder, progress,
+                             sla)
+        if recipe.chain.fine_tunes:
+            finished = finish(stitch(member.final.structure), inputs.dense, inputs.tokenizer, inputs.task,
+                              recipe.chain, recipe.quantization, progress)
+            clock = Stopwatch()
+            model = clock.time("build", deploy, finished.model)
+            onnx = clock.time("export", export_model, model, folder / "finished.onnx", env.batch_size,
+                              env.sequence_length)
+            clock.time("export", verify_export, model, onnx, parity_atol(env.precision))
+            member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
+            member.structured = finished.structured
+            progress(f"finished: measured {member.final.check.speedup.value:.3f}x")
+        accuracy = lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation,  # noqa: E731
+                                                   recipe.teacher.max_length)
+        member.accuracy = accuracy(member.model)
+        if fp32:  # INT8: the file against dense FP32, and its own accuracy (integer kernels round differently)
+            member.reference_check = fp32.measure(member.onnx_path)
+            member.onnx_accuracy = accuracy(SessionClassifier(verifier.runtime.load(member.onnx_path)))
+            progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x; accuracy "
+                     f"{member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
         member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
         return member
 
-    result = stages.run("member", {"database": database.key, "dense": dense_key, "table": inputs.table.fingerprint,
-                                   "target": target, "sla": sla.model_dump() if sla else None,
-                                   "verification": recipe.verification.model_dump(), **_precision(recipe),
+    result = stages.run("member", {"database": database.key, "start": start.key, "dense": dense_key,
+                                   "table": inputs.table.fingerprint, "target": target,
+                                   "sla": sla.model_dump() if sla else None,
+                                   "verification": recipe.verification.model_dump(),
+                                   **_precision(recipe, env.precision), "chain": recipe.chain.model_dump(),
                                    "max_length": recipe.teacher.max_length},
                         build, label=sla.label if sla else f"{target:g}x")
-    return dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
+    member = dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
+    return dataclasses.replace(result, value=member)
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
@@ -200,7 +258,8 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
 
 
 def member_name(recipe: Recipe, member: Member) -> str:
-    return f"{recipe.name}-{member.sla.metric}-{member.sla.ms:g}ms" if member.sla else f"{recipe.name}-{member.target:g}x"
+    goal = f"{member.sla.metric}-{member.sla.ms:g}ms" if member.sla else f"{member.target:g}x"
+    return f"{recipe.name}-{goal}"
 
 
 def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs: Inputs, dense_info: dict[str, Any],

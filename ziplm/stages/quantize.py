@@ -76,7 +76,9 @@ def weight_scale(W: torch.Tensor) -> torch.Tensor:
 def fake_quant_weight(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """s_i * clamp(round(W_ij / s_i)); zero point 0, so W_ij = 0 maps to exactly 0."""
     zero_point = torch.zeros_like(s, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(W, s, zero_point, 0, -WEIGHT_QMAX - 1, WEIGHT_QMAX)
+    if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear / DequantizeLinear
+        return torch.fake_quantize_per_channel_affine(W, s, zero_point, 0, -WEIGHT_QMAX - 1, WEIGHT_QMAX)
+    return _round_trip(W, s[:, None], 0, -WEIGHT_QMAX - 1, WEIGHT_QMAX)
 
 
 def activation_qparams(x_min: torch.Tensor, x_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +90,21 @@ def activation_qparams(x_min: torch.Tensor, x_max: torch.Tensor) -> tuple[torch.
 
 
 def fake_quant_activation(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, s, z, ACTIVATION_QMIN, ACTIVATION_QMAX)
+    if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear / DequantizeLinear
+        return torch.fake_quantize_per_tensor_affine(x, s, z, ACTIVATION_QMIN, ACTIVATION_QMAX)
+    return _round_trip(x, s, z, ACTIVATION_QMIN, ACTIVATION_QMAX)
+
+
+def _round_trip(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | int, q_min: int, q_max: int) -> torch.Tensor:
+    """s * (clamp(round(x / s) + z) - z) with a straight-through gradient inside the range.
+
+    Divides by s as ONNX Runtime's QuantizeLinear does: torch.fake_quantize_* multiplies by 1/s, which rounds some
+    values the other way and made the torch model's accuracy differ from the deployed file's by about a point.
+    """
+    q = torch.round(x.detach() / s) + z
+    inside = (q >= q_min) & (q <= q_max)
+    x_hat = (q.clamp(q_min, q_max) - z) * s
+    return x_hat + (x - x.detach()) * inside  # value x_hat; gradient 1 where not clipped (STE)
 
 
 def observe(x_min: torch.Tensor, x_max: torch.Tensor, x: torch.Tensor, seen: int, observer: str,

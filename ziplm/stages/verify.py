@@ -143,9 +143,11 @@ class Round:
     predicted_speedup: float
     check: LatencyCheck
     seconds: dict[str, float] = field(default_factory=dict)  # wall-clock of solve, build, export, verify
+    stage: str = "closed loop"  # or "finished": the same structure after the chain's fine-tuning, measured again
 
     def to_json(self, target: float) -> dict[str, Any]:
-        return {"solved_for": round(self.solved_for, 4), "predicted_speedup": round(self.predicted_speedup, 4),
+        return {"stage": self.stage, "solved_for": round(self.solved_for, 4),
+                "predicted_speedup": round(self.predicted_speedup, 4),
                 "measured_speedup": round(self.check.speedup.value, 4), "speedup_ci": self.check.speedup.to_json(),
                 "deviation": round(self.check.deviation(target), 4), "structure": self.structure.to_json(),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
@@ -161,10 +163,24 @@ class Member:
     models: list[PreTrainedModel] = field(default_factory=list)
     onnx_paths: list[Path] = field(default_factory=list)
     accuracy: float = float("nan")
+    structured: PreTrainedModel | None = None  # fine-tuned, before oBERT and QAT: where gradual ZipLM goes on from
+    reference_check: LatencyCheck | None = None  # INT8 members: the same file against the dense FP32 model
+    onnx_accuracy: float | None = None  # INT8 members: the accuracy of the ONNX file itself, in the runtime
 
     @property
     def chosen(self) -> int:
+        """The finished model once the chain fine-tuned it, else the closed-loop round closest to the target."""
+        if self.rounds and self.rounds[-1].stage == "finished":
+            return len(self.rounds) - 1
         return min(range(len(self.rounds)), key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
+
+    def finish(self, model: PreTrainedModel, onnx_path: Path, check: LatencyCheck, seconds: dict[str, float]) -> None:
+        """Record the fine-tuned model of the chosen structure, measured again, as the member's final round."""
+        chosen = self.final
+        self.rounds.append(Round(chosen.solved_for, chosen.structure, chosen.predicted_speedup, check, seconds,
+                                 "finished"))
+        self.models.append(model)
+        self.onnx_paths.append(onnx_path)
 
     @property
     def final(self) -> Round:

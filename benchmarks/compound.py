@@ -1,0 +1,111 @@
+"""The chain with fine-tuning on MiniLM + MR (issue: the compound chain), each variant a real `ziplm run`.
+
+1. gradual vs one-shot: ZipLM at 2x and 3x, one-shot (post-training) against gradual (each target pruned from the
+   previous member, distilled from the teacher after each step).
+2. compound: the built-in recipe minilm_mr_compound (ZipLM 2x measured on INT8 blocks, distillation, gradual oBERT
+   to 80%, INT8 QAT), its INT8 file measured against the dense INT8 model and the dense FP32 model, paired.
+
+    python -m benchmarks.compound [--skip-gradual] [--skip-compound]
+
+writes benchmarks/results/compound.md and .json. The stages are cached like any `ziplm run` (a second run reuses
+them); the numbers are those of the run that built them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, progress, write_results
+from ziplm.pipeline.chain import ChainSettings
+from ziplm.pipeline.recipe import Recipe, load_recipe
+from ziplm.pipeline.report import environment_line
+from ziplm.pipeline.run import run_recipe
+from ziplm.stages.distill import DistillSettings
+
+COMMAND = "python -m benchmarks.compound"
+RESULT_KEYS = ("name", "target_speedup", "measured_speedup", "speedup_ci", "speedup_vs_dense_fp32", "metric",
+               "structure", "sparsity", "passed", "stages", "file_bytes")
+
+
+def run_variant(recipe: Recipe) -> dict[str, Any]:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ziplm-compound-") as out:
+        report = run_recipe(recipe, Path(out), progress)
+    return {"recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"], "dense": report["dense"],
+            "members": [{key: member[key] for key in RESULT_KEYS} for member in report["members"]],
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def gradual_vs_oneshot() -> dict[str, Any]:
+    oneshot = load_recipe("minilm_mr").model_copy(update={"targets": [2.0, 3.0]})
+    gradual = oneshot.model_copy(update={"name": "minilm-mr-gradual",
+                                         "chain": ChainSettings(gradual=True, distillation=DistillSettings())})
+    return {"oneshot": run_variant(oneshot), "gradual": run_variant(gradual)}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# The chain with fine-tuning: gradual ZipLM, and the compound INT8 artifact (MiniLM + MR)", ""]
+    if "gradual_vs_oneshot" in result:
+        lines += _gradual_markdown(result["gradual_vs_oneshot"])
+    if "compound" in result:
+        lines += _compound_markdown(result["compound"])
+    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
+
+
+def _gradual_markdown(result: dict[str, Any]) -> list[str]:
+    oneshot, gradual = result["oneshot"], result["gradual"]
+    dense = oneshot["dense"]["metric"]["value"]
+    epochs = gradual["recipe"]["chain"]["distillation"]["epochs"]
+    lines = ["## Gradual ZipLM with distillation vs one-shot ZipLM", "",
+             f"{environment_line(oneshot['runtime'])}. Dense teacher accuracy {dense:.4f} on 500 validation examples. "
+             f"Gradual: each target pruned from the previous member, then distilled ({epochs} epochs, l2 = l3 = 0.5, "
+             "T = 2); one-shot: pruned from the teacher, no fine-tuning.", "",
+             "| target | one-shot speedup | one-shot accuracy | gradual speedup | gradual accuracy |",
+             "|---|---|---|---|---|"]
+    for o, g in zip(oneshot["members"], gradual["members"]):
+        lines.append(f"| {o['target_speedup']:g}x | {o['measured_speedup']:.3f}x | {o['metric']['value']:.4f} "
+                     f"| {g['measured_speedup']:.3f}x | {g['metric']['value']:.4f} |")
+    return lines + ["", f"Wall-clock with the teacher and table cached: one-shot {oneshot['seconds']:.0f} s, gradual "
+                    f"{gradual['seconds']:.0f} s.", ""]
+
+
+def _compound_markdown(result: dict[str, Any]) -> list[str]:
+    dense = result["dense"]["metric"]["value"]
+    lines = ["## Compound: ZipLM 2x (INT8 table) + distillation + gradual oBERT 80% + INT8 QAT", "",
+             f"{environment_line(result['runtime'])}. The target is the speedup over the dense model in the same "
+             "precision (the table's reference); the dense FP32 speedup is the same INT8 file measured against the "
+             "dense FP32 model, paired, in the same run.", "",
+             "| target | vs dense INT8 (95% CI) | vs dense FP32 (95% CI) | accuracy: torch fake-quant / ONNX INT8 "
+             "| teacher | sparsity | passed |",
+             "|---|---|---|---|---|---|---|"]
+    for m in result["members"]:
+        ci, fp32 = m["speedup_ci"], m["speedup_vs_dense_fp32"]
+        lines.append(f"| {m['target_speedup']:g}x | {m['measured_speedup']:.3f}x ({ci['ci_low']:.3f}-"
+                     f"{ci['ci_high']:.3f}) | {fp32['measured_speedup']:.3f}x ({fp32['speedup_ci']['ci_low']:.3f}-"
+                     f"{fp32['speedup_ci']['ci_high']:.3f}) | {m['metric']['value']:.4f} / "
+                     f"{m['metric']['onnx_value']:.4f} | {dense:.4f} "
+                     f"| {m['sparsity']:.1%} | {'yes' if m['passed'] else 'NO'} |")
+    return lines + ["", f"Stages: {' -> '.join(result['members'][0]['stages'])}. Wall-clock with the teacher cached: "
+                    f"{result['seconds']:.0f} s.", ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-gradual", action="store_true")
+    parser.add_argument("--skip-compound", action="store_true")
+    args = parser.parse_args()
+    result: dict[str, Any] = {"command": COMMAND}
+    if not args.skip_compound:
+        result["compound"] = run_variant(load_recipe("minilm_mr_compound"))
+    if not args.skip_gradual:
+        result["gradual_vs_oneshot"] = gradual_vs_oneshot()
+    RESULTS.mkdir(exist_ok=True)
+    write_results("compound", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

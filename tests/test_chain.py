@@ -1,0 +1,68 @@
+"""The compound chain through `ziplm run` on the tiny model: gradual ZipLM, distillation, oBERT, INT8 QAT."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_recipe
+from ziplm.families import adapter_for
+from ziplm.families.loading import load_model
+from ziplm.pipeline.cli import app
+from ziplm.stages.quantize import is_quantized
+
+TINY_DISTILLATION = {"epochs": 1, "batch_size": 16, "max_length": 32}
+TINY_OBERT = {"sparsity": 0.5, "block_size": 8, "gradients": 4, "gradient_batch_size": 4, "chunk": 2,
+              "pruning_steps": 2, "max_length": 32}
+
+
+def run(tmp_path, tiny_bert_dir, toy_sentiment_csv, **overrides):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, toy_sentiment_csv, **overrides)))
+    return CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out")], catch_exceptions=False)
+
+
+def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "obert": TINY_OBERT, "qat": True}
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain, targets=[1.3, 1.6],
+                 environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
+    assert result.exit_code in (0, 1), result.output
+    out = tmp_path / "out"
+    first, second = json.loads((out / "report.json").read_text())["members"]
+    for member in (first, second):
+        assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distillation", "obert-gradual", "int8-qat",
+                                    "onnx-export", "paired-verification"]
+        assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
+        assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"]["measured_speedup"] > 0
+        assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
+        assert 0.0 <= member["metric"]["onnx_value"] <= 1.0  # the INT8 file's own accuracy, beside torch's
+        graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
+        assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+    # gradual: the second member was pruned from the first, so it keeps no more anywhere
+    for units_1, units_2, ffn_1, ffn_2 in zip(first["structure"]["units"], second["structure"]["units"],
+                                              first["structure"]["ffn"], second["structure"]["ffn"]):
+        assert units_2 <= units_1 and ffn_2 <= ffn_1
+    reloaded = load_model(str(out / second["name"]))
+    assert is_quantized(reloaded)
+    linears = adapter_for(reloaded.config).prunable_linears(reloaded)
+    zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
+    assert zeros / sum(m.weight.numel() for m in linears.values()) >= 0.45  # the masks survive QAT and the reload
+
+
+@pytest.mark.parametrize("chain, environment, message", [
+    ({"qat": True, "distillation": TINY_DISTILLATION}, {"precision": "fp32"}, "set environment.precision: int8"),
+    ({"obert": TINY_OBERT}, {}, "chain.obert fine-tunes with distillation"),
+    ({"gradual": True}, {}, "chain.gradual fine-tunes with distillation"),
+])
+def test_a_chain_that_cannot_work_is_refused(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv, chain,
+                                             environment, message):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain,
+                 environment={"threads": 1, "sequence_length": 32, **environment})
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,88 @@
+"""What follows a member's structured step (ALGORITHMS.md sections 4-7): distillation, oBERT, INT8 QAT.
+
+    chain:
+      gradual: true              # ZipLM targets in increasing order, each pruned from the previous member (s. 4)
+      distillation: {epochs: 2}  # fine-tune every member from the dense teacher (see DistillSettings)
+      obert: {sparsity: 0.8}     # then gradual oBERT to that sparsity, distillation between steps (OBertSettings)
+      qat: true                  # then INT8 quantization-aware fine-tuning (needs environment.precision: int8)
+
+Everything is off by default: the family is then one-shot ZipLM, post-training. The fine-tuning stages all learn
+from the dense teacher with the distillation loss, so each of them needs `distillation`. The structure of a member
+is fixed by its closed loop before any of this runs: fine-tuning, sparsity without sparse kernels and the INT8
+scales do not change which kernels run, and the finished file is measured again against the dense reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ziplm.families import adapter_for
+from ziplm.pipeline.tasks import TaskData
+from ziplm.runtimes.base import Precision
+from ziplm.stages import obert
+from ziplm.stages.distill import DistillSettings, distill
+from ziplm.stages.obert import OBertSettings
+from ziplm.stages.quantize import QuantSettings, calibrate_activations, prepare_qat
+
+
+class ChainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gradual: bool = False
+    distillation: DistillSettings | None = None
+    obert: OBertSettings | None = None
+    qat: bool = False
+
+    @model_validator(mode="after")
+    def _fine_tuning_needs_distillation(self) -> ChainSettings:
+        wanting = [name for name, on in (("gradual", self.gradual), ("obert", self.obert), ("qat", self.qat)) if on]
+        if wanting and self.distillation is None:
+            raise ValueError(f"chain.{wanting[0]} fine-tunes with distillation from the teacher: add "
+                             "chain.distillation (for example distillation: {epochs: 2})")
+        return self
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.distillation is not None
+
+    def stage_names(self, precision: Precision) -> list[str]:
+        """The stages a member of this chain went through, in order (its manifest's `stages`)."""
+        names = ["teacher-finetune", "ziplm-gradual" if self.gradual else "ziplm-oneshot"]
+        names += ["distillation"] if self.distillation else []
+        names += ["obert-gradual"] if self.obert else []
+        names += (["int8-qat"] if self.qat else ["int8-calibration"]) if precision == "int8" else []
+        return names + ["onnx-export", "paired-verification"]
+
+
+@dataclass
+class Finished:
+    """A member after the chain: the model to deploy, and the structured model before oBERT and QAT (the point
+    gradual ZipLM prunes the next target from)."""
+
+    model: PreTrainedModel
+    structured: PreTrainedModel
+
+
+def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskData,
+           chain: ChainSettings, quantization: QuantSettings, progress: Callable[[str], None]) -> Finished:
+    """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says."""
+    if chain.distillation is None:
+        raise ValueError("the chain fine-tunes nothing without chain.distillation")
+    progress(f"distillation: {chain.distillation.epochs} epochs on {len(task.train)} examples")
+    distill(model, teacher, tokenizer, task.train, chain.distillation, progress)
+    structured = copy.deepcopy(model).eval()
+    masks = None
+    if chain.obert:
+        progress(f"oBERT: gradual to {chain.obert.sparsity:.0%} sparsity in {chain.obert.pruning_steps} steps")
+        masks = obert.gradual(model, teacher, tokenizer, task.train, chain.obert, chain.distillation, progress)
+    if chain.qat:
+        progress("INT8 QAT: calibrate the activation scales, then distill through the fake-quant model")
+        prepare_qat(model, adapter_for(model.config), quantization)
+        calibrate_activations(model, tokenizer, task.calibration, quantization)
+        distill(model, teacher, tokenizer, task.train, chain.distillation, progress, masks)
+    return Finished(model.eval(), structured)
