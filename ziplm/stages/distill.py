@@ -105,7 +105,25 @@ def distill(
                                  inputs["attention_mask"], labels, settings)
 
     after_step = (lambda _: apply_masks(student, masks)) if masks else None
-    return train(student, tokenizer, examples, settings, progress, loss, after_step)
+    try:
+        return train(student, tokenizer, examples, settings, progress, loss, after_step)
+    finally:
+        drop_output_hooks(student)
+        drop_output_hooks(teacher)
+
+
+def drop_output_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks transformers installs on the first `output_hidden_states` call.
+
+    They are local functions, so a model holding them cannot be pickled (the pipeline caches members by pickling);
+    transformers installs them again on the next such call.
+    """
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                del module._forward_hooks[key]
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False
 
 
 def _check_depth(student: nn.Module, teacher: nn.Module) -> None:
