@@ -87,8 +87,8 @@ class Family:
 
 def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
     """Export the dense reference; then per goal, in increasing order: calibrate, build the database, run the closed
-    loop and the chain's fine-tuning. One-shot ZipLM prunes every goal from the dense model (its Hessians and
-    database are computed once, the later goals find them cached); gradual ZipLM from the previous member."""
+    loop and the chain's fine-tuning. One-shot ZipLM prunes every goal from the dense model (one set of Hessians,
+    one database); gradual ZipLM prunes each goal from the previous member (calibrated and searched again)."""
     table, env, settings = inputs.table, recipe.environment, recipe.verification
     for target in recipe.targets:  # fail before the expensive work, and name the largest reachable speedup
         module_budget(table, target)
@@ -98,9 +98,10 @@ def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
     goals = sorted([(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages),
                    key=lambda goal: goal[0])
     fp32 = fp32_reference(recipe, inputs, stages)
-    start, members = Start(inputs.dense, inputs.dense_key), []
+    start, members, database = Start(inputs.dense, inputs.dense_key), [], None
     for goal in goals:
-        database = database_stage(recipe, inputs, start, stages)
+        if database is None or recipe.chain.gradual:
+            database = database_stage(recipe, inputs, start, stages)
         member = member_stage(recipe, inputs, start, goal, database, dense.key, verifier, fp32, stages)
         members.append(member.value)
         if recipe.chain.gradual:
