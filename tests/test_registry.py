@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient  # the test extra installs it (pyproject.toml): a missing one fails, not skips
 from typer.testing import CliRunner
 
 from ziplm.pipeline.cli import app
-
-pytest.importorskip("mlflow")  # a dependency of the test extra (pyproject.toml)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -70,7 +68,6 @@ def family_with_a_failed_member(tiny_family: Path, tmp_path: Path) -> Path:
 
 
 def test_publish_registers_verified_members_and_refuses_failed_ones(mlflow_server, tiny_family, tmp_path):
-    from mlflow import MlflowClient
 
     family = family_with_a_failed_member(tiny_family, tmp_path)
     result = CliRunner().invoke(app, ["publish", str(family), "--registry", mlflow_server, "--experiment", "gate"],
