@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from ziplm.pipeline.cli import app
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
