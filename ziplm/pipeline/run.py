@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
@@ -214,24 +215,8 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
                              lambda structure: deploy(stitch(structure)), inputs.table, verifier, folder, progress,
                              sla)
         if recipe.chain.fine_tunes:
-            finished = finish(stitch(member.final.structure), inputs.dense, inputs.tokenizer, inputs.task,
-                              recipe.chain, recipe.quantization, progress)
-            clock = Stopwatch()
-            model = clock.time("build", deploy, finished.model)
-            onnx = clock.time("export", export_model, model, folder / "finished.onnx", env.batch_size,
-                              env.sequence_length)
-            clock.time("export", verify_export, model, onnx, parity_atol(env.precision))
-            member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
-            member.structured = finished.structured
-            progress(f"finished: measured {member.final.check.speedup.value:.3f}x")
-        accuracy = lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation,  # noqa: E731
-                                                   recipe.teacher.max_length)
-        member.accuracy = accuracy(member.model)
-        if fp32:  # INT8: the file against dense FP32, and its own accuracy (integer kernels round differently)
-            member.reference_check = fp32.measure(member.onnx_path)
-            member.onnx_accuracy = accuracy(SessionClassifier(verifier.runtime.load(member.onnx_path)))
-            progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x; accuracy "
-                     f"{member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
+            finish_member(member, stitch(member.final.structure), recipe, inputs, deploy, verifier, folder, progress)
+        score_member(member, recipe, inputs, verifier, fp32, progress)
         member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
         return member
 
@@ -244,6 +229,37 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
                         build, label=sla.label if sla else f"{target:g}x")
     member = dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
     return dataclasses.replace(result, value=member)
+
+
+def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inputs: Inputs,
+                  deploy: Callable[[PreTrainedModel], PreTrainedModel], verifier: PairedVerifier, folder: Path,
+                  progress: Callable[[str], None]) -> None:
+    """The chain's fine-tuning of the member's chosen structure; the finished file is measured again (last round)."""
+    env = recipe.environment
+    finished = finish(stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain, recipe.quantization,
+                      progress)
+    clock = Stopwatch()
+    model = clock.time("build", deploy, finished.model)
+    onnx = clock.time("export", export_model, model, folder / "finished.onnx", env.batch_size, env.sequence_length)
+    clock.time("export", verify_export, model, onnx, parity_atol(env.precision))
+    member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
+    member.structured = finished.structured
+    progress(f"finished: measured {member.final.check.speedup.value:.3f}x")
+
+
+def score_member(member: Member, recipe: Recipe, inputs: Inputs, verifier: PairedVerifier,
+                 fp32: PairedVerifier | None, progress: Callable[[str], None]) -> None:
+    """Accuracy in torch; for INT8 also the file's own accuracy (integer kernels round differently) and its speedup
+    against the dense FP32 model."""
+    def accuracy(model: nn.Module) -> float:
+        return evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
+
+    member.accuracy = accuracy(member.model)
+    if fp32:
+        member.reference_check = fp32.measure(member.onnx_path)
+        member.onnx_accuracy = accuracy(SessionClassifier(verifier.runtime.load(member.onnx_path)))
+        progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x; accuracy "
+                 f"{member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
