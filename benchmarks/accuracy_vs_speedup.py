@@ -37,7 +37,7 @@ from ziplm.pipeline.run import build_family, prepare_inputs
 from ziplm.runtimes.flops import flops_table
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.baselines import drop_layers, magnitude_prune, uniform_structure
-from ziplm.stages.export import export_model, verify_export
+from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import evaluate_accuracy
 from ziplm.stages.verify import LatencyCheck, Member, PairedVerifier, closed_loop
 
@@ -86,9 +86,8 @@ def run_task(task: str, targets: list[float]) -> dict[str, Any]:
 
 def measure(model: PreTrainedModel, verifier: PairedVerifier, path: Path) -> LatencyCheck:
     """Export, check parity, and time against the dense session (paired, interleaved)."""
-    onnx_path = export_model(model, path, verifier.env.batch_size, verifier.env.sequence_length)
-    verify_export(model, onnx_path)
-    return verifier.measure(onnx_path)
+    export_checked(model, path, verifier.env)
+    return verifier.measure(path)
 
 
 def _closed_loop_point(member: Member, accuracy: Callable[[PreTrainedModel], float]) -> dict[str, Any]:

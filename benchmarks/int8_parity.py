@@ -28,7 +28,7 @@ from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.tasks import load_task
 from ziplm.runtimes import get_runtime
-from ziplm.stages.export import export_model, parity_atol, verify_export
+from ziplm.stages.export import export_checked, parity_atol
 from ziplm.stages.finetune import batches, encode_batch, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import QuantSettings, deployable, example_batches
 from ziplm.stages.verify import SessionClassifier
@@ -54,8 +54,8 @@ def run(calibration_examples: int = 256, observer: str = "minmax") -> dict[str, 
     runtime = get_runtime(env)
     accuracy = lambda model: evaluate_accuracy(model, tokenizer, task.validation, recipe.teacher.max_length)  # noqa
     with tempfile.TemporaryDirectory(prefix="ziplm-int8-") as work:
-        onnx_path = export_model(quantized, Path(work) / "int8.onnx", env.batch_size, env.sequence_length)
-        parity = verify_export(quantized, onnx_path, atol=parity_atol("int8"))
+        onnx_path = Path(work) / "int8.onnx"
+        parity = export_checked(quantized, onnx_path, env)
         graph = onnx.load(str(runtime.save_optimized(onnx_path, Path(work) / "optimized.onnx"))).graph
         ops = Counter(node.op_type for node in graph.node)
         session = SessionClassifier(runtime.load(onnx_path))

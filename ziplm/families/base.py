@@ -144,13 +144,15 @@ class FamilyAdapter(ABC):
             linears += [*self.ffn_in_projs(layer), self.ffn_out_proj(layer)]
         return linears
 
-    def prunable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """Attention Q/K/V/O and FFN in/out of every layer that still has them, by qualified module name.
+    def prunable_linears(self, model: nn.Module, layers: Sequence[nn.Module] | None = None) -> dict[str, nn.Linear]:
+        """Attention Q/K/V/O and FFN in/out of every layer that still has them, by qualified module name in `model`.
 
         No embeddings, pooler or classifier: these are the encoder's matmuls that sparsity and INT8 apply to.
+        `layers` (default: the model's own) names the layers when `model` only wraps some, as a latency-table block.
         """
         names = {id(module): name for name, module in model.named_modules()}
-        return {names[id(linear)]: linear for layer in self.layers(model) for linear in self.layer_linears(layer)}
+        layers = self.layers(model) if layers is None else layers
+        return {names[id(linear)]: linear for layer in layers for linear in self.layer_linears(layer)}
 
     def unit_columns(self, shape: ModelShape, unit: int) -> range:
         """Columns of the attention output projection (= rows of Q) that belong to one attention unit."""

@@ -114,8 +114,7 @@ def parameter_count(model: nn.Module) -> int:
 
 def weight_sparsity(model: PreTrainedModel) -> float:
     """Fraction of zero weights in the prunable layers' linear projections."""
-    adapter = adapter_for(model.config)
-    weights = [m.weight for layer in adapter.layers(model) for m in layer.modules() if isinstance(m, nn.Linear)]
+    weights = [linear.weight for linear in adapter_for(model.config).prunable_linears(model).values()]
     total = sum(w.numel() for w in weights)
     return round(sum(int((w == 0).sum()) for w in weights) / total, 6) if total else 0.0
 

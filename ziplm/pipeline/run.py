@@ -33,7 +33,7 @@ from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians
-from ziplm.stages.export import export_model, parity_atol, verify_export
+from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.search import max_speedup, module_budget
@@ -90,12 +90,11 @@ def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
     """Export the dense reference; then per goal, in increasing order: calibrate, build the database, run the closed
     loop and the chain's fine-tuning. One-shot ZipLM prunes every goal from the dense model (one set of Hessians,
     one database); gradual ZipLM prunes each goal from the previous member (calibrated and searched again)."""
-    table, env, settings = inputs.table, recipe.environment, recipe.verification
+    table, env = inputs.table, recipe.environment
     for target in recipe.targets:  # fail before the expensive work, and name the largest reachable speedup
         module_budget(table, target)
     dense = dense_stage(recipe, inputs, env.precision, stages)
-    verifier = PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
-                              settings)
+    verifier = dense_verifier(recipe, inputs, dense)
     goals = sorted([(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages),
                    key=lambda goal: goal[0])
     fp32 = fp32_reference(recipe, inputs, stages)
@@ -131,8 +130,12 @@ def fp32_reference(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Paired
     """INT8 families are also measured against the dense FP32 model (the speedup a user of FP32 sees)."""
     if recipe.environment.precision == "fp32":
         return None
+    return dense_verifier(recipe, inputs, dense_stage(recipe, inputs, "fp32", stages))
+
+
+def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float]) -> PairedVerifier:
+    """Measures members against this dense reference, paired, in the recipe's environment."""
     env = recipe.environment
-    dense = dense_stage(recipe, inputs, "fp32", stages)
     return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
                           recipe.verification)
 
@@ -155,8 +158,8 @@ def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: P
     """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense accuracy."""
     env = recipe.environment
     deployed = deployer(recipe, inputs, precision)(inputs.dense)
-    onnx = export_model(deployed, folder / "model.onnx", env.batch_size, env.sequence_length)
-    parity = verify_export(deployed, onnx, atol=parity_atol(precision))
+    onnx = folder / "model.onnx"
+    parity = export_checked(deployed, onnx, env.model_copy(update={"precision": precision}))
     progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
              f"parity {parity.max_abs_diff:.1e})")
     return evaluate_accuracy(inputs.dense, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
@@ -235,13 +238,12 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
                   deploy: Callable[[PreTrainedModel], PreTrainedModel], verifier: PairedVerifier, folder: Path,
                   progress: Callable[[str], None]) -> None:
     """The chain's fine-tuning of the member's chosen structure; the finished file is measured again (last round)."""
-    env = recipe.environment
     finished = finish(stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain, recipe.quantization,
                       progress)
     clock = Stopwatch()
     model = clock.time("build", deploy, finished.model)
-    onnx = clock.time("export", export_model, model, folder / "finished.onnx", env.batch_size, env.sequence_length)
-    clock.time("export", verify_export, model, onnx, parity_atol(env.precision))
+    onnx = folder / "finished.onnx"
+    clock.time("export", export_checked, model, onnx, recipe.environment)
     member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
     member.structured = finished.structured
     progress(f"finished: measured {member.final.check.speedup.value:.3f}x")

@@ -218,14 +218,9 @@ def _export_block(adapter: FamilyAdapter, config: PretrainedConfig, shape: Model
     axes = {"hidden_states": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 3: "sequence"}}
     path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
     inputs = _block_inputs(shape, env)
-    block = deployable(LayerBlock(adapter, layer), lambda b: _block_linears(adapter, b), env.precision,
+    block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
                        [_as_tensors(inputs)])
     return export_module(block, path, inputs, axes, "hidden_states_out")
-
-
-def _block_linears(adapter: FamilyAdapter, block: LayerBlock) -> dict[str, nn.Linear]:
-    names = {id(module): name for name, module in block.named_modules()}
-    return {names[id(linear)]: linear for linear in adapter.layer_linears(block.layer)}
 
 
 def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

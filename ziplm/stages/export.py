@@ -21,13 +21,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.pipeline.errors import ZipLMError
-from ziplm.runtimes.base import Precision
+from ziplm.runtimes.base import InferenceEnv, Precision
 
 OPSET = 17
-# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: torch's fake-quant rounds x * (1 / scale), ORT
-# rounds x / scale, so some activations land one integer apart (1 LSB), and the flips compound through the layers:
-# on the MiniLM MR teacher the logits of the two differ by 0.05-0.08, and torch alone moves by up to 0.28 when its
-# rounding is done by division instead (benchmarks/int8_parity.py). A wrong scale or a float file is far off that.
+# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: the fake-quant rounds x / scale as ORT does, but
+# ORT accumulates in int32 and torch in float, so a value near a rounding tie can land one integer apart (1 LSB)
+# and the flips compound through the layers: on the MiniLM MR teacher the logits differ by up to 0.03
+# (benchmarks/int8_parity.py); torch's own logits move by up to 0.28 when its rounding changes. A wrong scale or a
+# float file is far off that.
 PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 0.3}
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -94,6 +95,13 @@ def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequen
     example = encoder_inputs(model.config.vocab_size, batch_size, sequence_length)
     axes = {name: {0: "batch", 1: "sequence"} for name in example}
     return export_module(model, path, example, axes, output_name=_output_name(model))
+
+
+def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> ParityReport:
+    """Export at the environment's batch and sequence, then check parity at its precision's tolerance (raises
+    ExportParityError): every artifact that is timed or shipped goes through here."""
+    return verify_export(model, export_model(model, path, env.batch_size, env.sequence_length),
+                         atol=parity_atol(env.precision))
 
 
 def _output_name(model: nn.Module) -> str:

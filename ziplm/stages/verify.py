@@ -28,7 +28,7 @@ from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import Speedup, TimingStats, time_interleaved, time_paired
-from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
+from ziplm.stages.export import encoder_inputs, export_checked
 from ziplm.stages.search import max_speedup
 
 T = TypeVar("T")
@@ -230,9 +230,8 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
         clock = Stopwatch()
         structure = clock.time("solve", solve, min(solved_for, max_speedup(table)))
         model = clock.time("build", build, structure)
-        onnx_path = clock.time("export", export_model, model, work / f"round{index}.onnx", verifier.env.batch_size,
-                               verifier.env.sequence_length)
-        clock.time("export", verify_export, model, onnx_path, parity_atol(verifier.env.precision))
+        onnx_path = work / f"round{index}.onnx"
+        clock.time("export", export_checked, model, onnx_path, verifier.env)
         check = clock.time("verify", verifier.measure, onnx_path)
         predicted = dense_ms / table.predict_ms(structure)
         member.rounds.append(Round(solved_for, structure, predicted, check, clock.seconds))
