@@ -57,7 +57,7 @@ def run_task(task: str, targets: list[float]) -> dict[str, Any]:
         work = Path(tmp)
         start = time.perf_counter()
         family = build_family(recipe, inputs, StageCache(work / "stages", progress))  # measured afresh
-        database, verifier = family.database, family.verifier
+        database, verifier = family.database, family.refs.verifier
         seconds = {"ziplm_family": time.perf_counter() - start}
         flops = flops_table(table)
         loops = {

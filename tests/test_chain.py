@@ -66,3 +66,48 @@ def test_a_chain_that_cannot_work_is_refused(tmp_path, monkeypatch, tiny_bert_di
                  environment={"threads": 1, "sequence_length": 32, **environment})
     assert result.exit_code == 2 and message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
+    """verification.reference: fp32 — the INT8 member's target is its speedup over the dense FP32 model, which is
+    the reference written beside the members; the INT8 table is scaled by the measured dense INT8 / FP32 speedup."""
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, targets=[1.3],
+                 environment={"threads": 1, "sequence_length": 32, "precision": "int8"},
+                 verification={"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1,
+                               "reference": "fp32"})
+    assert result.exit_code in (0, 1), result.output
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["speedup_reference"] == "fp32" and report["table_scale"] > 0
+    dense = json.loads((out / "dense" / "manifest.json").read_text())
+    assert dense["precision"] == "fp32"
+    assert not any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out / "dense" / "model.onnx")).graph.node)
+    (member,) = report["members"]
+    assert member["speedup_vs_dense_fp32"]["measured_speedup"] == member["measured_speedup"]
+    assert member["speedup_vs_dense_int8"]["measured_speedup"] > 0
+    first = member["rounds"][0]
+    assert first["solved_for"] == 1.3  # in the target's terms; the table was asked for 1.3 / table_scale
+    graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
+    assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+
+
+def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp_path, monkeypatch, tiny_bert_dir,
+                                                                            toy_sentiment_csv):
+    """A tolerance nothing meets: the finished file misses, so the closed loop goes on and the chain fine-tunes the
+    structure it then chooses, at most verification.finish_rounds times, never the same structure twice."""
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain={"distillation": TINY_DISTILLATION},
+                 verification={"tolerance": 1e-9, "max_rounds": 1, "finish_rounds": 2, "timing_rounds": 5,
+                               "warmup": 0})
+    assert result.exit_code == 1, result.output
+    (member,) = json.loads((tmp_path / "out" / "report.json").read_text())["members"]
+    stages = [r["stage"] for r in member["rounds"]]
+    finished = [i for i, stage in enumerate(stages) if stage == "finished"]
+    assert stages[:2] == ["closed loop", "finished"] and 1 <= len(finished) <= 2
+    if len(finished) == 2:  # a second finishing follows a further closed-loop round, with another structure
+        assert stages == ["closed loop", "finished", "closed loop", "finished"]
+        assert member["rounds"][1]["structure"] != member["rounds"][3]["structure"]
+    deviations = {i: abs(member["rounds"][i]["deviation"]) for i in finished}
+    assert member["chosen_round"] == min(deviations, key=deviations.get)
+    assert "the fine-tuned file missed the target" in result.output

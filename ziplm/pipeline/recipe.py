@@ -8,7 +8,7 @@
     latency_table: {group_size: 32}  # see TableSettings
     calibration: {samples: 512}      # see CalibrationSettings
     ziplm: {damping_frac: 0.01}      # see ZipLMSettings
-    verification: {tolerance: 0.03}  # see VerificationSettings
+    verification: {tolerance: 0.03}  # see VerificationSettings (`reference: fp32`: INT8 speedups over dense FP32)
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
     slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
     quantization: {observer: minmax} # INT8 activation scales, when environment.precision is int8; see QuantSettings
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.tasks import TaskSpec
-from ziplm.runtimes.base import InferenceEnv
+from ziplm.runtimes.base import InferenceEnv, Precision
 from ziplm.runtimes.latency_table import TableSettings
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.finetune import FinetuneConfig
@@ -87,6 +87,11 @@ class Recipe(BaseModel):
                         f"table) has {key} {getattr(env, key)}: run a recipe whose environment has {key}: "
                         f"{getattr(sla, key)} for this SLA")
         return self
+
+    @property
+    def reference_precision(self) -> Precision:
+        """The precision of the dense model the targets' speedups are over (verification.reference)."""
+        return "fp32" if self.verification.reference == "fp32" else self.environment.precision
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -16,7 +16,7 @@ from ziplm.runtimes.latency_table import LatencyTable
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.stages.verify import Member
+    from ziplm.stages.verify import LatencyCheck, Member
     from ziplm.pipeline.tasks import TaskData
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
@@ -40,12 +40,14 @@ def environment_line(runtime: dict[str, Any]) -> str:
             f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}")
 
 
-def dense_summary(dense: PreTrainedModel, dense_onnx: Path, accuracy: float, validation_size: int,
+def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, accuracy: float, validation_size: int,
                   members: list[Member]) -> dict[str, Any]:
-    """The dense reference: its latency is the median over the paired runs that measured the members."""
+    """The dense reference (in `precision`): its latency is the median over the paired runs that measured the
+    members."""
     medians = [m.final.check.dense.median_ms for m in members]
     p90s = [m.final.check.dense.p90_ms for m in members]
     return {
+        "precision": precision,
         "latency_ms": {"median": round(statistics.median(medians), 4), "p90": round(statistics.median(p90s), 4)},
         "metric": {"name": "accuracy", "value": accuracy, "validation_size": validation_size},
         "parameters": parameter_count(dense),
@@ -87,20 +89,28 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "sha256": file_digest(onnx_path),
         "passed": member.passed(recipe.verification.tolerance),
         "stages": recipe.chain.stage_names(recipe.environment.precision),
-        "speedup_vs_dense_fp32": _reference_json(member),
+        "speedup_reference": recipe.reference_precision,
+        **speedups_by_precision(recipe, member),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
 
 
-def _reference_json(member: Member) -> dict[str, Any] | None:
-    """INT8 members: the same file measured against the dense FP32 model (speedup and its interval)."""
-    check = member.reference_check
-    return None if check is None else {"measured_speedup": round(check.speedup.value, 4),
-                                       "speedup_ci": check.speedup.to_json(),
-                                       "dense_latency_ms": {"median": round(check.dense.median_ms, 4),
-                                                            "p90": round(check.dense.p90_ms, 4)}}
+def speedups_by_precision(recipe: Recipe, member: Member) -> dict[str, dict[str, Any] | None]:
+    """INT8 members: the file's speedup over the dense FP32 model and over the dense INT8 model (one of them is the
+    target's check, the other the cross check); FP32 members: neither (`measured_speedup` says it)."""
+    by_precision: dict[str, dict[str, Any] | None] = {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
+    if member.cross_check is not None:
+        cross = "int8" if recipe.reference_precision == "fp32" else "fp32"
+        by_precision[f"speedup_vs_dense_{recipe.reference_precision}"] = _speedup_json(member.final.check)
+        by_precision[f"speedup_vs_dense_{cross}"] = _speedup_json(member.cross_check)
+    return by_precision
+
+
+def _speedup_json(check: LatencyCheck) -> dict[str, Any]:
+    return {"measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
+            "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
 
 
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
@@ -120,9 +130,11 @@ def weight_sparsity(model: PreTrainedModel) -> float:
 
 
 def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dict[str, Any],
-                 manifests: list[dict[str, Any]], reachable: float) -> dict[str, Any]:
+                 manifests: list[dict[str, Any]], reachable: float, table_scale: float) -> dict[str, Any]:
+    """`table_scale`: the table's speedups times this are speedups over the reference (verification.reference)."""
     report = {"runtime": runtime_json(table), "dense": dense_info, "members": manifests,
               "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
+              "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
               "max_reachable_speedup": round(reachable, 3)}
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(report, draw_figures(out, report)))
@@ -146,8 +158,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     lines = [
         f"# ZipLM family: {report['recipe']['name']}",
         "",
-        f"{environment_line(runtime)}. Speedups are measured end to end against the dense model, interleaved in "
-        "one run (95% interval in brackets).",
+        f"{environment_line(runtime)}. Speedups are measured end to end against the dense "
+        f"{report['speedup_reference']} model, interleaved in one run (95% interval in brackets).",
         "",
         f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
@@ -165,7 +177,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
-    lines += [f"- {m['name']} against the dense FP32 model: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x; "
-              f"weight sparsity {m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
+    lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model, "
+              f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model; weight sparsity "
+              f"{m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
     lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]
     return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from ziplm.stages.calibrate import collect_hessians
 from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import deployable, example_batches
-from ziplm.stages.search import max_speedup, module_budget
+from ziplm.stages.search import max_speedup
 from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, SessionClassifier, Stopwatch, closed_loop
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
@@ -79,34 +79,29 @@ def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any
 
 @dataclass
 class Family:
-    dense_onnx: Path
-    dense_accuracy: float
-    verifier: PairedVerifier
+    refs: References
     members: list[Member]
     database: zipl.Database
 
 
 def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
-    """Export the dense reference; then per goal, in increasing order: calibrate, build the database, run the closed
+    """Export the dense references; then per goal, in increasing order: calibrate, build the database, run the closed
     loop and the chain's fine-tuning. One-shot ZipLM prunes every goal from the dense model (one set of Hessians,
     one database); gradual ZipLM prunes each goal from the previous member (calibrated and searched again)."""
-    table, env = inputs.table, recipe.environment
+    refs = references(recipe, inputs, stages)
     for target in recipe.targets:  # fail before the expensive work, and name the largest reachable speedup
-        module_budget(table, target)
-    dense = dense_stage(recipe, inputs, env.precision, stages)
-    verifier = dense_verifier(recipe, inputs, dense)
-    goals = sorted([(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, dense, verifier, stages),
+        check_reachable(f"speedup {target:g}x", target, refs.reachable(inputs.table))
+    goals = sorted([(target, None) for target in recipe.targets] + sla_goals(recipe, inputs, refs, stages),
                    key=lambda goal: goal[0])
-    fp32 = fp32_reference(recipe, inputs, stages)
     start, members, database = Start(inputs.dense, inputs.dense_key), [], None
     for goal in goals:
         if database is None or recipe.chain.gradual:
             database = database_stage(recipe, inputs, start, stages)
-        member = member_stage(recipe, inputs, start, goal, database, dense.key, verifier, fp32, stages)
+        member = member_stage(recipe, inputs, start, goal, database, refs, stages)
         members.append(member.value)
         if recipe.chain.gradual:
             start = Start(member.value.structured, member.key)
-    return Family(dense.path / "model.onnx", dense.value, verifier, members, database.value)
+    return Family(refs, members, database.value)
 
 
 @dataclass
@@ -117,20 +112,58 @@ class Start:
     key: str
 
 
+@dataclass
+class References:
+    """The dense models members are measured against, each exported in one precision and held by a verifier.
+
+    `dense` is the one the goals' speedups are over (written to OUT/dense, where `ziplm verify` finds it). An INT8
+    family is also measured against the dense model in the other precision (`cross`). `table_scale` turns the
+    latency table's speedups (over the dense model in the environment's precision) into speedups over `dense`.
+    """
+
+    dense: StageResult[float]
+    verifier: PairedVerifier
+    precision: Precision
+    cross: PairedVerifier | None = None
+    cross_precision: Precision | None = None
+    table_scale: float = 1.0
+
+    def reachable(self, table: LatencyTable) -> float:
+        return max_speedup(table) * self.table_scale
+
+
+def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
+    env, precision = recipe.environment, recipe.reference_precision
+    dense = dense_stage(recipe, inputs, precision, stages)
+    verifier = dense_verifier(recipe, inputs, dense)
+    if env.precision == "fp32":
+        return References(dense, verifier, precision)
+    cross_precision: Precision = "int8" if precision == "fp32" else "fp32"
+    cross_dense = dense_stage(recipe, inputs, cross_precision, stages)
+    scale = 1.0 if precision == env.precision else table_scale(recipe, dense, cross_dense, verifier, stages)
+    return References(dense, verifier, precision, dense_verifier(recipe, inputs, cross_dense), cross_precision, scale)
+
+
+def table_scale(recipe: Recipe, reference: StageResult[float], table_dense: StageResult[float],
+                verifier: PairedVerifier, stages: StageCache) -> float:
+    """How much faster the dense model in the table's precision runs than the reference, measured paired (cached).
+    The closed loop corrects what this one measurement gets wrong."""
+    measured: StageResult[float] = stages.run(
+        "table-scale", {"reference": reference.key, "table_dense": table_dense.key,
+                        "verification": recipe.verification.model_dump()},
+        lambda _, progress: verifier.measure(table_dense.path / "model.onnx").speedup.value)
+    stages.stage("table-scale")(f"dense {recipe.environment.precision} runs {measured.value:.3f}x dense "
+                                f"{recipe.reference_precision}: the latency table is solved for the targets / that")
+    return measured.value
+
+
 def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: StageCache) -> StageResult[float]:
     env = recipe.environment
     return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
                                 "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length,
                                 **_precision(recipe, precision)},
                       lambda folder, progress: export_dense(inputs, recipe, precision, folder, progress),
-                      label="dense" if precision == env.precision else f"dense {precision}")
-
-
-def fp32_reference(recipe: Recipe, inputs: Inputs, stages: StageCache) -> PairedVerifier | None:
-    """INT8 families are also measured against the dense FP32 model (the speedup a user of FP32 sees)."""
-    if recipe.environment.precision == "fp32":
-        return None
-    return dense_verifier(recipe, inputs, dense_stage(recipe, inputs, "fp32", stages))
+                      label="dense" if precision == recipe.reference_precision else f"dense {precision}")
 
 
 def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float]) -> PairedVerifier:
@@ -179,33 +212,32 @@ def deployer(recipe: Recipe, inputs: Inputs, precision: Precision) -> Callable[[
     return lambda model: deployable(model, adapter.prunable_linears, precision, batches)
 
 
-def sla_goals(recipe: Recipe, inputs: Inputs, dense: StageResult[float], verifier: PairedVerifier,
-              stages: StageCache) -> list[Goal]:
-    """Each SLA as a speedup target, from the dense latency measured alone in the environment."""
+def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCache) -> list[Goal]:
+    """Each SLA as a speedup target over the reference, from its latency measured alone in the environment."""
     if not recipe.slas:
         return []
     settings = recipe.verification
     latency: StageResult[TimingStats] = stages.run(
-        "dense-latency", {"dense": dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
+        "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
                           "warmup": settings.warmup},
-        lambda _, progress: verifier.measure_dense())
-    return [(sla_target(sla, latency.value, inputs.table, settings.tolerance), sla) for sla in recipe.slas]
+        lambda _, progress: refs.verifier.measure_dense())
+    goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
+    for target, sla in goals:
+        check_reachable(f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
+                        f"{sla.ms * target * (1 - settings.tolerance):.2f} ms), but it", target,
+                        refs.reachable(inputs.table), "relax the SLA or serve with more threads")
+    return goals  # a target of 1: the dense model already meets a looser SLA
 
 
-def sla_target(sla: LatencySLA, dense: TimingStats, table: LatencyTable, tolerance: float) -> float:
-    target = sla.speedup_target(dense, tolerance)
-    reachable = max_speedup(table)
+def check_reachable(goal: str, target: float, reachable: float, fix: str = "lower the target") -> None:
     if target > reachable:
         raise UnreachableTargetError(
-            f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
-            f"{sla.ms * target * (1 - tolerance):.2f} ms), but the largest reachable speedup is {reachable:.2f}x in "
-            "this environment: relax the SLA or serve with more threads")
-    return max(target, 1.0)  # the dense model already meets a looser SLA
+            f"{goal} cannot be reached in this environment: the largest reachable speedup is {reachable:.2f}x "
+            f"(every module removed, as the latency table predicts); {fix}")
 
 
 def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, database: StageResult[zipl.Database],
-                 dense_key: str, verifier: PairedVerifier, fp32: PairedVerifier | None,
-                 stages: StageCache) -> StageResult[Member]:
+                 refs: References, stages: StageCache) -> StageResult[Member]:
     """One member, cached: the closed loop from `start`, the chain's fine-tuning, accuracy; its ONNX files live in
     the stage folder."""
     target, sla = goal
@@ -214,18 +246,29 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
-        member = closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
-                             lambda structure: deploy(stitch(structure)), inputs.table, verifier, folder, progress,
-                             sla)
-        if recipe.chain.fine_tunes:
-            finish_member(member, stitch(member.final.structure), recipe, inputs, deploy, verifier, folder, progress)
-        score_member(member, recipe, inputs, verifier, fp32, progress)
+        def loop(member: Member | None = None) -> Member:
+            return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
+                               lambda structure: deploy(stitch(structure)), inputs.table, refs.verifier, folder,
+                               progress, sla, refs.table_scale, member)
+
+        member = loop()
+        for finishing in range(recipe.verification.finish_rounds if recipe.chain.fine_tunes else 0):
+            if finishing > 0:  # the fine-tuned file missed: measure on from every round so far, then fine-tune again
+                progress("the fine-tuned file missed the target: the closed loop goes on")
+                loop(member)
+                if any(r.stage == "finished" and r.structure == member.to_finish.structure for r in member.rounds):
+                    break  # the loop came back to a structure already fine-tuned: its file was measured already
+            finish_member(member, stitch(member.to_finish.structure), recipe, inputs, deploy, refs.verifier, folder,
+                          progress)
+            if member.passed(recipe.verification.tolerance):
+                break
+        score_member(member, recipe, inputs, refs, progress)
         member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
         return member
 
-    result = stages.run("member", {"database": database.key, "start": start.key, "dense": dense_key,
-                                   "table": inputs.table.fingerprint, "target": target,
-                                   "sla": sla.model_dump() if sla else None,
+    result = stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
+                                   "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
+                                   "target": target, "sla": sla.model_dump() if sla else None,
                                    "verification": recipe.verification.model_dump(),
                                    **_precision(recipe, env.precision), "chain": recipe.chain.model_dump(),
                                    "max_length": recipe.teacher.max_length},
@@ -237,43 +280,45 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
 def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inputs: Inputs,
                   deploy: Callable[[PreTrainedModel], PreTrainedModel], verifier: PairedVerifier, folder: Path,
                   progress: Callable[[str], None]) -> None:
-    """The chain's fine-tuning of the member's chosen structure; the finished file is measured again (last round)."""
-    finished = finish(stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain, recipe.quantization,
-                      progress)
+    """The chain's fine-tuning of the structure the closed loop chose; the file is measured again (a finished round)."""
     clock = Stopwatch()
+    finished = clock.time("fine-tune", finish, stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain,
+                          recipe.quantization, progress)
     model = clock.time("build", deploy, finished.model)
-    onnx = folder / "finished.onnx"
+    onnx = folder / f"finished{len(member.rounds)}.onnx"
     clock.time("export", export_checked, model, onnx, recipe.environment)
-    member.finish(model, onnx, clock.time("verify", verifier.measure, onnx), clock.seconds)
-    member.structured = finished.structured
-    progress(f"finished: measured {member.final.check.speedup.value:.3f}x")
+    check = clock.time("verify", verifier.measure, onnx, recipe.verification.finished_repeats)
+    member.finish(model, finished.structured, onnx, check, clock.seconds)
+    progress(f"finished: measured {member.rounds[-1].check.speedup.value:.3f}x")
 
 
-def score_member(member: Member, recipe: Recipe, inputs: Inputs, verifier: PairedVerifier,
-                 fp32: PairedVerifier | None, progress: Callable[[str], None]) -> None:
+def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: References,
+                 progress: Callable[[str], None]) -> None:
     """Accuracy in torch; for INT8 also the file's own accuracy (integer kernels round differently) and its speedup
-    against the dense FP32 model."""
+    against the dense model in the other precision."""
     def accuracy(model: nn.Module) -> float:
         return evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
 
     member.accuracy = accuracy(member.model)
-    if fp32:
-        member.reference_check = fp32.measure(member.onnx_path)
-        member.onnx_accuracy = accuracy(SessionClassifier(verifier.runtime.load(member.onnx_path)))
-        progress(f"against the dense FP32 model: {member.reference_check.speedup.value:.3f}x; accuracy "
-                 f"{member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
+    if refs.cross:
+        member.cross_check = refs.cross.measure(member.onnx_path)
+        member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
+        progress(f"against the dense {refs.cross_precision} model: {member.cross_check.speedup.value:.3f}x; "
+                 f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
     """The dense reference folder, the member folders and the report."""
     runtime = runtime_json(inputs.table)
-    dense_info = dense_summary(inputs.dense, family.dense_onnx, family.dense_accuracy, len(inputs.task.validation),
-                               family.members)
+    dense_onnx = family.refs.dense.path / "model.onnx"
+    dense_info = dense_summary(inputs.dense, dense_onnx, family.refs.precision, family.refs.dense.value,
+                               len(inputs.task.validation), family.members)
     with atomic_directory(out / DENSE_DIR) as folder:
-        (folder / "model.onnx").write_bytes(family.dense_onnx.read_bytes())
+        (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
         write_json_atomic(folder / "manifest.json", dense_manifest(runtime, dense_info, folder / "model.onnx"))
     manifests = [write_member(recipe, runtime, member, inputs, dense_info, out) for member in family.members]
-    return write_report(out, recipe, inputs.table, dense_info, manifests, max_speedup(inputs.table))
+    return write_report(out, recipe, inputs.table, dense_info, manifests, family.refs.reachable(inputs.table),
+                        family.refs.table_scale)
 
 
 def member_name(recipe: Recipe, member: Member) -> str:

@@ -13,10 +13,10 @@ of the tolerance still meets the SLA. The member passes when its measured statis
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -51,8 +51,17 @@ class VerificationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tolerance: float = Field(0.03, gt=0.0, lt=1.0, description="allowed |measured / target - 1|")
-    max_rounds: int = Field(4, ge=1, description="solve-measure rounds per target (closed loop)")
+    max_rounds: int = Field(6, ge=1, description="solve-measure rounds per target (closed loop)")
+    finish_rounds: int = Field(2, ge=1, description="times the chain may fine-tune a member: when the fine-tuned "
+                                                    "file misses the target, the closed loop goes on and the chain "
+                                                    "fine-tunes the structure it then chooses")
+    reference: Literal["same", "fp32"] = Field(
+        "same", description="the dense model a target's speedup is over: 'same' = the dense model in the environment's "
+                            "precision; 'fp32' = the dense FP32 model, so an INT8 family promises its speedups over "
+                            "the model served in FP32 today")
     timing_rounds: int = Field(60, ge=5, description="interleaved dense/member pairs per measurement")
+    finished_repeats: int = Field(3, ge=1, description="independent measurements of a fine-tuned file, whose median "
+                                                       "is its verdict (its fine-tuning cannot be redone cheaply)")
     warmup: int = Field(5, ge=0)
 
 
@@ -121,12 +130,16 @@ class PairedVerifier:
         self.inputs: dict[str, np.ndarray] = encoder_inputs(vocab_size, env.batch_size, env.sequence_length)
         self.dense: Session = runtime.load(dense_onnx)
 
-    def measure(self, member_onnx: Path) -> LatencyCheck:
+    def measure(self, member_onnx: Path, repeats: int = 1) -> LatencyCheck:
+        """The member's speedup over the dense model, timed interleaved. With `repeats`, that many independent
+        measurements and the median one: a stretch of a shared machine disturbed for the whole of one measurement
+        (seen on 2 cores: a file of unchanged structure read 14% slow, with a tight interval) then decides nothing."""
         member = self.runtime.load(member_onnx)
-        speedup, dense, timed = time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
+        checks = [LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
                                             self.settings.timing_rounds, self.settings.warmup,
-                                            max_relative_width=2 * self.settings.tolerance)
-        return LatencyCheck(speedup, dense, timed)
+                                            max_relative_width=2 * self.settings.tolerance))
+                  for _ in range(repeats)]
+        return sorted(checks, key=lambda check: check.speedup.value)[len(checks) // 2]
 
     def measure_dense(self) -> TimingStats:
         """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
@@ -155,7 +168,7 @@ class Round:
 
 @dataclass
 class Member:
-    """A target's model: every round of its closed loop, and the chosen one (closest to the target)."""
+    """A target's model: every round of its closed loop and of the chain's fine-tuning, and the chosen one."""
 
     target: float
     sla: LatencySLA | None = None
@@ -163,22 +176,32 @@ class Member:
     models: list[PreTrainedModel] = field(default_factory=list)
     onnx_paths: list[Path] = field(default_factory=list)
     accuracy: float = float("nan")
-    structured: PreTrainedModel | None = None  # fine-tuned, before oBERT and QAT: where gradual ZipLM goes on from
-    reference_check: LatencyCheck | None = None  # INT8 members: the same file against the dense FP32 model
+    # per finished round: the fine-tuned model before oBERT and QAT (where gradual ZipLM goes on from)
+    structured_models: dict[int, PreTrainedModel] = field(default_factory=dict)
+    cross_check: LatencyCheck | None = None  # INT8 members: the same file against the other precision's dense model
     onnx_accuracy: float | None = None  # INT8 members: the accuracy of the ONNX file itself, in the runtime
 
     @property
     def chosen(self) -> int:
-        """The finished model once the chain fine-tuned it, else the closed-loop round closest to the target."""
-        if self.rounds and self.rounds[-1].stage == "finished":
-            return len(self.rounds) - 1
-        return min(range(len(self.rounds)), key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
+        """The finished round closest to the target once the chain fine-tuned, else the closed-loop one."""
+        finished = [i for i, r in enumerate(self.rounds) if r.stage == "finished"]
+        return self._closest(finished or range(len(self.rounds)))
 
-    def finish(self, model: PreTrainedModel, onnx_path: Path, check: LatencyCheck, seconds: dict[str, float]) -> None:
-        """Record the fine-tuned model of the chosen structure, measured again, as the member's final round."""
-        chosen = self.final
-        self.rounds.append(Round(chosen.solved_for, chosen.structure, chosen.predicted_speedup, check, seconds,
-                                 "finished"))
+    @property
+    def to_finish(self) -> Round:
+        """The closed-loop round whose structure the chain fine-tunes next: the closest since the last finishing."""
+        last_finished = max((i for i, r in enumerate(self.rounds) if r.stage == "finished"), default=-1)
+        return self.rounds[self._closest(range(last_finished + 1, len(self.rounds)))]
+
+    def _closest(self, indices: Iterable[int]) -> int:
+        return min(indices, key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
+
+    def finish(self, model: PreTrainedModel, structured: PreTrainedModel, onnx_path: Path, check: LatencyCheck,
+               seconds: dict[str, float]) -> None:
+        """Record the fine-tuned model of the `to_finish` structure, measured again, as a "finished" round."""
+        done = self.to_finish
+        self.structured_models[len(self.rounds)] = structured
+        self.rounds.append(Round(done.solved_for, done.structure, done.predicted_speedup, check, seconds, "finished"))
         self.models.append(model)
         self.onnx_paths.append(onnx_path)
 
@@ -189,6 +212,10 @@ class Member:
     @property
     def model(self) -> PreTrainedModel:
         return self.models[self.chosen]
+
+    @property
+    def structured(self) -> PreTrainedModel | None:
+        return self.structured_models.get(self.chosen)
 
     @property
     def onnx_path(self) -> Path:
@@ -216,30 +243,56 @@ class Stopwatch:
 
 def closed_loop(target: float, solve: Callable[[float], ModelStructure],
                 build: Callable[[ModelStructure], PreTrainedModel], table: LatencyTable, verifier: PairedVerifier,
-                work: Path, progress: Callable[[str], None], sla: LatencySLA | None = None) -> Member:
-    """Solve, build, export and measure; re-solve with a corrected target until within tolerance (bounded).
+                work: Path, progress: Callable[[str], None], sla: LatencySLA | None = None,
+                table_scale: float = 1.0, member: Member | None = None) -> Member:
+    """Solve, build, export and measure; re-solve with a corrected aim until within tolerance (bounded).
 
-    When a member misses, the table was off by measured / solved-for at that point; the next round aims that much
-    further (ALGORITHMS.md section 3; ZipLM's open loop deviated by up to 5.28%).
+    `table_scale` turns the table's speedups (over the dense model it was measured with) into speedups over the
+    verifier's dense model: 1 when they are the same model; for an INT8 table whose targets are over the dense
+    FP32 model, how much faster the dense INT8 model runs than the dense FP32 one. Aims are in the target's terms.
+    Given a `member`, the loop goes on from its rounds (after a finished round missed the target), for at most
+    `max_rounds` more.
     """
     settings = verifier.settings
-    member = Member(target, sla)
-    dense_ms = table.dense_ms()
-    solved_for = target
-    for index in range(settings.max_rounds):
+    member = member or Member(target, sla)
+    reachable = max_speedup(table) * table_scale
+    solved_for = next_aim(target, member.rounds) if member.rounds else target
+    for _ in range(settings.max_rounds):
         clock = Stopwatch()
-        structure = clock.time("solve", solve, min(solved_for, max_speedup(table)))
+        structure = clock.time("solve", solve, min(solved_for, reachable) / table_scale)
         model = clock.time("build", build, structure)
-        onnx_path = work / f"round{index}.onnx"
+        onnx_path = work / f"round{len(member.rounds)}.onnx"
         clock.time("export", export_checked, model, onnx_path, verifier.env)
         check = clock.time("verify", verifier.measure, onnx_path)
-        predicted = dense_ms / table.predict_ms(structure)
+        predicted = table_scale * table.dense_ms() / table.predict_ms(structure)
         member.rounds.append(Round(solved_for, structure, predicted, check, clock.seconds))
         member.models.append(model)
         member.onnx_paths.append(onnx_path)
-        progress(f"round {index + 1}: solved for {solved_for:.3f}x, predicted {predicted:.3f}x, measured "
+        progress(f"round {len(member.rounds)}: solved for {solved_for:.3f}x, predicted {predicted:.3f}x, measured "
                  f"{check.speedup.value:.3f}x [{check.speedup.ci_low:.3f}, {check.speedup.ci_high:.3f}]")
         if abs(check.deviation(target)) <= settings.tolerance:
             break
-        solved_for *= target / check.speedup.value
+        solved_for = next_aim(target, member.rounds)
     return member
+
+
+def next_aim(target: float, rounds: list[Round]) -> float:
+    """The speedup to solve for in the next round of a closed loop.
+
+    The last round shows the table off by measured / solved-for there, so aim that much further (ALGORITHMS.md
+    section 3). Once rounds have landed on both sides of the target, interpolate between the nearest two instead
+    (regula falsi): structures the table ranks within 0.1% of each other can differ by 5% in real time, and
+    re-aiming from the last round alone then keeps jumping over the target.
+    """
+    def measured(round_: Round) -> float:
+        return round_.check.speedup.value
+
+    below = [r for r in rounds if measured(r) < target]
+    above = [r for r in rounds if measured(r) >= target]
+    if below and above:
+        low, high = max(below, key=measured), min(above, key=measured)
+        if high.solved_for != low.solved_for:
+            fraction = (target - measured(low)) / (measured(high) - measured(low))
+            return low.solved_for + fraction * (high.solved_for - low.solved_for)
+    last = rounds[-1]
+    return last.solved_for * target / measured(last)

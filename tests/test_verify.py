@@ -1,0 +1,52 @@
+"""The closed loop: the next aim (re-aim from the last round, or interpolate once the target is bracketed), and which
+round a member is and which structure the chain fine-tunes next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ziplm.families import ModelShape, ModelStructure
+from ziplm.runtimes.timing import Speedup, TimingStats
+from ziplm.stages.verify import LatencyCheck, Member, Round, next_aim
+
+SHAPE = ModelShape("bert", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, ffn_size=64,
+                   vocab_size=100)
+
+
+def measured_round(solved_for: float, measured: float) -> Round:
+    check = LatencyCheck(Speedup(measured, measured * 0.99, measured * 1.01, 0.95, 30), TimingStats((10.0,)),
+                         TimingStats((10.0 / measured,)))
+    return Round(solved_for, ModelStructure.uniform(SHAPE, 2, round(solved_for * 10)), solved_for, check)
+
+
+def test_one_side_of_the_target_re_aims_by_the_measured_error():
+    assert next_aim(2.0, [measured_round(2.0, 1.9)]) == pytest.approx(2.0 * 2.0 / 1.9)
+    assert next_aim(2.0, [measured_round(2.0, 2.2), measured_round(1.8, 2.1)]) == pytest.approx(1.8 * 2.0 / 2.1)
+
+
+def test_a_bracketed_target_is_interpolated_between_the_nearest_rounds():
+    # MiniLM at 2x (benchmarks/results/speedup_guarantee.md): re-aiming from 2.096x -> 2.112x alone gives 1.985x,
+    # which measured 2.088x again; between the two rounds on either side the aim is 2.043x
+    rounds = [measured_round(2.000, 1.908), measured_round(2.096, 2.112)]
+    assert next_aim(2.0, rounds) == pytest.approx(2.000 + (2.0 - 1.908) / (2.112 - 1.908) * 0.096)
+    farther = [measured_round(1.5, 1.4), *rounds, measured_round(2.5, 2.6)]
+    assert next_aim(2.0, farther) == pytest.approx(next_aim(2.0, rounds))
+
+
+def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_structure():
+    member = Member(2.0, rounds=[measured_round(2.0, 1.90), measured_round(2.1, 1.98)], models=["a", "b"],
+                    onnx_paths=[Path("a"), Path("b")])
+    assert member.chosen == 1 and member.to_finish is member.rounds[1]
+    member.finish("b-finished", "b-structured", Path("b-finished"), measured_round(2.1, 1.90).check, {})
+    assert member.chosen == 2 and member.model == "b-finished" and member.structured == "b-structured"
+    assert member.rounds[2].stage == "finished" and member.rounds[2].structure == member.rounds[1].structure
+    assert not member.passed(0.03)
+    # the loop goes on: only rounds after the last finishing are candidates for the next one
+    member.rounds += [measured_round(2.2, 2.07), measured_round(2.15, 2.01)]
+    member.models += ["c", "d"]
+    member.onnx_paths += [Path("c"), Path("d")]
+    assert member.to_finish is member.rounds[4]
+    member.finish("d-finished", "d-structured", Path("d-finished"), measured_round(2.15, 2.02).check, {})
+    assert member.chosen == 5 and member.structured == "d-structured" and member.passed(0.03)
