@@ -8,13 +8,16 @@
 
     python -m benchmarks.compound [--skip-gradual] [--skip-compound]
 
-writes benchmarks/results/compound.md and .json. The stages are cached like any `ziplm run` (a second run reuses
+writes benchmarks/results/compound.md and .json; a skipped part keeps the figures of the run that last measured it
+(each part records the commit it was measured at). The stages are cached like any `ziplm run` (a second run reuses
 them); the numbers are those of the run that built them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +39,16 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-compound-") as out:
         report = run_recipe(recipe, Path(out), progress)
-    return {"recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"], "dense": report["dense"],
+    return {"commit": _commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
+            "dense": report["dense"],
             "table_scale": report["table_scale"],
             "members": [{key: member[key] for key in RESULT_KEYS} for member in report["members"]],
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return head.stdout.strip() or "unknown"
 
 
 def gradual_vs_oneshot() -> dict[str, Any]:
@@ -72,7 +81,7 @@ def _gradual_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {o['target_speedup']:g}x | {o['measured_speedup']:.3f}x | {o['metric']['value']:.4f} "
                      f"| {g['measured_speedup']:.3f}x | {g['metric']['value']:.4f} |")
     return lines + ["", f"Wall-clock with the teacher and table cached: one-shot {oneshot['seconds']:.0f} s, gradual "
-                    f"{gradual['seconds']:.0f} s.", ""]
+                    f"{gradual['seconds']:.0f} s. Measured at commit {gradual['commit']}.", ""]
 
 
 def _compound_markdown(result: dict[str, Any]) -> list[str]:
@@ -99,7 +108,7 @@ def _compound_markdown(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['stage']} | {r['solved_for']:.3f}x | {r['predicted_speedup']:.3f}x "
                          f"| {r['measured_speedup']:.3f}x | {heads} | {' '.join(map(str, r['structure']['ffn']))} |")
     return lines + ["", f"Stages: {' -> '.join(result['members'][0]['stages'])}. Wall-clock with the teacher cached: "
-                    f"{result['seconds']:.0f} s.", ""]
+                    f"{result['seconds']:.0f} s. Measured at commit {result['commit']}.", ""]
 
 
 def _speedup(check: dict[str, Any]) -> str:
@@ -112,7 +121,9 @@ def main() -> None:
     parser.add_argument("--skip-gradual", action="store_true")
     parser.add_argument("--skip-compound", action="store_true")
     args = parser.parse_args()
-    result: dict[str, Any] = {"command": COMMAND}
+    previous = RESULTS / "compound.json"  # a skipped part keeps its figures from the last run, marked as such
+    result: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
+    result["command"] = COMMAND
     if not args.skip_compound:
         result["compound"] = run_variant(load_recipe("minilm_mr_compound"))
     if not args.skip_gradual:

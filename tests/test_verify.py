@@ -50,3 +50,22 @@ def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_str
     assert member.to_finish is member.rounds[4]
     member.finish("d-finished", "d-structured", Path("d-finished"), measured_round(2.15, 2.02).check, {})
     assert member.chosen == 5 and member.structured == "d-structured" and member.passed(0.03)
+
+
+def test_a_structure_measured_twice_counts_once_at_its_median():
+    # a fine-tuned file has its closed-loop round's structure: 2.984x then 2.822x is one structure at 2.903x
+    lucky, finished = measured_round(2.93, 2.984), measured_round(2.93, 2.822)
+    finished.stage = "finished"
+    rounds = [measured_round(3.0, 3.262), lucky, finished]
+    assert next_aim(3.0, rounds) == pytest.approx(2.93 + (3.0 - 2.903) / (3.262 - 2.903) * (3.0 - 2.93))
+    assert next_aim(3.0, [lucky, finished]) == pytest.approx(2.93 * 3.0 / 2.903)
+
+
+def test_nothing_is_left_to_finish_when_every_new_structure_was_fine_tuned():
+    member = Member(2.0, rounds=[measured_round(2.1, 1.98)], models=["a"], onnx_paths=[Path("a")])
+    member.finish("a-finished", "a-structured", Path("a-finished"), measured_round(2.1, 1.90).check, {})
+    assert member.to_finish is None
+    member.rounds.append(measured_round(2.1, 1.95))  # the loop went on, but came back to the same structure
+    assert member.to_finish is None
+    with pytest.raises(ValueError, match="no closed-loop round"):
+        member.finish("again", "again", Path("again"), measured_round(2.1, 1.9).check, {})

@@ -256,8 +256,8 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
             if finishing > 0:  # the fine-tuned file missed: measure on from every round so far, then fine-tune again
                 progress("the fine-tuned file missed the target: the closed loop goes on")
                 loop(member)
-                if any(r.stage == "finished" and r.structure == member.to_finish.structure for r in member.rounds):
-                    break  # the loop came back to a structure already fine-tuned: its file was measured already
+            if member.to_finish is None:
+                break  # no structure left that was not fine-tuned (and measured) already
             finish_member(member, stitch(member.to_finish.structure), recipe, inputs, deploy, refs.verifier, folder,
                           progress)
             if member.passed(recipe.verification.tolerance):

@@ -188,10 +188,13 @@ class Member:
         return self._closest(finished or range(len(self.rounds)))
 
     @property
-    def to_finish(self) -> Round:
-        """The closed-loop round whose structure the chain fine-tunes next: the closest since the last finishing."""
+    def to_finish(self) -> Round | None:
+        """The closed-loop round whose structure the chain fine-tunes next: the closest since the last finishing
+        whose structure was not fine-tuned already (None when there is none)."""
         last_finished = max((i for i, r in enumerate(self.rounds) if r.stage == "finished"), default=-1)
-        return self.rounds[self._closest(range(last_finished + 1, len(self.rounds)))]
+        done = {r.structure for r in self.rounds if r.stage == "finished"}
+        fresh = [i for i in range(last_finished + 1, len(self.rounds)) if self.rounds[i].structure not in done]
+        return self.rounds[self._closest(fresh)] if fresh else None
 
     def _closest(self, indices: Iterable[int]) -> int:
         return min(indices, key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
@@ -200,6 +203,8 @@ class Member:
                seconds: dict[str, float]) -> None:
         """Record the fine-tuned model of the `to_finish` structure, measured again, as a "finished" round."""
         done = self.to_finish
+        if done is None:
+            raise ValueError("no closed-loop round since the last fine-tuning has a structure left to fine-tune")
         self.structured_models[len(self.rounds)] = structured
         self.rounds.append(Round(done.solved_for, done.structure, done.predicted_speedup, check, seconds, "finished"))
         self.models.append(model)
@@ -260,6 +265,10 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
     for _ in range(settings.max_rounds):
         clock = Stopwatch()
         structure = clock.time("solve", solve, min(solved_for, reachable) / table_scale)
+        if any(r.structure == structure for r in member.rounds):
+            progress(f"solving for {solved_for:.3f}x gives a structure measured already: the table has none between "
+                     "the rounds so far")
+            break
         model = clock.time("build", build, structure)
         onnx_path = work / f"round{len(member.rounds)}.onnx"
         clock.time("export", export_checked, model, onnx_path, verifier.env)
@@ -279,20 +288,34 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
 def next_aim(target: float, rounds: list[Round]) -> float:
     """The speedup to solve for in the next round of a closed loop.
 
-    The last round shows the table off by measured / solved-for there, so aim that much further (ALGORITHMS.md
-    section 3). Once rounds have landed on both sides of the target, interpolate between the nearest two instead
-    (regula falsi): structures the table ranks within 0.1% of each other can differ by 5% in real time, and
-    re-aiming from the last round alone then keeps jumping over the target.
+    The last structure shows the table off by measured / solved-for there, so aim that much further (ALGORITHMS.md
+    section 3). Once structures have landed on both sides of the target, interpolate between the nearest two
+    instead (regula falsi): structures the table ranks within 0.1% of each other can differ by 5% in real time, and
+    re-aiming from the last one alone then keeps jumping over the target. A structure measured more than once
+    (a fine-tuned file has its closed-loop round's structure) counts once, at the median of its measurements.
     """
-    def measured(round_: Round) -> float:
-        return round_.check.speedup.value
-
-    below = [r for r in rounds if measured(r) < target]
-    above = [r for r in rounds if measured(r) >= target]
+    points = measured_structures(rounds)
+    below = [p for p in points if p.speedup < target]
+    above = [p for p in points if p.speedup >= target]
     if below and above:
-        low, high = max(below, key=measured), min(above, key=measured)
+        low, high = max(below, key=lambda p: p.speedup), min(above, key=lambda p: p.speedup)
         if high.solved_for != low.solved_for:
-            fraction = (target - measured(low)) / (measured(high) - measured(low))
+            fraction = (target - low.speedup) / (high.speedup - low.speedup)
             return low.solved_for + fraction * (high.solved_for - low.solved_for)
-    last = rounds[-1]
-    return last.solved_for * target / measured(last)
+    last = next(p for p in points if p.structure == rounds[-1].structure)
+    return last.solved_for * target / last.speedup
+
+
+@dataclass(frozen=True)
+class MeasuredStructure:
+    structure: ModelStructure
+    solved_for: float  # the aim that gave it (the latest, if several did)
+    speedup: float  # the median of its measurements
+
+
+def measured_structures(rounds: list[Round]) -> list[MeasuredStructure]:
+    by_structure: dict[ModelStructure, list[Round]] = {}
+    for round_ in rounds:
+        by_structure.setdefault(round_.structure, []).append(round_)
+    return [MeasuredStructure(structure, same[-1].solved_for, float(np.median([r.check.speedup.value for r in same])))
+            for structure, same in by_structure.items()]
