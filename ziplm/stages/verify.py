@@ -289,17 +289,18 @@ def next_aim(target: float, rounds: list[Round]) -> float:
     """The speedup to solve for in the next round of a closed loop.
 
     The last structure shows the table off by measured / solved-for there, so aim that much further (ALGORITHMS.md
-    section 3). Once structures have landed on both sides of the target, interpolate between the nearest two
-    instead (regula falsi): structures the table ranks within 0.1% of each other can differ by 5% in real time, and
-    re-aiming from the last one alone then keeps jumping over the target. A structure measured more than once
-    (a fine-tuned file has its closed-loop round's structure) counts once, at the median of its measurements.
+    section 3). Once the target is bracketed (the highest aim measured below it is under the lowest aim measured
+    above it), interpolate between those two instead (regula falsi): structures the table ranks within 0.1% of each
+    other can differ by 5% in real time, and re-aiming from the last one alone then keeps jumping over the target.
+    A structure measured more than once (a fine-tuned file has its closed-loop round's structure) counts once, at
+    the median of its measurements.
     """
     points = measured_structures(rounds)
     below = [p for p in points if p.speedup < target]
     above = [p for p in points if p.speedup >= target]
     if below and above:
-        low, high = max(below, key=lambda p: p.speedup), min(above, key=lambda p: p.speedup)
-        if high.solved_for != low.solved_for:
+        low, high = max(below, key=lambda p: p.solved_for), min(above, key=lambda p: p.solved_for)
+        if low.solved_for < high.solved_for:
             fraction = (target - low.speedup) / (high.speedup - low.speedup)
             return low.solved_for + fraction * (high.solved_for - low.solved_for)
     last = next(p for p in points if p.structure == rounds[-1].structure)
