@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from tests.conftest import tiny_bert_config
 from ziplm.families.loading import build_model
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
-from ziplm.runtimes.timing import TimingStats, WideIntervalWarning, median_ci, speedup_of, time_paired, warn_if_wide
+from ziplm.runtimes.timing import (TimingStats, WideIntervalWarning, median_ci, speedup_of, time_interleaved, time_paired,
+                                   warn_if_wide)
 from ziplm.stages.export import encoder_inputs, export_model
 
 
@@ -84,3 +87,10 @@ def test_paired_timing_adds_rounds_while_the_interval_is_wide():
         speedup, baseline, candidate = time_paired(lambda: time.sleep(0.01), lambda: time.sleep(next(jitter)),
                                                    rounds=6, warmup=0, max_relative_width=0.01, extra_batches=2)
     assert speedup.rounds == 18 and len(baseline.samples_ms) == len(candidate.samples_ms) == 18
+
+
+def test_the_garbage_collector_is_off_while_timing_and_restored_after():
+    seen: list[bool] = []
+    stats = time_interleaved({"a": lambda: seen.append(gc.isenabled())}, rounds=4, warmup=0)
+    assert seen == [False] * 4 and len(stats["a"].samples_ms) == 4
+    assert gc.isenabled()

@@ -8,6 +8,7 @@ while the interval is too wide.
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -59,18 +60,28 @@ class WideIntervalWarning(UserWarning):
 
 
 def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3) -> dict[str, TimingStats]:
-    """Call every runner once per round, alternating the order each round; return per-runner statistics."""
+    """Call every runner once per round, alternating the order each round; return per-runner statistics.
+
+    Python's garbage collector is off while timing (as in `timeit`): after fine-tuning, a process holds many
+    objects, and a collection landing inside one call would be charged to that model."""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
             runners[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            start = time.perf_counter()
-            runners[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for round_index in range(rounds):
+            order = names if round_index % 2 == 0 else names[::-1]
+            for name in order:
+                start = time.perf_counter()
+                runners[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if collecting:
+            gc.enable()
     return {name: TimingStats(tuple(values)) for name, values in samples.items()}
 
 
