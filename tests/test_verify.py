@@ -55,11 +55,14 @@ def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_str
     assert member.chosen == 2 and member.model == "b-finished" and member.structured == "b-structured"
     assert member.rounds[2].stage == "finished" and member.rounds[2].structure == member.rounds[1].structure
     assert not member.passed(0.03)
-    # the loop goes on: only rounds after the last finishing are candidates for the next one
+    # the loop goes on: every closed-loop structure not fine-tuned yet is a candidate, earlier ones included
     member.rounds += [measured_round(2.2, 2.07), measured_round(2.15, 2.01)]
     member.models += ["c", "d"]
     member.onnx_paths += [Path("c"), Path("d")]
     assert member.to_finish is member.rounds[4]
+    member.rounds[0] = measured_round(2.0, 2.005)  # an earlier structure closer still (not fine-tuned yet)
+    assert member.to_finish is member.rounds[0]
+    member.rounds[0] = measured_round(2.0, 1.90)
     member.finish("d-finished", "d-structured", Path("d-finished"), measured_round(2.15, 2.02).check, {})
     assert member.chosen == 5 and member.structured == "d-structured" and member.passed(0.03)
 

@@ -1,8 +1,12 @@
 """Verification: a member's speedup measured end to end against the dense model, paired, in the target runtime,
 the closed loop that re-solves a target until its member is measured within tolerance, and latency SLAs.
 
-    verification: {tolerance: 0.03, max_rounds: 4, timing_rounds: 60, warmup: 5}
+    verification: {tolerance: 0.03, max_rounds: 6, finish_rounds: 2, finished_repeats: 3, timing_rounds: 60,
+                   warmup: 5, reference: same}
     slas: [{p90_ms: 12.0}, {median_ms: 8.0, batch_size: 1, sequence_length: 128}]
+
+`reference: fp32` makes an INT8 family's speedups (and SLAs) over the dense FP32 model; the closed loop then
+scales the INT8 table's predictions by the measured dense INT8 / FP32 speedup (`table_scale`).
 
 An SLA bounds one latency statistic (p90 or median, in ms) at the environment's batch size and sequence length
 (the latency table's shape; naming others is only a check that they agree). It becomes a speedup target with the
@@ -189,11 +193,10 @@ class Member:
 
     @property
     def to_finish(self) -> Round | None:
-        """The closed-loop round whose structure the chain fine-tunes next: the closest since the last finishing
+        """The closed-loop round whose structure the chain fine-tunes next: the closest to the target among those
         whose structure was not fine-tuned already (None when there is none)."""
-        last_finished = max((i for i, r in enumerate(self.rounds) if r.stage == "finished"), default=-1)
         done = {r.structure for r in self.rounds if r.stage == "finished"}
-        fresh = [i for i in range(last_finished + 1, len(self.rounds)) if self.rounds[i].structure not in done]
+        fresh = [i for i, r in enumerate(self.rounds) if r.stage == "closed loop" and r.structure not in done]
         return self.rounds[self._closest(fresh)] if fresh else None
 
     def _closest(self, indices: Iterable[int]) -> int:
