@@ -93,6 +93,14 @@ class Recipe(BaseModel):
         """The precision of the dense model the targets' speedups are over (verification.reference)."""
         return "fp32" if self.verification.reference == "fp32" else self.environment.precision
 
+    @property
+    def cross_precision(self) -> Precision | None:
+        """INT8 families: the precision of the other dense model every member is also measured against (None for
+        FP32 families, which have only the one)."""
+        if self.environment.precision == "fp32":
+            return None
+        return "int8" if self.reference_precision == "fp32" else "fp32"
+
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -102,9 +102,8 @@ def speedups_by_precision(recipe: Recipe, member: Member) -> dict[str, dict[str,
     target's check, the other the cross check); FP32 members: neither (`measured_speedup` says it)."""
     by_precision: dict[str, dict[str, Any] | None] = {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
     if member.cross_check is not None:
-        cross = "int8" if recipe.reference_precision == "fp32" else "fp32"
         by_precision[f"speedup_vs_dense_{recipe.reference_precision}"] = _speedup_json(member.final.check)
-        by_precision[f"speedup_vs_dense_{cross}"] = _speedup_json(member.cross_check)
+        by_precision[f"speedup_vs_dense_{recipe.cross_precision}"] = _speedup_json(member.cross_check)
     return by_precision
 
 

@@ -123,9 +123,7 @@ class References:
 
     dense: StageResult[float]
     verifier: PairedVerifier
-    precision: Precision
     cross: PairedVerifier | None = None
-    cross_precision: Precision | None = None
     table_scale: float = 1.0
 
     def reachable(self, table: LatencyTable) -> float:
@@ -133,15 +131,14 @@ class References:
 
 
 def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
-    env, precision = recipe.environment, recipe.reference_precision
-    dense = dense_stage(recipe, inputs, precision, stages)
+    dense = dense_stage(recipe, inputs, recipe.reference_precision, stages)
     verifier = dense_verifier(recipe, inputs, dense)
-    if env.precision == "fp32":
-        return References(dense, verifier, precision)
-    cross_precision: Precision = "int8" if precision == "fp32" else "fp32"
-    cross_dense = dense_stage(recipe, inputs, cross_precision, stages)
-    scale = 1.0 if precision == env.precision else table_scale(recipe, dense, cross_dense, verifier, stages)
-    return References(dense, verifier, precision, dense_verifier(recipe, inputs, cross_dense), cross_precision, scale)
+    if recipe.cross_precision is None:
+        return References(dense, verifier)
+    cross_dense = dense_stage(recipe, inputs, recipe.cross_precision, stages)
+    scale = (1.0 if recipe.reference_precision == recipe.environment.precision
+             else table_scale(recipe, dense, cross_dense, verifier, stages))
+    return References(dense, verifier, dense_verifier(recipe, inputs, cross_dense), scale)
 
 
 def table_scale(recipe: Recipe, reference: StageResult[float], table_dense: StageResult[float],
@@ -303,7 +300,7 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
     if refs.cross:
         member.cross_check = refs.cross.measure(member.onnx_path)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
-        progress(f"against the dense {refs.cross_precision} model: {member.cross_check.speedup.value:.3f}x; "
+        progress(f"against the dense {recipe.cross_precision} model: {member.cross_check.speedup.value:.3f}x; "
                  f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
@@ -311,7 +308,7 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
     """The dense reference folder, the member folders and the report."""
     runtime = runtime_json(inputs.table)
     dense_onnx = family.refs.dense.path / "model.onnx"
-    dense_info = dense_summary(inputs.dense, dense_onnx, family.refs.precision, family.refs.dense.value,
+    dense_info = dense_summary(inputs.dense, dense_onnx, recipe.reference_precision, family.refs.dense.value,
                                len(inputs.task.validation), family.members)
     with atomic_directory(out / DENSE_DIR) as folder:
         (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())

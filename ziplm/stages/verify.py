@@ -207,7 +207,7 @@ class Member:
         """Record the fine-tuned model of the `to_finish` structure, measured again, as a "finished" round."""
         done = self.to_finish
         if done is None:
-            raise ValueError("no closed-loop round since the last fine-tuning has a structure left to fine-tune")
+            raise ValueError("no closed-loop round has a structure left that was not fine-tuned already")
         self.structured_models[len(self.rounds)] = structured
         self.rounds.append(Round(done.solved_for, done.structure, done.predicted_speedup, check, seconds, "finished"))
         self.models.append(model)
