@@ -38,7 +38,8 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
         assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distillation", "obert-gradual", "int8-qat",
                                     "onnx-export", "paired-verification"]
         assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
-        assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"]["measured_speedup"] > 0
+        assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"]["direct"] is not None
+        assert member["speedup_vs_dense_int8"]["measured_speedup"] == member["measured_speedup"]  # over the reference
         assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
         assert 0.0 <= member["metric"]["onnx_value"] <= 1.0  # the INT8 file's own accuracy, beside torch's
         graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
@@ -69,27 +70,39 @@ def test_a_chain_that_cannot_work_is_refused(tmp_path, monkeypatch, tiny_bert_di
 
 
 def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
-    """verification.reference: fp32 — the INT8 member's target is its speedup over the dense FP32 model, which is
-    the reference written beside the members; the INT8 table is scaled by the measured dense INT8 / FP32 speedup."""
+    """verification.reference: fp32 — the INT8 member's target is its speedup over the dense FP32 model, the reference
+    written beside the members. The member is timed beside the dense INT8 model (written too) and that speedup is
+    scaled by the precision factor, which also scales the INT8 table; `ziplm verify` measures it the same way."""
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, targets=[1.3],
                  environment={"threads": 1, "sequence_length": 32, "precision": "int8"},
                  verification={"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1,
-                               "reference": "fp32"})
+                               "precision_blocks": 3, "reference": "fp32"})
     assert result.exit_code in (0, 1), result.output
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
-    assert report["speedup_reference"] == "fp32" and report["table_scale"] > 0
-    dense = json.loads((out / "dense" / "manifest.json").read_text())
-    assert dense["precision"] == "fp32"
-    assert not any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out / "dense" / "model.onnx")).graph.node)
+    factor = report["precision_factor"]
+    assert report["speedup_reference"] == "fp32" and factor["blocks"] == 3
+    assert factor["min"] <= factor["value"] <= factor["max"] and report["table_scale"] == factor["value"]
+    for folder, precision in (("dense", "fp32"), ("dense-int8", "int8")):
+        assert json.loads((out / folder / "manifest.json").read_text())["precision"] == precision
+        graph = onnx.load(str(out / folder / "model.onnx")).graph
+        assert any(node.op_type == "QuantizeLinear" for node in graph.node) == (precision == "int8")
     (member,) = report["members"]
-    assert member["speedup_vs_dense_fp32"]["measured_speedup"] == member["measured_speedup"]
-    assert member["speedup_vs_dense_int8"]["measured_speedup"] > 0
+    assert member["timed_beside"] == "../dense-int8/model.onnx"
+    over_fp32, over_int8 = member["speedup_vs_dense_fp32"], member["speedup_vs_dense_int8"]
+    assert over_fp32["measured_speedup"] == member["measured_speedup"]
+    assert over_fp32["measured_speedup"] == pytest.approx(over_int8["measured_speedup"] * factor["value"], rel=1e-3)
+    assert over_fp32["direct"]["measured_speedup"] > 0  # the cross-check, timed directly beside dense FP32
+    assert member["dense_latency_ms"] == over_fp32["direct"]["dense_latency_ms"]  # the reference's latency
     first = member["rounds"][0]
     assert first["solved_for"] == 1.3  # in the target's terms; the table was asked for 1.3 / table_scale
     graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+    verified = CliRunner().invoke(app, ["verify", str(out / member["name"]), "--rounds", "10"],
+                                  catch_exceptions=False)
+    assert verified.exit_code in (0, 1), verified.output
+    assert "over dense fp32 via dense int8 x" in " ".join(verified.output.split())
 
 
 def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp_path, monkeypatch, tiny_bert_dir,

@@ -9,7 +9,7 @@ import pytest
 
 from ziplm.families import ModelShape, ModelStructure
 from ziplm.runtimes.timing import Speedup, TimingStats
-from ziplm.stages.verify import LatencyCheck, Member, Round, next_aim
+from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor, Round, next_aim
 
 SHAPE = ModelShape("bert", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, ffn_size=64,
                    vocab_size=100)
@@ -84,3 +84,29 @@ def test_nothing_is_left_to_finish_when_every_new_structure_was_fine_tuned():
     assert member.to_finish is None
     with pytest.raises(ValueError, match="no closed-loop round"):
         member.finish("again", "again", Path("again"), measured_round(2.1, 1.9).check, {})
+
+
+def test_a_check_timed_beside_another_dense_model_is_scaled_to_the_reference():
+    paired = Speedup(2.0, 1.9, 2.1, 0.95, 60)
+    check = LatencyCheck(paired, TimingStats((10.0,)), TimingStats((5.0,)), scale=1.9)
+    assert check.paired == paired and check.speedup.value == pytest.approx(3.8)
+    assert (check.speedup.ci_low, check.speedup.ci_high) == pytest.approx((3.61, 3.99))
+    assert check.deviation(4.0) == pytest.approx(-0.05)
+
+
+class BlocksVerifier:
+    """Stands in for a PairedVerifier beside dense FP32: the blocks it measures the dense INT8 model in."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def measure_blocks(self, member_onnx: Path, blocks: int) -> list[LatencyCheck]:
+        assert blocks == len(self.values)
+        return [LatencyCheck(Speedup(v, v, v, 0.95, 60), TimingStats((10.0,)), TimingStats((10.0 / v,)))
+                for v in self.values]
+
+
+def test_the_precision_factor_is_the_median_block_and_keeps_their_range():
+    factor = PrecisionFactor.measure(BlocksVerifier([1.78, 2.27, 1.89, 1.88, 2.07]), Path("int8.onnx"), 5)
+    assert factor.value == 1.89
+    assert factor.to_json() == {"value": 1.89, "blocks": 5, "min": 1.78, "max": 2.27}

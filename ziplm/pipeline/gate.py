@@ -4,7 +4,9 @@
     ziplm verify runs/demo/minilm-mr-2x --threads 4 --max-latency-ms 12 --min-speedup 1.9 --junit verify.xml
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
-timed interleaved in one run (the paired timing of `ziplm run`). Checks, each one JUnit test case:
+timed interleaved in one run (the paired timing of `ziplm run`). An INT8 member whose target is over FP32 is measured
+as `ziplm run` measured it: timed beside the dense INT8 model its manifest names (`timed_beside`), times the
+precision factor (dense INT8 over dense FP32), measured anew here over as many paired blocks as the run used. Checks, each one JUnit test case:
 - speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
   guarantee is a lower bound; `ziplm run` also rejects overshooting a target, verify does not. Left out for an SLA
   member unless --min-speedup is given.
@@ -28,7 +30,7 @@ from ziplm.pipeline.cache import file_digest
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.verify import PairedVerifier, VerificationSettings, statistic
+from ziplm.stages.verify import PairedVerifier, PrecisionFactor, VerificationSettings, statistic
 
 MANIFEST = "manifest.json"
 
@@ -65,7 +67,10 @@ class Verdict:
 
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
-        return f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
+        factor = self.runtime.get("precision_factor")
+        via = f"; over dense fp32 via dense int8 x {factor:.3f}" if factor else ""
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)}"
+                f"{via})")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Artifact:
     manifest: dict[str, Any]
     onnx: Path
     dense_onnx: Path
+    beside_onnx: Path | None  # INT8 families with targets over FP32: the dense INT8 model the member is timed beside
 
 
 def load_artifact(folder: Path) -> Artifact:
@@ -87,13 +93,15 @@ def load_artifact(folder: Path) -> Artifact:
         raise BadInputError(f"{path} is not valid JSON ({error}): re-create the artifact with `ziplm run`") from error
     onnx = Path(folder) / "model.onnx"
     dense_onnx = (Path(folder) / manifest.get("dense_reference", "../dense/model.onnx")).resolve()
-    for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference")):
-        if not file.is_file():
-            raise BadInputError(f"{what} {file} is missing: keep the dense/ folder of `ziplm run` beside the member")
+    beside_onnx = (Path(folder) / manifest["timed_beside"]).resolve() if manifest.get("timed_beside") else None
+    for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference"),
+                       (beside_onnx, "the dense model the member is timed beside")):
+        if file is not None and not file.is_file():
+            raise BadInputError(f"{what} {file} is missing: keep the dense folders of `ziplm run` beside the member")
     if file_digest(onnx) != manifest.get("sha256"):
         raise BadInputError(f"{onnx} is corrupt or was changed: its sha256 differs from the one in {path}; "
                             "use the artifact as `ziplm run` wrote it")
-    return Artifact(Path(folder), manifest, onnx, dense_onnx)
+    return Artifact(Path(folder), manifest, onnx, dense_onnx, beside_onnx)
 
 
 def environment(manifest: dict[str, Any], runtime: str | None = None, threads: int | None = None,
@@ -119,6 +127,13 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
     vocab_size = load_config(str(artifact.folder)).vocab_size
     start = time.perf_counter()
     verifier = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings)
+    info: dict[str, Any] = {}
+    if artifact.beside_onnx:  # as `ziplm run` measured it: beside dense INT8, times the precision factor, measured anew
+        factor = PrecisionFactor.measure(verifier, artifact.beside_onnx,
+                                         manifest["precision_factor"]["blocks"] if manifest.get("precision_factor")
+                                         else settings.precision_blocks)
+        verifier = PairedVerifier(runtime, env, artifact.beside_onnx, vocab_size, settings, factor.value)
+        info["precision_factor"] = round(factor.value, 4)
     check = verifier.measure(artifact.onnx)
     sla = manifest.get("sla")
     checks = []
@@ -130,7 +145,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         required = max_latency_ms if max_latency_ms is not None else sla["ms"]
         checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
-            "precision": env.precision}
+            "precision": env.precision, **info}
     return Verdict(manifest["name"], info, checks, time.perf_counter() - start)
 
 

@@ -94,12 +94,10 @@ class Recipe(BaseModel):
         return "fp32" if self.verification.reference == "fp32" else self.environment.precision
 
     @property
-    def cross_precision(self) -> Precision | None:
-        """INT8 families: the precision of the other dense model every member is also measured against (None for
-        FP32 families, which have only the one)."""
-        if self.environment.precision == "fp32":
-            return None
-        return "int8" if self.reference_precision == "fp32" else "fp32"
+    def scaled_by_precision_factor(self) -> bool:
+        """An INT8 family whose targets are over FP32: its members are timed beside the dense INT8 model and their
+        speedups scaled by the precision factor (stages/verify.py: PrecisionFactor)."""
+        return self.environment.precision == "int8" and self.reference_precision == "fp32"
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -13,14 +13,17 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
 from ziplm.pipeline.cache import file_digest, fingerprint, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.runtimes.timing import Speedup, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.stages.verify import LatencyCheck, Member
+    from ziplm.stages.verify import Member, PrecisionFactor
     from ziplm.pipeline.tasks import TaskData
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
+BESIDE_DIR = "dense-int8"  # INT8 families with targets over FP32: the dense model members are timed beside
+TIMED_BESIDE = f"../{BESIDE_DIR}/model.onnx"
 
 
 def runtime_json(table: LatencyTable) -> dict[str, Any]:
@@ -41,11 +44,11 @@ def environment_line(runtime: dict[str, Any]) -> str:
 
 
 def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, accuracy: float, validation_size: int,
-                  members: list[Member]) -> dict[str, Any]:
-    """The dense reference (in `precision`): its latency is the median over the paired runs that measured the
-    members."""
-    medians = [m.final.check.dense.median_ms for m in members]
-    p90s = [m.final.check.dense.p90_ms for m in members]
+                  latencies: list[TimingStats]) -> dict[str, Any]:
+    """A dense model (in `precision`): its latency is the median over the paired runs that timed the members beside
+    it (`latencies`)."""
+    medians = [stats.median_ms for stats in latencies]
+    p90s = [stats.p90_ms for stats in latencies]
     return {
         "precision": precision,
         "latency_ms": {"median": round(statistics.median(medians), 4), "p90": round(statistics.median(p90s), 4)},
@@ -61,10 +64,21 @@ def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_pat
             "sha256": file_digest(onnx_path)}
 
 
+def reference_latency(recipe: Recipe, member: Member) -> TimingStats:
+    """The reference's latency in the paired run that measured the member against it: the direct run beside dense
+    FP32 when the member's check was timed beside dense INT8 and scaled."""
+    if recipe.scaled_by_precision_factor:
+        assert member.cross_check is not None, "INT8 members are timed directly beside dense FP32 (score_member)"
+        return member.cross_check.dense
+    return member.final.check.dense
+
+
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
-             onnx_path: Path, teacher_fingerprint: str, task: TaskData) -> dict[str, Any]:
+             onnx_path: Path, teacher_fingerprint: str, task: TaskData,
+             factor: PrecisionFactor | None) -> dict[str, Any]:
     check = member.final.check
     deviation = check.deviation(member.target)
+    dense_latency = reference_latency(recipe, member)
     return {
         "name": name,
         "target_speedup": member.target,
@@ -74,11 +88,13 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "tolerance": recipe.verification.tolerance,
         "predicted_speedup": round(member.final.predicted_speedup, 4),
         "latency_ms": {"median": round(check.member.median_ms, 4), "p90": round(check.member.p90_ms, 4)},
-        "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)},
+        "dense_latency_ms": {"median": round(dense_latency.median_ms, 4), "p90": round(dense_latency.p90_ms, 4)},
         "sla": member.sla.to_json(check.member) if member.sla else None,
         "runtime": runtime,
         "runtime_fingerprint": runtime_fingerprint(runtime),
         "dense_reference": DENSE_REFERENCE,
+        "timed_beside": TIMED_BESIDE if recipe.scaled_by_precision_factor else None,
+        "precision_factor": factor.to_json() if factor else None,
         "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
                    "onnx_value": member.onnx_accuracy,
                    "validation_size": dense_info["metric"]["validation_size"]},
@@ -90,26 +106,29 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "passed": member.passed(recipe.verification.tolerance),
         "stages": recipe.chain.stage_names(recipe.environment.precision),
         "speedup_reference": recipe.reference_precision,
-        **speedups_by_precision(recipe, member),
+        **speedups_by_precision(member, factor),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
 
 
-def speedups_by_precision(recipe: Recipe, member: Member) -> dict[str, dict[str, Any] | None]:
-    """INT8 members: the file's speedup over the dense FP32 model and over the dense INT8 model (one of them is the
-    target's check, the other the cross check); FP32 members: neither (`measured_speedup` says it)."""
-    by_precision: dict[str, dict[str, Any] | None] = {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
-    if member.cross_check is not None:
-        by_precision[f"speedup_vs_dense_{recipe.reference_precision}"] = _speedup_json(member.final.check)
-        by_precision[f"speedup_vs_dense_{recipe.cross_precision}"] = _speedup_json(member.cross_check)
-    return by_precision
+def speedups_by_precision(member: Member, factor: PrecisionFactor | None) -> dict[str, dict[str, Any] | None]:
+    """INT8 members: the file's speedup over the dense INT8 model (timed beside it) and over the dense FP32 model
+    (that times the precision factor, with the direct paired run beside dense FP32 as a cross-check); FP32 members:
+    neither (`measured_speedup` says it)."""
+    if factor is None or member.cross_check is None:
+        return {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
+    check = member.final.check
+    return {"speedup_vs_dense_int8": _speedup_json(check.paired, check.dense),
+            "speedup_vs_dense_fp32": {**_speedup_json(check.paired.scaled(factor.value), member.cross_check.dense),
+                                      "precision_factor": round(factor.value, 4),
+                                      "direct": _speedup_json(member.cross_check.speedup, member.cross_check.dense)}}
 
 
-def _speedup_json(check: LatencyCheck) -> dict[str, Any]:
-    return {"measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
-            "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
+def _speedup_json(speedup: Speedup, dense: TimingStats) -> dict[str, Any]:
+    return {"measured_speedup": round(speedup.value, 4), "speedup_ci": speedup.to_json(),
+            "dense_latency_ms": {"median": round(dense.median_ms, 4), "p90": round(dense.p90_ms, 4)}}
 
 
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
@@ -129,15 +148,29 @@ def weight_sparsity(model: PreTrainedModel) -> float:
 
 
 def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dict[str, Any],
-                 manifests: list[dict[str, Any]], reachable: float, table_scale: float) -> dict[str, Any]:
+                 manifests: list[dict[str, Any]], reachable: float, table_scale: float,
+                 factor: PrecisionFactor | None) -> dict[str, Any]:
     """`table_scale`: the table's speedups times this are speedups over the reference (verification.reference)."""
     report = {"runtime": runtime_json(table), "dense": dense_info, "members": manifests,
               "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
               "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
+              "precision_factor": factor.to_json() if factor else None,
               "max_reachable_speedup": round(reachable, 3)}
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(report, draw_figures(out, report)))
     return report
+
+
+def _precision_factor_lines(report: dict[str, Any]) -> list[str]:
+    factor = report["precision_factor"]
+    if factor is None:
+        return []
+    how = ("INT8 members are timed beside the dense INT8 model; their speedup over dense FP32 is that times"
+           if report["speedup_reference"] == "fp32" else "Speedups over dense FP32 below are the measured ones times")
+    return ["", f"{how} the precision factor: dense INT8 runs {factor['value']:.3f}x dense FP32 (median of "
+                f"{factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}: on a shared CPU "
+                "this ratio moves with the load, while a member's speedup over the dense model in its own precision "
+                "stays put)."]
 
 
 def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
@@ -159,6 +192,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         "",
         f"{environment_line(runtime)}. Speedups are measured end to end against the dense "
         f"{report['speedup_reference']} model, interleaved in one run (95% interval in brackets).",
+        *_precision_factor_lines(report),
         "",
         f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
@@ -176,7 +210,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
-    lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model, "
+    lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model "
+              f"({m['speedup_vs_dense_fp32']['direct']['measured_speedup']:.3f}x timed directly beside it), "
               f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model; weight sparsity "
               f"{m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
     lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]

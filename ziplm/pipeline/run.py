@@ -25,7 +25,8 @@ from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.chain import finish
 from ziplm.pipeline.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
-from ziplm.pipeline.report import DENSE_DIR, dense_manifest, dense_summary, manifest, runtime_json, write_report
+from ziplm.pipeline.report import (BESIDE_DIR, DENSE_DIR, dense_manifest, dense_summary, manifest, reference_latency,
+                                   runtime_json, write_report)
 from ziplm.pipeline.tasks import TaskData, load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.base import Precision
@@ -37,7 +38,8 @@ from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.search import max_speedup
-from ziplm.stages.verify import LatencySLA, Member, PairedVerifier, SessionClassifier, Stopwatch, closed_loop
+from ziplm.stages.verify import (LatencySLA, Member, PairedVerifier, PrecisionFactor, SessionClassifier, Stopwatch,
+                                 closed_loop)
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
 
@@ -114,44 +116,59 @@ class Start:
 
 @dataclass
 class References:
-    """The dense models members are measured against, each exported in one precision and held by a verifier.
+    """The dense models members are measured against, and how.
 
-    `dense` is the one the goals' speedups are over (written to OUT/dense, where `ziplm verify` finds it). An INT8
-    family is also measured against the dense model in the other precision (`cross`). `table_scale` turns the
-    latency table's speedups (over the dense model in the environment's precision) into speedups over `dense`.
+    `dense` is the reference, the model the goals' speedups are over (written to OUT/dense, where `ziplm verify`
+    finds it). Members are timed beside the dense model in the environment's precision (`verifier`). When that is
+    not the reference (an INT8 family with targets over FP32), it is `beside` (written to OUT/dense-int8) and the
+    verifier scales its speedups by the precision factor (stages/verify.py: PrecisionFactor says why). INT8 families
+    also time the chosen file directly beside dense FP32 (`direct`), a cross-check of that product.
     """
 
     dense: StageResult[float]
     verifier: PairedVerifier
-    cross: PairedVerifier | None = None
-    table_scale: float = 1.0
+    beside: StageResult[float] | None = None
+    direct: PairedVerifier | None = None
+    precision_factor: PrecisionFactor | None = None
+
+    @property
+    def table_scale(self) -> float:
+        """The latency table's speedups (over the dense model in the environment's precision) times this are
+        speedups over the reference."""
+        return self.verifier.scale
 
     def reachable(self, table: LatencyTable) -> float:
         return max_speedup(table) * self.table_scale
 
+    def reference_latency(self) -> TimingStats:
+        """The reference's latency on its own (turns SLAs into speedup targets)."""
+        return (self.direct if self.beside else self.verifier).measure_dense()
+
 
 def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
-    dense = dense_stage(recipe, inputs, recipe.reference_precision, stages)
-    verifier = dense_verifier(recipe, inputs, dense)
-    if recipe.cross_precision is None:
-        return References(dense, verifier)
-    cross_dense = dense_stage(recipe, inputs, recipe.cross_precision, stages)
-    scale = (1.0 if recipe.reference_precision == recipe.environment.precision
-             else table_scale(recipe, dense, cross_dense, verifier, stages))
-    return References(dense, verifier, dense_verifier(recipe, inputs, cross_dense), scale)
+    own = dense_stage(recipe, inputs, recipe.environment.precision, stages)
+    if recipe.environment.precision == "fp32":
+        return References(own, dense_verifier(recipe, inputs, own))
+    fp32 = dense_stage(recipe, inputs, "fp32", stages)
+    direct = dense_verifier(recipe, inputs, fp32)
+    factor = precision_factor(recipe, own, fp32, direct, stages)
+    if recipe.reference_precision == "int8":
+        return References(own, dense_verifier(recipe, inputs, own), None, direct, factor)
+    return References(fp32, dense_verifier(recipe, inputs, own, factor.value), own, direct, factor)
 
 
-def table_scale(recipe: Recipe, reference: StageResult[float], table_dense: StageResult[float],
-                verifier: PairedVerifier, stages: StageCache) -> float:
-    """How much faster the dense model in the table's precision runs than the reference, measured paired (cached).
-    The closed loop corrects what this one measurement gets wrong."""
-    measured: StageResult[float] = stages.run(
-        "table-scale", {"reference": reference.key, "table_dense": table_dense.key,
-                        "verification": recipe.verification.model_dump()},
-        lambda _, progress: verifier.measure(table_dense.path / "model.onnx").speedup.value)
-    stages.stage("table-scale")(f"dense {recipe.environment.precision} runs {measured.value:.3f}x dense "
-                                f"{recipe.reference_precision}: the latency table is solved for the targets / that")
-    return measured.value
+def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult[float], direct: PairedVerifier,
+                     stages: StageCache) -> PrecisionFactor:
+    """Dense INT8 over dense FP32, the median of `verification.precision_blocks` paired measurements (cached)."""
+    settings = recipe.verification
+    measured: StageResult[PrecisionFactor] = stages.run(
+        "precision-factor", {"int8": int8.key, "fp32": fp32.key, "blocks": settings.precision_blocks,
+                             "rounds": settings.timing_rounds, "warmup": settings.warmup},
+        lambda _, progress: PrecisionFactor.measure(direct, int8.path / "model.onnx", settings.precision_blocks))
+    factor = measured.value
+    stages.stage("precision-factor")(f"dense int8 runs {factor.value:.3f}x dense fp32 (median of {len(factor.blocks)} "
+                                     f"paired blocks, {min(factor.blocks):.3f}-{max(factor.blocks):.3f})")
+    return factor
 
 
 def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: StageCache) -> StageResult[float]:
@@ -163,11 +180,12 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
                       label="dense" if precision == recipe.reference_precision else f"dense {precision}")
 
 
-def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float]) -> PairedVerifier:
-    """Measures members against this dense reference, paired, in the recipe's environment."""
+def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float], scale: float = 1.0) -> PairedVerifier:
+    """Measures members timed beside this dense model, paired, in the recipe's environment (speedups times
+    `scale`: that dense model's speedup over the reference)."""
     env = recipe.environment
     return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
-                          recipe.verification)
+                          recipe.verification, scale)
 
 
 def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCache) -> StageResult[zipl.Database]:
@@ -217,7 +235,7 @@ def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCac
     latency: StageResult[TimingStats] = stages.run(
         "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
                           "warmup": settings.warmup},
-        lambda _, progress: refs.verifier.measure_dense())
+        lambda _, progress: refs.reference_latency())
     goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
     for target, sla in goals:
         check_reachable(f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
@@ -264,6 +282,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
         return member
 
     result = stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
+                                   "timed_beside": (refs.beside or refs.dense).key,
                                    "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
                                    "target": target, "sla": sla.model_dump() if sla else None,
                                    "verification": recipe.verification.model_dump(),
@@ -297,25 +316,38 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
         return evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
 
     member.accuracy = accuracy(member.model)
-    if refs.cross:
-        member.cross_check = refs.cross.measure(member.onnx_path)
+    if refs.direct:
+        member.cross_check = refs.direct.measure(member.onnx_path, recipe.verification.finished_repeats)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
-        progress(f"against the dense {recipe.cross_precision} model: {member.cross_check.speedup.value:.3f}x; "
+        progress(f"timed directly beside the dense fp32 model: {member.cross_check.speedup.value:.3f}x; "
                  f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
     """The dense reference folder, the member folders and the report."""
     runtime = runtime_json(inputs.table)
-    dense_onnx = family.refs.dense.path / "model.onnx"
-    dense_info = dense_summary(inputs.dense, dense_onnx, recipe.reference_precision, family.refs.dense.value,
-                               len(inputs.task.validation), family.members)
-    with atomic_directory(out / DENSE_DIR) as folder:
+    refs = family.refs
+    reference_latencies = [reference_latency(recipe, member) for member in family.members]
+    dense_info = write_dense(out / DENSE_DIR, refs.dense, recipe.reference_precision, reference_latencies, inputs,
+                             runtime)
+    if refs.beside:
+        write_dense(out / BESIDE_DIR, refs.beside, recipe.environment.precision,
+                    [member.final.check.dense for member in family.members], inputs, runtime)
+    manifests = [write_member(recipe, runtime, member, inputs, dense_info, refs.precision_factor, out)
+                 for member in family.members]
+    return write_report(out, recipe, inputs.table, dense_info, manifests, refs.reachable(inputs.table),
+                        refs.table_scale, refs.precision_factor)
+
+
+def write_dense(folder_path: Path, dense: StageResult[float], precision: Precision, latencies: list[TimingStats],
+                inputs: Inputs, runtime: dict[str, Any]) -> dict[str, Any]:
+    """A dense model's folder (model.onnx, manifest.json); returns its summary."""
+    dense_onnx = dense.path / "model.onnx"
+    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, len(inputs.task.validation), latencies)
+    with atomic_directory(folder_path) as folder:
         (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
-        write_json_atomic(folder / "manifest.json", dense_manifest(runtime, dense_info, folder / "model.onnx"))
-    manifests = [write_member(recipe, runtime, member, inputs, dense_info, out) for member in family.members]
-    return write_report(out, recipe, inputs.table, dense_info, manifests, family.refs.reachable(inputs.table),
-                        family.refs.table_scale)
+        write_json_atomic(folder / "manifest.json", dense_manifest(runtime, info, folder / "model.onnx"))
+    return info
 
 
 def member_name(recipe: Recipe, member: Member) -> str:
@@ -324,7 +356,7 @@ def member_name(recipe: Recipe, member: Member) -> str:
 
 
 def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs: Inputs, dense_info: dict[str, Any],
-                 out: Path) -> dict[str, Any]:
+                 factor: PrecisionFactor | None, out: Path) -> dict[str, Any]:
     """The member folder (model.onnx, weights, config.json, tokenizer, manifest.json), written atomically."""
     name = member_name(recipe, member)
     with atomic_directory(out / name) as folder:
@@ -332,6 +364,6 @@ def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs
         inputs.tokenizer.save_pretrained(folder)
         (folder / "model.onnx").write_bytes(member.onnx_path.read_bytes())
         payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", inputs.dense_key,
-                           inputs.task)
+                           inputs.task, factor)
         write_json_atomic(folder / "manifest.json", payload)
     return payload
