@@ -6,7 +6,8 @@
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
 timed interleaved in one run (the paired timing of `ziplm run`). An INT8 member whose target is over FP32 is measured
 as `ziplm run` measured it: timed beside the dense INT8 model its manifest names (`timed_beside`), times the
-precision factor (dense INT8 over dense FP32), measured anew here over as many paired blocks as the run used. Checks, each one JUnit test case:
+precision factor (dense INT8 over dense FP32), measured anew here over as many paired blocks as the run used.
+Checks, each one JUnit test case:
 - speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
   guarantee is a lower bound; `ziplm run` also rejects overshooting a target, verify does not. Left out for an SLA
   member unless --min-speedup is given.
