@@ -89,7 +89,8 @@ def test_verify_without_the_dense_reference_exits_2(tiny_family, tmp_path):
     family = copy_family(tiny_family, tmp_path)
     shutil.rmtree(family / "dense")
     result = invoke("verify", speedup_member(family))
-    assert result.exit_code == 2 and "keep the dense folders of `ziplm run` beside the member" in " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "keep the dense folders of `ziplm run` beside the member" in " ".join(result.output.split())
 
 
 @pytest.mark.parametrize("args, message", [
