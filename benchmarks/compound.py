@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from benchmarks.common import RESULTS, progress, write_results
 from ziplm.pipeline.cache import cache_root
@@ -66,15 +67,8 @@ def independent_members() -> Iterator[None]:
         for stage in ("calibrate", "database"):
             (shared / "stages" / stage).mkdir(parents=True, exist_ok=True)
             (root / "stages" / stage).symlink_to(shared / "stages" / stage)
-        before = os.environ.get("ZIPLM_CACHE")
-        os.environ["ZIPLM_CACHE"] = str(root)
-        try:
+        with patch.dict(os.environ, {"ZIPLM_CACHE": str(root)}):
             yield
-        finally:
-            if before is None:
-                del os.environ["ZIPLM_CACHE"]
-            else:
-                os.environ["ZIPLM_CACHE"] = before
 
 
 def compound_runs(count: int) -> list[dict[str, Any]]:

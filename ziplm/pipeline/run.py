@@ -140,7 +140,7 @@ class References:
     def reachable(self, table: LatencyTable) -> float:
         return max_speedup(table) * self.table_scale
 
-    def reference_latency(self) -> TimingStats:
+    def measure_reference_alone(self) -> TimingStats:
         """The reference's latency on its own (turns SLAs into speedup targets)."""
         return (self.direct if self.beside else self.verifier).measure_dense()
 
@@ -152,9 +152,9 @@ def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References
     fp32 = dense_stage(recipe, inputs, "fp32", stages)
     direct = dense_verifier(recipe, inputs, fp32)
     factor = precision_factor(recipe, own, fp32, direct, stages)
-    if recipe.reference_precision == "int8":
-        return References(own, dense_verifier(recipe, inputs, own), None, direct, factor)
-    return References(fp32, dense_verifier(recipe, inputs, own, factor.value), own, direct, factor)
+    if recipe.scaled_by_precision_factor:
+        return References(fp32, dense_verifier(recipe, inputs, own, factor.value), own, direct, factor)
+    return References(own, dense_verifier(recipe, inputs, own), None, direct, factor)
 
 
 def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult[float], direct: PairedVerifier,
@@ -235,7 +235,7 @@ def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCac
     latency: StageResult[TimingStats] = stages.run(
         "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
                           "warmup": settings.warmup},
-        lambda _, progress: refs.reference_latency())
+        lambda _, progress: refs.measure_reference_alone())
     goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
     for target, sla in goals:
         check_reachable(f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
