@@ -125,12 +125,15 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     dense = first["dense"]["metric"]["value"]
     members = [(i + 1, run, m) for i, run in enumerate(runs) for m in run["members"]]
     passed = sum(m["passed"] for _, _, m in members)
+    verification = first["recipe"]["verification"]
     lines = ["## Compound: ZipLM (INT8 table) + distillation + gradual oBERT 80% + INT8 QAT, 4x over dense FP32", "",
              f"{environment_line(first['runtime'])}. The target is the speedup over the dense FP32 model. Each INT8 "
              "file is timed beside the dense INT8 model, paired, and that speedup times the precision factor (dense "
-             "INT8 over dense FP32, the median of 20 paired measurements) is its speedup over dense FP32; the INT8 "
-             "table is solved for the target divided by the same factor. The last column times the file directly "
-             "beside dense FP32 (median of 3 paired measurements), the cross-check. "
+             f"INT8 over dense FP32, the median of {first['precision_factor']['blocks']} paired measurements) is its "
+             "speedup over dense FP32; the INT8 table is solved for the target divided by the same factor. A "
+             f"closed-loop round reads the median of {verification.get('round_repeats', 1)} paired measurements, a "
+             f"fine-tuned file the median of {verification['finished_repeats']}. The last column times the file "
+             f"directly beside dense FP32 (median of {verification['finished_repeats']}), the cross-check. "
              f"{len(runs)} independent runs (own members, own precision factor): **{passed} of {len(members)} "
              "within 3% of the target**.", "",
              "| run | vs dense FP32 (95% CI) | deviation | vs dense INT8 (95% CI) | precision factor (range) "

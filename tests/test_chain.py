@@ -123,4 +123,8 @@ def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp
         assert member["rounds"][1]["structure"] != member["rounds"][3]["structure"]
     deviations = {i: abs(member["rounds"][i]["deviation"]) for i in finished}
     assert member["chosen_round"] == min(deviations, key=deviations.get)
+    for round_ in member["rounds"]:  # each reading is the median of round_repeats (3) or finished_repeats (5)
+        measurements = sorted(round_["measurements"])
+        assert len(measurements) == (5 if round_["stage"] == "finished" else 3)
+        assert round_["measured_speedup"] == measurements[len(measurements) // 2]
     assert "the fine-tuned file missed the target" in result.output

@@ -31,7 +31,7 @@ def test_a_bracketed_target_is_interpolated_between_the_nearest_rounds():
     # which measured 2.088x again; between the two rounds on either side the aim is 2.043x
     rounds = [measured_round(2.000, 1.908), measured_round(2.096, 2.112)]
     assert next_aim(2.0, rounds) == pytest.approx(2.000 + (2.0 - 1.908) / (2.112 - 1.908) * 0.096)
-    farther = [measured_round(1.5, 1.4), *rounds, measured_round(2.5, 2.6)]
+    farther = [measured_round(1.5, 1.4), measured_round(2.5, 2.6), *rounds]
     assert next_aim(2.0, farther) == pytest.approx(next_aim(2.0, rounds))
 
 
@@ -39,12 +39,28 @@ def test_the_bracket_is_the_tightest_in_aim_not_in_measured_speed():
     # bert-base at 8x (benchmarks/results/speedup_guarantee.md): aims 8.000 / 8.439 / 8.156 / 8.069 measured
     # 7.584 / 8.756 / 8.519 / 9.128; between the nearest measured values (8.000 and 8.156) the aim would be 8.069
     # again, a structure measured already; the target lies between the aims 8.000 and 8.069
+    # (the last three landed above the target, so the end below counts a quarter: see the Illinois test)
     rounds = [measured_round(8.0, 7.584), measured_round(8.439, 8.756), measured_round(8.156, 8.519),
               measured_round(8.069, 9.128)]
-    assert next_aim(8.0, rounds) == pytest.approx(8.0 + (8.0 - 7.584) / (9.128 - 7.584) * 0.069)
+    low_residual = (8.0 - 7.584) / 4
+    assert next_aim(8.0, rounds) == pytest.approx(8.0 + low_residual / (low_residual + 9.128 - 8.0) * 0.069)
     # noise that puts an aim measured above the target under one measured below is no bracket: re-aim from the last
     crossed = [measured_round(8.0, 8.3), measured_round(8.2, 7.9)]
     assert next_aim(8.0, crossed) == pytest.approx(8.2 * 8.0 / 7.9)
+
+
+def test_an_end_of_the_bracket_kept_round_after_round_counts_less_and_less():
+    # compound run 1 (benchmarks/results/compound.md, commit 6ff9f15): 4.0 measured 4.488x; from below, plain
+    # regula falsi then crept 3.565 -> 3.678 -> 3.746 -> 3.816 -> 3.854 (measured 3.830 / 3.869 / 3.815 / 3.874)
+    rounds = [measured_round(4.0, 4.488), measured_round(3.565, 3.830)]
+    plain = 3.565 + (4.0 - 3.830) / (4.488 - 3.830) * (4.0 - 3.565)
+    assert next_aim(4.0, rounds) == pytest.approx(plain)  # the sides alternated: nothing kept twice yet
+    rounds.append(measured_round(3.678, 3.869))  # two below in a row: the end above counts half
+    low, high = 4.0 - 3.869, (4.488 - 4.0) / 2
+    assert next_aim(4.0, rounds) == pytest.approx(3.678 + low / (low + high) * (4.0 - 3.678))
+    rounds.append(measured_round(3.790, 3.95))  # three in a row: a quarter
+    low, high = 4.0 - 3.95, (4.488 - 4.0) / 4
+    assert next_aim(4.0, rounds) == pytest.approx(3.790 + low / (low + high) * (4.0 - 3.790))
 
 
 def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_structure():

@@ -105,6 +105,8 @@ def verify(
     min_speedup: Annotated[float | None, typer.Option(help="required speedup (default: target x (1 - tolerance))")]
     = None,
     rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = 60,
+    repeats: Annotated[int, typer.Option(min=1, help="independent paired measurements; the verdict is on their "
+                                                     "median")] = 5,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
@@ -112,7 +114,7 @@ def verify(
         raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
     loaded = load_artifact(artifact)
     env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
-    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds)
+    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds, repeats)
     if junit is not None:
         write_junit(verdict, junit)
     print(verdict.line())
