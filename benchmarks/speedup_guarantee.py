@@ -65,7 +65,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         f"closed loop = re-solved until within {results[0]['tolerance']:.0%} (at most {results[0]['max_rounds']} "
         "rounds; re-aimed by the last round's error, or interpolated between the nearest rounds once the target is "
         "bracketed, an end kept round after round counting less and less). Each round's reading is the median of "
-        f"{results[0].get('round_repeats', 1)} paired measurements. The paper's open-loop deviation was up to 5.28%.",
+        f"{results[0]['round_repeats']} paired measurements. The paper's open-loop deviation was up to 5.28%.",
         "",
     ]
     for result in results:

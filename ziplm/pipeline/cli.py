@@ -23,7 +23,7 @@ from ziplm.families.loading import load_config
 from ziplm.pipeline import assets
 from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.errors import BadInputError, ZipLMError
-from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
+from ziplm.pipeline.gate import DEFAULTS, environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
@@ -104,9 +104,9 @@ def verify(
     metric: Annotated[str | None, typer.Option(help="latency statistic the SLA bounds: p90 or median")] = None,
     min_speedup: Annotated[float | None, typer.Option(help="required speedup (default: target x (1 - tolerance))")]
     = None,
-    rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = 60,
+    rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = DEFAULTS.timing_rounds,
     repeats: Annotated[int, typer.Option(min=1, help="independent paired measurements; the verdict is on their "
-                                                     "median")] = 5,
+                                                     "median")] = DEFAULTS.finished_repeats,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""

@@ -34,6 +34,8 @@ from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.stages.verify import PairedVerifier, PrecisionFactor, VerificationSettings, statistic
 
+DEFAULTS = VerificationSettings()  # the gate measures as `ziplm run` judges a fine-tuned file
+
 MANIFEST = "manifest.json"
 
 
@@ -119,8 +121,9 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
-                    min_speedup: float | None = None, metric: str | None = None, rounds: int = 60,
-                    repeats: int = 5, warmup: int = 5) -> Verdict:
+                    min_speedup: float | None = None, metric: str | None = None,
+                    rounds: int = DEFAULTS.timing_rounds, repeats: int = DEFAULTS.finished_repeats,
+                    warmup: int = DEFAULTS.warmup) -> Verdict:
     """Measure the member against its dense reference in `env` and check it (see the module docstring)."""
     manifest = artifact.manifest
     tolerance = manifest.get("tolerance", 0.03)

@@ -380,7 +380,6 @@ def latest_on_one_side(target: float, rounds: list[Round], measured: dict[ModelS
 
 @dataclass(frozen=True)
 class MeasuredStructure:
-    structure: ModelStructure
     solved_for: float  # the aim that gave it (the latest, if several did)
     speedup: float  # the median of its measurements
 
@@ -389,6 +388,5 @@ def measured_structures(rounds: list[Round]) -> dict[ModelStructure, MeasuredStr
     by_structure: dict[ModelStructure, list[Round]] = {}
     for round_ in rounds:
         by_structure.setdefault(round_.structure, []).append(round_)
-    return {structure: MeasuredStructure(structure, same[-1].solved_for,
-                                         float(np.median([r.check.speedup.value for r in same])))
+    return {structure: MeasuredStructure(same[-1].solved_for, float(np.median([r.check.speedup.value for r in same])))
             for structure, same in by_structure.items()}
