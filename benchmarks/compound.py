@@ -126,14 +126,17 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     members = [(i + 1, run, m) for i, run in enumerate(runs) for m in run["members"]]
     passed = sum(m["passed"] for _, _, m in members)
     verification = first["recipe"]["verification"]
+    confirmed = any("screening_measurements" in r for _, _, m in members for r in m["rounds"])
+    confirmation = (", as does the fresh reading that confirms a closed-loop round before its structure is fine-tuned "
+                    "(`screened`: the round's first reading)") if confirmed else ""
     lines = ["## Compound: ZipLM (INT8 table) + distillation + gradual oBERT 80% + INT8 QAT, 4x over dense FP32", "",
              f"{environment_line(first['runtime'])}. The target is the speedup over the dense FP32 model. Each INT8 "
              "file is timed beside the dense INT8 model, paired, and that speedup times the precision factor (dense "
              f"INT8 over dense FP32, the median of {first['precision_factor']['blocks']} paired measurements) is its "
              "speedup over dense FP32; the INT8 table is solved for the target divided by the same factor. A "
              f"closed-loop round reads the median of {verification.get('round_repeats', 1)} paired measurements, a "
-             f"fine-tuned file the median of {verification['finished_repeats']}. The last column times the file "
-             f"directly beside dense FP32 (median of {verification['finished_repeats']}), the cross-check. "
+             f"fine-tuned file the median of {verification['finished_repeats']}{confirmation}. The last column times "
+             f"the file directly beside dense FP32 (median of {verification['finished_repeats']}), the cross-check. "
              f"{len(runs)} independent runs (own members, own precision factor): **{passed} of {len(members)} "
              "within 3% of the target**.", "",
              "| run | vs dense FP32 (95% CI) | deviation | vs dense INT8 (95% CI) | precision factor (range) "
@@ -149,12 +152,16 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                      f"| {m['sparsity']:.1%} | {len(m['rounds']) - finished} / {finished} "
                      f"| {'yes' if m['passed'] else 'NO'} | {_speedup(fp32['direct'])} |")
     lines += ["", "Rounds (speedups over dense FP32):", "",
-              "| run | stage | solved for | predicted | measured | heads | FFN |", "|---|---|---|---|---|---|---|"]
+              "| run | stage | solved for | predicted | screened | measured | heads | FFN |",
+              "|---|---|---|---|---|---|---|---|"]
     for index, _, m in members:
         for r in m["rounds"]:
             heads = " ".join(str(u) for u in r["structure"]["units"])
+            screening = r.get("screening_measurements")
+            screened = f"{sorted(screening)[len(screening) // 2]:.3f}x" if screening else ""
             lines.append(f"| {index} | {r['stage']} | {r['solved_for']:.3f}x | {r['predicted_speedup']:.3f}x "
-                         f"| {r['measured_speedup']:.3f}x | {heads} | {' '.join(map(str, r['structure']['ffn']))} |")
+                         f"| {screened} | {r['measured_speedup']:.3f}x | {heads} "
+                         f"| {' '.join(map(str, r['structure']['ffn']))} |")
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
     return lines + ["", f"Stages: {' -> '.join(first['members'][0]['stages'])}. Wall-clock per run with the teacher, "
                     f"table and database cached: {seconds}. Measured at commit {first['commit']}.", ""]

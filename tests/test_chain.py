@@ -123,8 +123,33 @@ def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp
         assert member["rounds"][1]["structure"] != member["rounds"][3]["structure"]
     deviations = {i: abs(member["rounds"][i]["deviation"]) for i in finished}
     assert member["chosen_round"] == min(deviations, key=deviations.get)
-    for round_ in member["rounds"]:  # each reading is the median of round_repeats (3) or finished_repeats (5)
+    for round_ in member["rounds"]:  # each reading is the median of round_repeats (3) or finished_repeats (9)
         measurements = sorted(round_["measurements"])
-        assert len(measurements) == (5 if round_["stage"] == "finished" else 3)
+        assert len(measurements) == (9 if round_["stage"] == "finished" else 3)
         assert round_["measured_speedup"] == measurements[len(measurements) // 2]
+        assert "screening_measurements" not in round_  # no reading came within the tolerance: nothing to confirm
     assert "the fine-tuned file missed the target" in result.output
+
+
+def test_a_round_the_chain_will_fine_tune_is_confirmed_by_fresh_measurements(tmp_path, monkeypatch, tiny_bert_dir,
+                                                                             toy_sentiment_csv):
+    """A closed-loop round read within half the tolerance is measured again (finished_repeats times); that fresh
+    reading decides whether the loop stops, and the reading it screened at is kept beside it."""
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    tolerance = 0.9
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain={"distillation": TINY_DISTILLATION},
+                 verification={"tolerance": tolerance, "max_rounds": 3, "finished_repeats": 4, "timing_rounds": 5,
+                               "warmup": 0})
+    assert result.exit_code in (0, 1), result.output
+    (member,) = json.loads((tmp_path / "out" / "report.json").read_text())["members"]
+    stages = [r["stage"] for r in member["rounds"]]
+    closed_loop = member["rounds"][:stages.index("finished")]  # the loop up to the first fine-tuning
+    for round_ in closed_loop:
+        screened = sorted(round_.get("screening_measurements", round_["measurements"]))
+        within = abs(screened[1] / member["target_speedup"] - 1) <= tolerance / 2  # median of round_repeats (3)
+        assert ("screening_measurements" in round_) == within
+        assert len(round_["measurements"]) == (4 if within else 3)
+    confirmed = [abs(r["deviation"]) <= tolerance / 2 for r in closed_loop]
+    assert not any(confirmed[:-1])  # the loop stops on the first confirmed reading within half the tolerance
+    assert "screening_measurements" in closed_loop[0]  # a 45% window: the tiny model's first round lands in it
+    assert "(screened at" in result.output

@@ -4,7 +4,7 @@
     ziplm verify runs/demo/minilm-mr-2x --threads 4 --max-latency-ms 12 --min-speedup 1.9 --junit verify.xml
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
-timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of --repeats (5) such
+timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of --repeats (9) such
 measurements, as `ziplm run` judges a fine-tuned file. An INT8 member whose target is over FP32 is measured
 as `ziplm run` measured it: timed beside the dense INT8 model its manifest names (`timed_beside`), times the
 precision factor (dense INT8 over dense FP32), measured anew here over as many paired blocks as the run used.

@@ -260,18 +260,20 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     adapter, deploy = adapter_for(start.model.config), deployer(recipe, inputs, env.precision)
     stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
-    # a structure the chain fine-tunes is accepted within half the tolerance: its fine-tuned file is measured again
-    # and has the whole tolerance to land in
-    accept = recipe.verification.tolerance / (2 if recipe.chain.fine_tunes else 1)
+    # a structure the chain fine-tunes is accepted within half the tolerance, by a reading confirmed with fresh
+    # measurements: its fine-tuned file is measured again and has the whole tolerance to land in
+    fine_tunes = recipe.chain.fine_tunes
+    accept = recipe.verification.tolerance / (2 if fine_tunes else 1)
+    confirm = recipe.verification.finished_repeats if fine_tunes else 0
 
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
                                lambda structure: deploy(stitch(structure)), inputs.table, refs.verifier, folder,
-                               progress, sla, refs.table_scale, member, accept)
+                               progress, sla, refs.table_scale, member, accept, confirm)
 
         member = loop()
-        for finishing in range(recipe.verification.finish_rounds if recipe.chain.fine_tunes else 0):
+        for finishing in range(recipe.verification.finish_rounds if fine_tunes else 0):
             if finishing > 0:  # the fine-tuned file missed: measure on from every round so far, then fine-tune again
                 progress("the fine-tuned file missed the target: the closed loop goes on")
                 loop(member)
