@@ -152,8 +152,9 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                      f"| {m['sparsity']:.1%} | {len(m['rounds']) - finished} / {finished} "
                      f"| {'yes' if m['passed'] else 'NO'} | {_speedup(fp32['direct'])} |")
     lines += ["", "Rounds (speedups over dense FP32):", "",
-              "| run | stage | solved for | predicted | screened | measured | heads | FFN |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| run | stage | solved for | predicted | screened | measured | heads | FFN "
+              "| accuracy after each stage |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for index, _, m in members:
         for r in m["rounds"]:
             heads = " ".join(str(u) for u in r["structure"]["units"])
@@ -161,8 +162,12 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
             screened = f"{sorted(screening)[len(screening) // 2]:.3f}x" if screening else ""
             lines.append(f"| {index} | {r['stage']} | {r['solved_for']:.3f}x | {r['predicted_speedup']:.3f}x "
                          f"| {screened} | {r['measured_speedup']:.3f}x | {heads} "
-                         f"| {' '.join(map(str, r['structure']['ffn']))} |")
+                         f"| {' '.join(map(str, r['structure']['ffn']))} "
+                         f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
+    if any("accuracy_by_stage" in r for _, _, m in members for r in m["rounds"]):
+        lines += ["", "Accuracy after each stage (finished rounds): distillation / gradual oBERT / INT8 calibration "
+                  "(post-training, before QAT) / INT8 QAT."]
     return lines + ["", f"Stages: {' -> '.join(first['members'][0]['stages'])}. Wall-clock per run with the teacher, "
                     f"table and database cached: {seconds}. Measured at commit {first['commit']}.", ""]
 

@@ -38,6 +38,9 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
         assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distillation", "obert-gradual", "int8-qat",
                                     "onnx-export", "paired-verification"]
         assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
+        by_stage = member["rounds"][-1]["accuracy_by_stage"]  # where the accuracy went, stage by stage
+        assert list(by_stage) == ["distillation", "obert-gradual", "int8-calibration", "int8-qat"]
+        assert all(0.0 <= value <= 1.0 for value in by_stage.values())
         assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"]["direct"] is not None
         assert member["speedup_vs_dense_int8"]["measured_speedup"] == member["measured_speedup"]  # over the reference
         assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
@@ -128,6 +131,7 @@ def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp
         assert len(measurements) == (9 if round_["stage"] == "finished" else 3)
         assert round_["measured_speedup"] == measurements[len(measurements) // 2]
         assert "screening_measurements" not in round_  # no reading came within the tolerance: nothing to confirm
+        assert list(round_.get("accuracy_by_stage", {})) == (["distillation"] if round_["stage"] == "finished" else [])
     assert "the fine-tuned file missed the target" in result.output
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
@@ -61,28 +62,42 @@ class ChainSettings(BaseModel):
 
 @dataclass
 class Finished:
-    """A member after the chain: the model to deploy, and the structured model before oBERT and QAT (the point
-    gradual ZipLM prunes the next target from)."""
+    """A member after the chain: the model to deploy, the structured model before oBERT and QAT (the point gradual
+    ZipLM prunes the next target from), and the validation accuracy after each fine-tuning stage (where a compound
+    member's accuracy went)."""
 
     model: PreTrainedModel
     structured: PreTrainedModel
+    accuracy_by_stage: dict[str, float]
 
 
 def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskData,
-           chain: ChainSettings, quantization: QuantSettings, progress: Callable[[str], None]) -> Finished:
-    """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says."""
+           chain: ChainSettings, quantization: QuantSettings, accuracy: Callable[[nn.Module], float],
+           progress: Callable[[str], None]) -> Finished:
+    """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says; measure
+    `accuracy` after each (reported only: nothing is chosen by it)."""
     if chain.distillation is None:
         raise ValueError("the chain fine-tunes nothing without chain.distillation")
+    accuracy_by_stage: dict[str, float] = {}
+
+    def done(stage: str) -> None:
+        accuracy_by_stage[stage] = accuracy(model)
+        progress(f"{stage}: accuracy {accuracy_by_stage[stage]:.4f}")
+
     progress(f"distillation: {chain.distillation.epochs} epochs on {len(task.train)} examples")
     distill(model, teacher, tokenizer, task.train, chain.distillation, progress)
+    done("distillation")
     structured = copy.deepcopy(model).eval()
     masks = None
     if chain.obert:
         progress(f"oBERT: gradual to {chain.obert.sparsity:.0%} sparsity in {chain.obert.pruning_steps} steps")
         masks = obert.gradual(model, teacher, tokenizer, task.train, chain.obert, chain.distillation, progress)
+        done("obert-gradual")
     if chain.qat:
         progress("INT8 QAT: calibrate the activation scales, then distill through the fake-quant model")
         prepare_qat(model, adapter_for(model.config), quantization)
         calibrate_activations(model, tokenizer, task.calibration, quantization)
+        done("int8-calibration")
         distill(model, teacher, tokenizer, task.train, chain.distillation, progress, masks)
-    return Finished(model.eval(), structured)
+        done("int8-qat")
+    return Finished(model.eval(), structured, accuracy_by_stage)

@@ -304,13 +304,15 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
                   progress: Callable[[str], None]) -> None:
     """The chain's fine-tuning of the structure the closed loop chose; the file is measured again (a finished round)."""
     clock = Stopwatch()
+    accuracy = lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation,  # noqa: E731
+                                               recipe.teacher.max_length)
     finished = clock.time("fine-tune", finish, stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain,
-                          recipe.quantization, progress)
+                          recipe.quantization, accuracy, progress)
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
     clock.time("export", export_checked, model, onnx, recipe.environment)
     check = clock.time("verify", verifier.measure, onnx, recipe.verification.finished_repeats)
-    member.finish(model, finished.structured, onnx, check, clock.seconds)
+    member.finish(model, finished.structured, onnx, check, clock.seconds, finished.accuracy_by_stage)
     progress(f"finished: measured {member.rounds[-1].check.speedup.value:.3f}x")
 
 

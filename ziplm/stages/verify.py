@@ -212,15 +212,17 @@ class Round:
     seconds: dict[str, float] = field(default_factory=dict)  # wall-clock of solve, build, export, verify
     stage: str = "closed loop"  # or "finished": the same structure after the chain's fine-tuning, measured again
     screening: LatencyCheck | None = None  # a confirmed round: the reading that stopped the loop (`check` confirms it)
+    accuracy_by_stage: dict[str, float] = field(default_factory=dict)  # a finished round: after each fine-tuning stage
 
     def to_json(self, target: float) -> dict[str, Any]:
         screening = {"screening_measurements": [round(v, 4) for v in self.screening.blocks]} if self.screening else {}
+        accuracy = {"accuracy_by_stage": self.accuracy_by_stage} if self.accuracy_by_stage else {}
         return {"stage": self.stage, "solved_for": round(self.solved_for, 4),
                 "predicted_speedup": round(self.predicted_speedup, 4),
                 "measured_speedup": round(self.check.speedup.value, 4), "speedup_ci": self.check.speedup.to_json(),
                 "measurements": [round(value, 4) for value in self.check.blocks], **screening,
                 "deviation": round(self.check.deviation(target), 4), "structure": self.structure.to_json(),
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, **accuracy}
 
 
 @dataclass
@@ -256,13 +258,14 @@ class Member:
         return min(indices, key=lambda i: abs(self.rounds[i].check.deviation(self.target)))
 
     def finish(self, model: PreTrainedModel, structured: PreTrainedModel, onnx_path: Path, check: LatencyCheck,
-               seconds: dict[str, float]) -> None:
+               seconds: dict[str, float], accuracy_by_stage: dict[str, float] | None = None) -> None:
         """Record the fine-tuned model of the `to_finish` structure, measured again, as a "finished" round."""
         done = self.to_finish
         if done is None:
             raise ValueError("no closed-loop round has a structure left that was not fine-tuned already")
         self.structured_models[len(self.rounds)] = structured
-        self.rounds.append(Round(done.solved_for, done.structure, done.predicted_speedup, check, seconds, "finished"))
+        self.rounds.append(Round(done.solved_for, done.structure, done.predicted_speedup, check, seconds, "finished",
+                                 accuracy_by_stage=dict(accuracy_by_stage or {})))
         self.models.append(model)
         self.onnx_paths.append(onnx_path)
 
