@@ -210,7 +210,7 @@ def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: P
     parity = export_checked(deployed, onnx, env.model_copy(update={"precision": precision}))
     progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
              f"parity {parity.max_abs_diff:.1e})")
-    return evaluate_accuracy(inputs.dense, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
+    return validation_accuracy(recipe, inputs)(inputs.dense)
 
 
 def _precision(recipe: Recipe, precision: Precision) -> dict[str, Any]:
@@ -299,15 +299,18 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     return dataclasses.replace(result, value=member)
 
 
+def validation_accuracy(recipe: Recipe, inputs: Inputs) -> Callable[[nn.Module], float]:
+    """A model's accuracy on the task's validation split: how the dense reference and every member are scored."""
+    return lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
+
+
 def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inputs: Inputs,
                   deploy: Callable[[PreTrainedModel], PreTrainedModel], verifier: PairedVerifier, folder: Path,
                   progress: Callable[[str], None]) -> None:
     """The chain's fine-tuning of the structure the closed loop chose; the file is measured again (a finished round)."""
     clock = Stopwatch()
-    accuracy = lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation,  # noqa: E731
-                                               recipe.teacher.max_length)
     finished = clock.time("fine-tune", finish, stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain,
-                          recipe.quantization, accuracy, progress)
+                          recipe.quantization, validation_accuracy(recipe, inputs), progress)
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
     clock.time("export", export_checked, model, onnx, recipe.environment)
@@ -320,9 +323,7 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
                  progress: Callable[[str], None]) -> None:
     """Accuracy in torch; for INT8 also the file's own accuracy (integer kernels round differently) and its speedup
     against the dense model in the other precision."""
-    def accuracy(model: nn.Module) -> float:
-        return evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
-
+    accuracy = validation_accuracy(recipe, inputs)
     member.accuracy = accuracy(member.model)
     if refs.direct:
         member.cross_check = refs.direct.measure(member.onnx_path, recipe.verification.finished_repeats)
