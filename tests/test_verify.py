@@ -102,14 +102,6 @@ def test_nothing_is_left_to_finish_when_every_new_structure_was_fine_tuned():
         member.finish("again", "again", Path("again"), measured_round(2.1, 1.9).check, {})
 
 
-def test_a_check_timed_beside_another_dense_model_is_scaled_to_the_reference():
-    paired = Speedup(2.0, 1.9, 2.1, 0.95, 60)
-    check = LatencyCheck(paired, TimingStats((10.0,)), TimingStats((5.0,)), scale=1.9)
-    assert check.paired == paired and check.speedup.value == pytest.approx(3.8)
-    assert (check.speedup.ci_low, check.speedup.ci_high) == pytest.approx((3.61, 3.99))
-    assert check.deviation(4.0) == pytest.approx(-0.05)
-
-
 class BlocksVerifier:
     """Stands in for a PairedVerifier beside dense FP32: the blocks it measures the dense INT8 model in."""
 

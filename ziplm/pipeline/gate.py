@@ -5,9 +5,8 @@
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
 timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of --repeats (9) such
-measurements, as `ziplm run` judges a fine-tuned file. An INT8 member whose target is over FP32 is measured
-as `ziplm run` measured it: timed beside the dense INT8 model its manifest names (`timed_beside`), times the
-precision factor (dense INT8 over dense FP32), measured anew here over as many paired blocks as the run used.
+measurements, as `ziplm run` judges a fine-tuned file. An INT8 member whose target is over FP32 is timed
+directly beside the dense FP32 reference, as `ziplm run` judged it.
 Checks, each one JUnit test case:
 - speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
   guarantee is a lower bound; `ziplm run` also rejects overshooting a target, verify does not. Left out for an SLA
@@ -32,7 +31,7 @@ from ziplm.pipeline.cache import file_digest
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.verify import PairedVerifier, PrecisionFactor, VerificationSettings, statistic
+from ziplm.stages.verify import PairedVerifier, VerificationSettings, statistic
 
 DEFAULTS = VerificationSettings()  # the gate measures as `ziplm run` judges a fine-tuned file
 
@@ -71,10 +70,7 @@ class Verdict:
 
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
-        factor = self.runtime.get("precision_factor")
-        via = f"; over dense fp32 via dense int8 x {factor:.3f}" if factor else ""
-        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)}"
-                f"{via})")
+        return f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,6 @@ class Artifact:
     manifest: dict[str, Any]
     onnx: Path
     dense_onnx: Path
-    beside_onnx: Path | None  # INT8 families with targets over FP32: the dense INT8 model the member is timed beside
 
 
 def load_artifact(folder: Path) -> Artifact:
@@ -97,15 +92,13 @@ def load_artifact(folder: Path) -> Artifact:
         raise BadInputError(f"{path} is not valid JSON ({error}): re-create the artifact with `ziplm run`") from error
     onnx = Path(folder) / "model.onnx"
     dense_onnx = (Path(folder) / manifest.get("dense_reference", "../dense/model.onnx")).resolve()
-    beside_onnx = (Path(folder) / manifest["timed_beside"]).resolve() if manifest.get("timed_beside") else None
-    for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference"),
-                       (beside_onnx, "the dense model the member is timed beside")):
-        if file is not None and not file.is_file():
+    for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference")):
+        if not file.is_file():
             raise BadInputError(f"{what} {file} is missing: keep the dense folders of `ziplm run` beside the member")
     if file_digest(onnx) != manifest.get("sha256"):
         raise BadInputError(f"{onnx} is corrupt or was changed: its sha256 differs from the one in {path}; "
                             "use the artifact as `ziplm run` wrote it")
-    return Artifact(Path(folder), manifest, onnx, dense_onnx, beside_onnx)
+    return Artifact(Path(folder), manifest, onnx, dense_onnx)
 
 
 def environment(manifest: dict[str, Any], runtime: str | None = None, threads: int | None = None,
@@ -131,15 +124,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
     settings = VerificationSettings(tolerance=tolerance, timing_rounds=rounds, warmup=warmup)
     vocab_size = load_config(str(artifact.folder)).vocab_size
     start = time.perf_counter()
-    verifier = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings)
-    info: dict[str, Any] = {}
-    if artifact.beside_onnx:  # as `ziplm run` measured it: beside dense INT8, times the precision factor, measured anew
-        factor = PrecisionFactor.measure(verifier, artifact.beside_onnx,
-                                         manifest["precision_factor"]["blocks"] if manifest.get("precision_factor")
-                                         else settings.precision_blocks)
-        verifier = PairedVerifier(runtime, env, artifact.beside_onnx, vocab_size, settings, factor.value)
-        info["precision_factor"] = round(factor.value, 4)
-    check = verifier.measure(artifact.onnx, repeats)
+    check = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings).measure(artifact.onnx, repeats)
     sla = manifest.get("sla")
     checks = []
     if min_speedup is not None or sla is None:
@@ -150,7 +135,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         required = max_latency_ms if max_latency_ms is not None else sla["ms"]
         checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
-            "precision": env.precision, **info}
+            "precision": env.precision}
     return Verdict(manifest["name"], info, checks, time.perf_counter() - start)
 
 

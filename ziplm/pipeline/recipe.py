@@ -94,9 +94,9 @@ class Recipe(BaseModel):
         return "fp32" if self.verification.reference == "fp32" else self.environment.precision
 
     @property
-    def scaled_by_precision_factor(self) -> bool:
-        """An INT8 family whose targets are over FP32: its members are timed beside the dense INT8 model and their
-        speedups scaled by the precision factor (stages/verify.py: PrecisionFactor)."""
+    def int8_over_fp32(self) -> bool:
+        """An INT8 family whose targets are over FP32: its members are timed beside the dense FP32 model, and its
+        INT8 latency table's speedups are scaled by the precision factor (stages/verify.py: PrecisionFactor)."""
         return self.environment.precision == "int8" and self.reference_precision == "fp32"
 
     def dump_yaml(self) -> str:

@@ -13,17 +13,17 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
 from ziplm.pipeline.cache import file_digest, fingerprint, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
-from ziplm.runtimes.timing import Speedup, TimingStats
+from ziplm.runtimes.timing import TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.stages.verify import Member, PrecisionFactor
+    from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor
     from ziplm.pipeline.tasks import TaskData
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
-BESIDE_DIR = "dense-int8"  # INT8 families with targets over FP32: the dense model members are timed beside
-TIMED_BESIDE = f"../{BESIDE_DIR}/model.onnx"
+OWN_DIR = "dense-int8"  # INT8 families with targets over FP32: the dense model in the members' own precision
+OWN_REFERENCE = f"../{OWN_DIR}/model.onnx"
 
 
 def runtime_json(table: LatencyTable) -> dict[str, Any]:
@@ -64,21 +64,12 @@ def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_pat
             "sha256": file_digest(onnx_path)}
 
 
-def reference_latency(recipe: Recipe, member: Member) -> TimingStats:
-    """The reference's latency in the paired run that measured the member against it: the direct run beside dense
-    FP32 when the member's check was timed beside dense INT8 and scaled."""
-    if recipe.scaled_by_precision_factor:
-        assert member.cross_check is not None, "INT8 members are timed directly beside dense FP32 (score_member)"
-        return member.cross_check.dense
-    return member.final.check.dense
-
-
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
              onnx_path: Path, teacher_fingerprint: str, task: TaskData,
              factor: PrecisionFactor | None) -> dict[str, Any]:
     check = member.final.check
     deviation = check.deviation(member.target)
-    dense_latency = reference_latency(recipe, member)
+    dense_latency = check.dense
     return {
         "name": name,
         "target_speedup": member.target,
@@ -93,7 +84,7 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "runtime": runtime,
         "runtime_fingerprint": runtime_fingerprint(runtime),
         "dense_reference": DENSE_REFERENCE,
-        "timed_beside": TIMED_BESIDE if recipe.scaled_by_precision_factor else None,
+        "dense_own_precision": OWN_REFERENCE if recipe.int8_over_fp32 else None,
         "precision_factor": factor.to_json() if factor else None,
         "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
                    "onnx_value": member.onnx_accuracy,
@@ -106,29 +97,27 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "passed": member.passed(recipe.verification.tolerance),
         "stages": recipe.chain.stage_names(recipe.environment.precision),
         "speedup_reference": recipe.reference_precision,
-        **speedups_by_precision(member, factor),
+        **speedups_by_precision(member, recipe.reference_precision),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
 
 
-def speedups_by_precision(member: Member, factor: PrecisionFactor | None) -> dict[str, dict[str, Any] | None]:
-    """INT8 members: the file's speedup over the dense INT8 model (timed beside it) and over the dense FP32 model
-    (that times the precision factor, with the direct paired run beside dense FP32 as a cross-check); FP32 members:
-    neither (`measured_speedup` says it)."""
-    if factor is None or member.cross_check is None:
+def speedups_by_precision(member: Member, reference: str) -> dict[str, dict[str, Any] | None]:
+    """INT8 members: the file timed beside the dense FP32 model and beside the dense INT8 model (the reference's is
+    its verdict, the other the cross-check); FP32 members: neither (`measured_speedup` says it)."""
+    if member.cross_check is None:
         return {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
-    check = member.final.check
-    return {"speedup_vs_dense_int8": _speedup_json(check.paired, check.dense),
-            "speedup_vs_dense_fp32": {**_speedup_json(check.paired.scaled(factor.value), member.cross_check.dense),
-                                      "precision_factor": round(factor.value, 4),
-                                      "direct": _speedup_json(member.cross_check.speedup, member.cross_check.dense)}}
+    other = "int8" if reference == "fp32" else "fp32"
+    return {f"speedup_vs_dense_{reference}": _speedup_json(member.final.check),
+            f"speedup_vs_dense_{other}": _speedup_json(member.cross_check)}
 
 
-def _speedup_json(speedup: Speedup, dense: TimingStats) -> dict[str, Any]:
-    return {"measured_speedup": round(speedup.value, 4), "speedup_ci": speedup.to_json(),
-            "dense_latency_ms": {"median": round(dense.median_ms, 4), "p90": round(dense.p90_ms, 4)}}
+def _speedup_json(check: LatencyCheck) -> dict[str, Any]:
+    return {"measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
+            "measurements": [round(value, 4) for value in check.blocks],
+            "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
 
 
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
@@ -165,12 +154,11 @@ def _precision_factor_lines(report: dict[str, Any]) -> list[str]:
     factor = report["precision_factor"]
     if factor is None:
         return []
-    how = ("INT8 members are timed beside the dense INT8 model; their speedup over dense FP32 is that times"
-           if report["speedup_reference"] == "fp32" else "Speedups over dense FP32 below are the measured ones times")
-    return ["", f"{how} the precision factor: dense INT8 runs {factor['value']:.3f}x dense FP32 (median of "
-                f"{factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}: on a shared CPU "
-                "this ratio moves with the load, while a member's speedup over the dense model in its own precision "
-                "stays put)."]
+    aim = (" The INT8 latency table predicts speedups over dense INT8; the closed loop aims with them times this "
+           "factor, and judges by the members timed directly beside dense FP32."
+           if report["speedup_reference"] == "fp32" else "")
+    return ["", f"Dense INT8 runs {factor['value']:.3f}x dense FP32 (the precision factor: median of "
+                f"{factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}).{aim}"]
 
 
 def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
@@ -210,9 +198,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
-    lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model "
-              f"({m['speedup_vs_dense_fp32']['direct']['measured_speedup']:.3f}x timed directly beside it), "
-              f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model; weight sparsity "
-              f"{m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
+    lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model, "
+              f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model (each timed beside "
+              f"it); weight sparsity {m['sparsity']:.1%}" for m in report["members"] if m["speedup_vs_dense_fp32"]]
     lines += ["", *(f"![{name.removesuffix('.png')}]({name})" for name in figures)]
     return "\n".join(lines) + "\n"

@@ -25,8 +25,8 @@ from ziplm.pipeline.cache import write_json_atomic
 from ziplm.pipeline.chain import finish
 from ziplm.pipeline.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
-from ziplm.pipeline.report import (BESIDE_DIR, DENSE_DIR, dense_manifest, dense_summary, manifest, reference_latency,
-                                   runtime_json, write_report)
+from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
+                                   write_report)
 from ziplm.pipeline.tasks import TaskData, load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.base import Precision
@@ -119,30 +119,27 @@ class References:
     """The dense models members are measured against, and how.
 
     `dense` is the reference, the model the goals' speedups are over (written to OUT/dense, where `ziplm verify`
-    finds it). Members are timed beside the dense model in the environment's precision (`verifier`). When that is
-    not the reference (an INT8 family with targets over FP32), it is `beside` (written to OUT/dense-int8) and the
-    verifier scales its speedups by the precision factor (stages/verify.py: PrecisionFactor says why). INT8 families
-    also time the chosen file directly beside dense FP32 (`direct`), a cross-check of that product.
+    finds it); every member is timed beside it, paired (`verifier`). INT8 families also have the dense model in the
+    other precision, and time the chosen file beside it too (`cross`): its speedup over dense FP32 and over dense
+    INT8 are both in its manifest. When the reference is dense FP32, the dense INT8 model is `own` (written to
+    OUT/dense-int8) and the INT8 latency table's speedups are turned into speedups over FP32 with the precision
+    factor (`table_scale`): it aims the closed loop, the direct measurements judge.
     """
 
     dense: StageResult[float]
     verifier: PairedVerifier
-    beside: StageResult[float] | None = None
-    direct: PairedVerifier | None = None
+    own: StageResult[float] | None = None
+    cross: PairedVerifier | None = None
     precision_factor: PrecisionFactor | None = None
 
     @property
     def table_scale(self) -> float:
         """The latency table's speedups (over the dense model in the environment's precision) times this are
         speedups over the reference."""
-        return self.verifier.scale
+        return self.precision_factor.value if self.own and self.precision_factor else 1.0
 
     def reachable(self, table: LatencyTable) -> float:
         return max_speedup(table) * self.table_scale
-
-    def measure_reference_alone(self) -> TimingStats:
-        """The reference's latency on its own (turns SLAs into speedup targets)."""
-        return (self.direct if self.beside else self.verifier).measure_dense()
 
 
 def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
@@ -150,11 +147,11 @@ def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References
     if recipe.environment.precision == "fp32":
         return References(own, dense_verifier(recipe, inputs, own))
     fp32 = dense_stage(recipe, inputs, "fp32", stages)
-    direct = dense_verifier(recipe, inputs, fp32)
-    factor = precision_factor(recipe, own, fp32, direct, stages)
-    if recipe.scaled_by_precision_factor:
-        return References(fp32, dense_verifier(recipe, inputs, own, factor.value), own, direct, factor)
-    return References(own, dense_verifier(recipe, inputs, own), None, direct, factor)
+    beside_fp32, beside_own = dense_verifier(recipe, inputs, fp32), dense_verifier(recipe, inputs, own)
+    factor = precision_factor(recipe, own, fp32, beside_fp32, stages)
+    if recipe.int8_over_fp32:
+        return References(fp32, beside_fp32, own, beside_own, factor)
+    return References(own, beside_own, None, beside_fp32, factor)
 
 
 def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult[float], direct: PairedVerifier,
@@ -180,12 +177,11 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
                       label="dense" if precision == recipe.reference_precision else f"dense {precision}")
 
 
-def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float], scale: float = 1.0) -> PairedVerifier:
-    """Measures members timed beside this dense model, paired, in the recipe's environment (speedups times
-    `scale`: that dense model's speedup over the reference)."""
+def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float]) -> PairedVerifier:
+    """Measures members timed beside this dense model, paired, in the recipe's environment."""
     env = recipe.environment
     return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
-                          recipe.verification, scale)
+                          recipe.verification)
 
 
 def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCache) -> StageResult[zipl.Database]:
@@ -235,7 +231,7 @@ def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCac
     latency: StageResult[TimingStats] = stages.run(
         "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
                           "warmup": settings.warmup},
-        lambda _, progress: refs.measure_reference_alone())
+        lambda _, progress: refs.verifier.measure_dense())
     goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
     for target, sla in goals:
         check_reachable(f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
@@ -288,7 +284,6 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
         return member
 
     result = stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
-                                   "timed_beside": (refs.beside or refs.dense).key,
                                    "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
                                    "target": target, "sla": sla.model_dump() if sla else None,
                                    "verification": recipe.verification.model_dump(),
@@ -322,13 +317,14 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
 def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: References,
                  progress: Callable[[str], None]) -> None:
     """Accuracy in torch; for INT8 also the file's own accuracy (integer kernels round differently) and its speedup
-    against the dense model in the other precision."""
+    over the dense model in the other precision."""
     accuracy = validation_accuracy(recipe, inputs)
     member.accuracy = accuracy(member.model)
-    if refs.direct:
-        member.cross_check = refs.direct.measure(member.onnx_path, recipe.verification.finished_repeats)
+    if refs.cross:
+        member.cross_check = refs.cross.measure(member.onnx_path, recipe.verification.finished_repeats)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
-        progress(f"timed directly beside the dense fp32 model: {member.cross_check.speedup.value:.3f}x; "
+        other = "int8" if recipe.int8_over_fp32 else "fp32"
+        progress(f"timed beside the dense {other} model: {member.cross_check.speedup.value:.3f}x; "
                  f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
@@ -336,12 +332,11 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
     """The dense reference folder, the member folders and the report."""
     runtime = runtime_json(inputs.table)
     refs = family.refs
-    reference_latencies = [reference_latency(recipe, member) for member in family.members]
-    dense_info = write_dense(out / DENSE_DIR, refs.dense, recipe.reference_precision, reference_latencies, inputs,
-                             runtime)
-    if refs.beside:
-        write_dense(out / BESIDE_DIR, refs.beside, recipe.environment.precision,
-                    [member.final.check.dense for member in family.members], inputs, runtime)
+    dense_info = write_dense(out / DENSE_DIR, refs.dense, recipe.reference_precision,
+                             [member.final.check.dense for member in family.members], inputs, runtime)
+    if refs.own:
+        write_dense(out / OWN_DIR, refs.own, recipe.environment.precision,
+                    [member.cross_check.dense for member in family.members if member.cross_check], inputs, runtime)
     manifests = [write_member(recipe, runtime, member, inputs, dense_info, refs.precision_factor, out)
                  for member in family.members]
     return write_report(out, recipe, inputs.table, dense_info, manifests, refs.reachable(inputs.table),

@@ -50,10 +50,6 @@ class Speedup:
     def relative_width(self) -> float:
         return (self.ci_high - self.ci_low) / self.value
 
-    def scaled(self, factor: float) -> Speedup:
-        """This speedup times `factor` (a speedup measured over another model), its interval scaled alike."""
-        return Speedup(self.value * factor, self.ci_low * factor, self.ci_high * factor, self.confidence, self.rounds)
-
     def to_json(self) -> dict[str, float]:
         return {"value": round(self.value, 4), "ci_low": round(self.ci_low, 4), "ci_high": round(self.ci_high, 4),
                 "confidence": self.confidence, "rounds": self.rounds}
