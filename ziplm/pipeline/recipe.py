@@ -94,6 +94,11 @@ class Recipe(BaseModel):
         return "fp32" if self.verification.reference == "fp32" else self.environment.precision
 
     @property
+    def cross_check_precision(self) -> Precision:
+        """INT8 families: the precision of the other dense model the chosen file is timed beside (the cross-check)."""
+        return "int8" if self.reference_precision == "fp32" else "fp32"
+
+    @property
     def int8_over_fp32(self) -> bool:
         """An INT8 family whose targets are over FP32: its members are timed beside the dense FP32 model, and its
         INT8 latency table's speedups are scaled by the precision factor (stages/verify.py: PrecisionFactor)."""

@@ -97,21 +97,20 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "passed": member.passed(recipe.verification.tolerance),
         "stages": recipe.chain.stage_names(recipe.environment.precision),
         "speedup_reference": recipe.reference_precision,
-        **speedups_by_precision(member, recipe.reference_precision),
+        **speedups_by_precision(member, recipe),
         "rounds": [r.to_json(member.target) for r in member.rounds],
         "chosen_round": member.chosen,
         "teacher": {"fingerprint": teacher_fingerprint, "task": task.name, "task_fingerprint": task.fingerprint},
     }
 
 
-def speedups_by_precision(member: Member, reference: str) -> dict[str, dict[str, Any] | None]:
+def speedups_by_precision(member: Member, recipe: Recipe) -> dict[str, dict[str, Any] | None]:
     """INT8 members: the file timed beside the dense FP32 model and beside the dense INT8 model (the reference's is
     its verdict, the other the cross-check); FP32 members: neither (`measured_speedup` says it)."""
     if member.cross_check is None:
         return {"speedup_vs_dense_fp32": None, "speedup_vs_dense_int8": None}
-    other = "int8" if reference == "fp32" else "fp32"
-    return {f"speedup_vs_dense_{reference}": _speedup_json(member.final.check),
-            f"speedup_vs_dense_{other}": _speedup_json(member.cross_check)}
+    return {f"speedup_vs_dense_{recipe.reference_precision}": _speedup_json(member.final.check),
+            f"speedup_vs_dense_{recipe.cross_check_precision}": _speedup_json(member.cross_check)}
 
 
 def _speedup_json(check: LatencyCheck) -> dict[str, Any]:

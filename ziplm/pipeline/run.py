@@ -323,8 +323,7 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
     if refs.cross:
         member.cross_check = refs.cross.measure(member.onnx_path, recipe.verification.finished_repeats)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
-        other = "int8" if recipe.int8_over_fp32 else "fp32"
-        progress(f"timed beside the dense {other} model: {member.cross_check.speedup.value:.3f}x; "
+        progress(f"timed beside the dense {recipe.cross_check_precision} model: {member.cross_check.speedup.value:.3f}x; "
                  f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
 
 
