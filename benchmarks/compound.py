@@ -38,6 +38,7 @@ from ziplm.pipeline.run import run_recipe
 from ziplm.stages.distill import DistillSettings
 
 COMMAND = "python -m benchmarks.compound"
+ACCURACY_POINTS = 1.5  # the issue: the compound artifact within 1.5 points of the dense teacher
 RESULT_KEYS = ("name", "target_speedup", "measured_speedup", "speedup_ci", "speedup_reference", "speedup_vs_dense_fp32",
                "speedup_vs_dense_int8", "metric", "structure", "sparsity", "passed", "stages", "file_bytes", "rounds")
 
@@ -125,6 +126,10 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     dense = first["dense"]["metric"]["value"]
     members = [(i + 1, run, m) for i, run in enumerate(runs) for m in run["members"]]
     passed = sum(m["passed"] for _, _, m in members)
+    over = sum(m["speedup_vs_dense_fp32"]["measured_speedup"] >= m["target_speedup"] for _, _, m in members)
+    close = sum(dense - m["metric"]["value"] <= ACCURACY_POINTS / 100 for _, _, m in members)
+    chain = first["recipe"]["chain"]
+    epochs = chain["distillation"]["epochs"]
     verification = first["recipe"]["verification"]
     confirmed = any("screening_measurements" in r for _, _, m in members for r in m["rounds"])
     confirmation = (", as does the fresh reading that confirms a closed-loop round before its structure is fine-tuned "
@@ -138,8 +143,11 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              f"of {verification['finished_repeats']}{confirmation}. The chosen file is also timed beside dense INT8 "
              f"(median of {verification['finished_repeats']}, the cross-check); times the factor, that is the "
              "product an earlier version judged by. "
-             f"{len(runs)} independent runs (own members, own precision factor): **{passed} of {len(members)} "
-             "within 3% of the target**.", "",
+             f"Distillation: {chain.get('structured_epochs') or epochs} epochs after structured pruning, {epochs} "
+             "after each oBERT step and for QAT. "
+             f"{len(runs)} independent runs (own members, own precision factor): **{over} of {len(members)} at or "
+             f"over the target, {passed} of {len(members)} within 3% of it, {close} of {len(members)} within "
+             f"{ACCURACY_POINTS:g} points of the teacher's accuracy**.", "",
              "| run | vs dense FP32 (95% CI) | deviation | vs dense INT8 (95% CI) | precision factor (range) "
              "| vs INT8 x factor | accuracy: torch fake-quant / ONNX INT8 | teacher | sparsity "
              "| closed-loop rounds / fine-tuned | passed |",

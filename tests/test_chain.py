@@ -28,10 +28,14 @@ def run(tmp_path, tiny_bert_dir, toy_sentiment_csv, **overrides):
 
 def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
-    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "obert": TINY_OBERT, "qat": True}
+    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 2}, "obert": TINY_OBERT,
+             "qat": True}
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain, targets=[1.3, 1.6],
                  environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
     assert result.exit_code in (0, 1), result.output
+    output = " ".join(result.output.split())
+    # 2 epochs for the distillation after structured pruning; distillation.epochs (1) for oBERT and QAT
+    assert "distillation: 2 epochs on" in output and "epoch 2/2" in output and "epoch 2/1" not in output
     out = tmp_path / "out"
     first, second = json.loads((out / "report.json").read_text())["members"]
     for member in (first, second):
@@ -62,6 +66,11 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
     ({"qat": True, "distillation": TINY_DISTILLATION}, {"precision": "fp32"}, "set environment.precision: int8"),
     ({"obert": TINY_OBERT}, {}, "chain.obert fine-tunes with distillation"),
     ({"gradual": True}, {}, "chain.gradual fine-tunes with distillation"),
+    ({"structured_distillation": {"epochs": 4}}, {}, "chain.structured_distillation fine-tunes with distillation"),
+    ({"distillation": TINY_DISTILLATION, "structured_distillation": {"epoch": 4}}, {},
+     "chain.structured_distillation replaces keys of chain.distillation; unknown: ['epoch']"),
+    ({"distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 0}}, {},
+     "chain.structured_distillation: epochs: Input should be greater than or equal to 1"),
 ])
 def test_a_chain_that_cannot_work_is_refused(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv, chain,
                                              environment, message):

@@ -3,6 +3,8 @@
     chain:
       gradual: true              # ZipLM targets in increasing order, each pruned from the previous member (s. 4)
       distillation: {epochs: 2}  # fine-tune every member from the dense teacher (see DistillSettings)
+      structured_distillation: {epochs: 6, learning_rate: 1.6e-4}  # the first distillation, right after structured
+                                 # pruning: these keys replace those of `distillation` (default: none)
       obert: {sparsity: 0.8}     # then gradual oBERT to that sparsity, distillation between steps (OBertSettings)
       qat: true                  # then INT8 quantization-aware fine-tuning (needs environment.precision: int8)
 
@@ -17,8 +19,9 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,20 +39,45 @@ class ChainSettings(BaseModel):
 
     gradual: bool = False
     distillation: DistillSettings | None = None
+    # keys of `distillation` replaced for the first distillation, right after structured pruning: where a compound
+    # member loses its accuracy (see the compound recipe)
+    structured_distillation: dict[str, Any] = Field(default_factory=dict)
     obert: OBertSettings | None = None
     qat: bool = False
 
     @model_validator(mode="after")
     def _fine_tuning_needs_distillation(self) -> ChainSettings:
-        wanting = [name for name, on in (("gradual", self.gradual), ("obert", self.obert), ("qat", self.qat)) if on]
+        wanting = [name for name, on in (("gradual", self.gradual), ("obert", self.obert), ("qat", self.qat),
+                                         ("structured_distillation", self.structured_distillation)) if on]
         if wanting and self.distillation is None:
             raise ValueError(f"chain.{wanting[0]} fine-tunes with distillation from the teacher: add "
                              "chain.distillation (for example distillation: {epochs: 2})")
         return self
 
+    @model_validator(mode="after")
+    def _structured_distillation_replaces_distillation_keys(self) -> ChainSettings:
+        unknown = sorted(set(self.structured_distillation) - set(DistillSettings.model_fields))
+        if unknown:
+            raise ValueError(f"chain.structured_distillation replaces keys of chain.distillation; unknown: {unknown} "
+                             f"(allowed: {', '.join(DistillSettings.model_fields)})")
+        try:
+            self.first_distillation  # built from both, so a bad value fails here, with the recipe
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"chain.structured_distillation: {problems}") from error
+        return self
+
     @property
     def fine_tunes(self) -> bool:
         return self.distillation is not None
+
+    @property
+    def first_distillation(self) -> DistillSettings | None:
+        """The settings of the distillation right after structured pruning: `distillation` with the keys of
+        `structured_distillation` replaced."""
+        if self.distillation is None or not self.structured_distillation:
+            return self.distillation
+        return DistillSettings.model_validate({**self.distillation.model_dump(), **self.structured_distillation})
 
     def stage_names(self, precision: Precision) -> list[str]:
         """The stages a member of this chain went through, in order (its manifest's `stages`)."""
@@ -76,7 +104,8 @@ def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrain
            progress: Callable[[str], None]) -> Finished:
     """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says; measure
     `accuracy` after each (reported only: nothing is chosen by it)."""
-    if chain.distillation is None:
+    first = chain.first_distillation
+    if chain.distillation is None or first is None:
         raise ValueError("the chain fine-tunes nothing without chain.distillation")
     accuracy_by_stage: dict[str, float] = {}
 
@@ -84,8 +113,8 @@ def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrain
         accuracy_by_stage[stage] = accuracy(model)
         progress(f"{stage}: accuracy {accuracy_by_stage[stage]:.4f}")
 
-    progress(f"distillation: {chain.distillation.epochs} epochs on {len(task.train)} examples")
-    distill(model, teacher, tokenizer, task.train, chain.distillation, progress)
+    progress(f"distillation: {first.epochs} epochs on {len(task.train)} examples")
+    distill(model, teacher, tokenizer, task.train, first, progress)
     done("distillation")
     structured = copy.deepcopy(model).eval()
     masks = None
