@@ -28,8 +28,8 @@ def run(tmp_path, tiny_bert_dir, toy_sentiment_csv, **overrides):
 
 def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
-    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 2}, "obert": TINY_OBERT,
-             "qat": True}
+    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 2},
+             "obert": TINY_OBERT, "qat": True}
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain, targets=[1.3, 1.6],
                  environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
     assert result.exit_code in (0, 1), result.output

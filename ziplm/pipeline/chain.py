@@ -40,7 +40,7 @@ class ChainSettings(BaseModel):
     gradual: bool = False
     distillation: DistillSettings | None = None
     # keys of `distillation` replaced for the first distillation, right after structured pruning: where a compound
-    # member loses its accuracy (see the compound recipe)
+    # member lost most of its accuracy with the settings of the later stages (see the compound recipe)
     structured_distillation: dict[str, Any] = Field(default_factory=dict)
     obert: OBertSettings | None = None
     qat: bool = False
