@@ -128,8 +128,8 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     passed = sum(m["passed"] for _, _, m in members)
     over = sum(m["speedup_vs_dense_fp32"]["measured_speedup"] >= m["target_speedup"] for _, _, m in members)
     close = sum(dense - m["metric"]["value"] <= ACCURACY_POINTS / 100 for _, _, m in members)
-    distillation = first["recipe"]["chain"]["distillation"]
-    structured = {**distillation, **first["recipe"]["chain"].get("structured_distillation", {})}
+    chain = ChainSettings.model_validate(first["recipe"]["chain"])
+    distillation, structured = chain.distillation, chain.first_distillation
     verification = first["recipe"]["verification"]
     confirmed = any("screening_measurements" in r for _, _, m in members for r in m["rounds"])
     confirmation = (", as does the fresh reading that confirms a closed-loop round before its structure is fine-tuned "
@@ -143,8 +143,8 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              f"of {verification['finished_repeats']}{confirmation}. The chosen file is also timed beside dense INT8 "
              f"(median of {verification['finished_repeats']}, the cross-check); times the factor, that is the "
              "product an earlier version judged by. "
-             f"Distillation: {structured['epochs']} epochs at learning rate {structured['learning_rate']:g} after "
-             f"structured pruning, {distillation['epochs']} at {distillation['learning_rate']:g} after each oBERT step "
+             f"Distillation: {structured.epochs} epochs at learning rate {structured.learning_rate:g} after "
+             f"structured pruning, {distillation.epochs} at {distillation.learning_rate:g} after each oBERT step "
              "and for QAT. "
              f"{len(runs)} independent runs (own members, own precision factor): **{over} of {len(members)} at or "
              f"over the target, {passed} of {len(members)} within 3% of it, {close} of {len(members)} within "

@@ -323,8 +323,9 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
     if refs.cross:
         member.cross_check = refs.cross.measure(member.onnx_path, recipe.verification.finished_repeats)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
-        progress(f"timed beside the dense {recipe.cross_check_precision} model: {member.cross_check.speedup.value:.3f}x; "
-                 f"accuracy {member.accuracy:.4f} in torch, {member.onnx_accuracy:.4f} as ONNX")
+        progress(f"timed beside the dense {recipe.cross_check_precision} model: "
+                 f"{member.cross_check.speedup.value:.3f}x; accuracy {member.accuracy:.4f} in torch, "
+                 f"{member.onnx_accuracy:.4f} as ONNX")
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
