@@ -104,3 +104,20 @@ def test_distillation_reduces_the_loss_towards_the_teacher(tiny_bert_dir: Path) 
     distill(student, teacher, tokenizer, examples, QUICK.model_copy(update={"epochs": 3}), lambda _: None)
     student.eval()  # training leaves dropout on
     assert loss() < 0.7 * before
+
+
+def test_distillation_repeats_exactly_with_the_same_seed(tiny_bert_dir: Path) -> None:
+    teacher = load_model(str(tiny_bert_dir))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    assert teacher.config.hidden_dropout_prob > 0  # otherwise there is nothing for the seed to fix
+
+    def distilled(seed: int) -> torch.Tensor:
+        student = copy.deepcopy(teacher)
+        distill(student, teacher, tokenizer, toy_examples(32), QUICK.model_copy(update={"seed": seed}), lambda _: None)
+        return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    torch.manual_seed(123)
+    first = distilled(0)
+    torch.manual_seed(456)  # the global RNG state does not leak into the result
+    assert torch.equal(first, distilled(0))
+    assert not torch.equal(first, distilled(1))

@@ -88,6 +88,8 @@ def distill(
 ) -> list[float]:
     """Fine-tune `student` in place against the frozen `teacher` (left in eval mode); mean loss per epoch.
 
+    Shuffling and dropout both follow `settings.seed`: the same student, data and settings give the same weights.
+
     `masks` (see ziplm.stages.masks) are applied before the first step and after every optimizer step, so pruned
     weights stay exactly zero. The student may be structurally pruned (modules removed, fewer heads or neurons).
     """
@@ -106,7 +108,9 @@ def distill(
 
     after_step = (lambda _: apply_masks(student, masks)) if masks else None
     try:
-        return train(student, tokenizer, examples, settings, progress, loss, after_step)
+        with torch.random.fork_rng():  # seeded dropout, so a member's fine-tuning repeats; the caller's RNG untouched
+            torch.manual_seed(settings.seed)
+            return train(student, tokenizer, examples, settings, progress, loss, after_step)
     finally:
         drop_output_hooks(student)
         drop_output_hooks(teacher)
