@@ -9,11 +9,13 @@
    fresh stage cache that shares only the teacher, the latency table and the database built from the teacher), so
    the table says how often each target passes.
 
-    python -m benchmarks.compound [--skip-gradual] [--skip-compound] [--compound-runs N]
+    python -m benchmarks.compound [--skip-gradual] [--skip-compound] [--compound-runs N] [--append]
 
 writes benchmarks/results/compound.md and .json; a skipped part keeps the figures of the run that last measured it
-(each part records the commit it was measured at). The stages are cached like any `ziplm run` (a second run reuses
-them); the numbers are those of the run that built them.
+(each part, and each compound run, records the commit it was measured at). `--append` adds the new compound runs to
+the stored ones instead of replacing them: a gradual compound run takes 60-100 minutes on 2 cores, so several runs
+can be gathered over several sittings (at one commit, or the table says which runs were measured where). The
+stages are cached like any `ziplm run` (a second run reuses them); the numbers are those of the run that built them.
 """
 
 from __future__ import annotations
@@ -178,12 +180,15 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                          f"| {' '.join(map(str, r['structure']['ffn']))} "
                          f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
+    commits = sorted({run["commit"] for run in runs})
+    measured = (f"commit {commits[0]}" if len(commits) == 1 else "commits " + ", ".join(
+        f"{c} (run {', '.join(str(i + 1) for i, run in enumerate(runs) if run['commit'] == c)})" for c in commits))
     if any("accuracy_by_stage" in r for _, _, m in members for r in m["rounds"]):
         lines += ["", "Accuracy after each stage (finished rounds): distillation / gradual oBERT / INT8 calibration "
                   "(post-training, before QAT) / INT8 QAT."]
     databases = "the first database" if chain.gradual else "the database"
     return lines + ["", f"Stages: {' -> '.join(first['members'][0]['stages'])}. Wall-clock per run with the teacher, "
-                    f"table and {databases} cached: {seconds}. Measured at commit {first['commit']}.", ""]
+                    f"table and {databases} cached: {seconds}. Measured at {measured}.", ""]
 
 
 def _tallies(members: list[dict[str, Any]], dense: float) -> str:
@@ -209,13 +214,15 @@ def main() -> None:
     parser.add_argument("--skip-gradual", action="store_true")
     parser.add_argument("--skip-compound", action="store_true")
     parser.add_argument("--compound-runs", type=int, default=3)
+    parser.add_argument("--append", action="store_true", help="add the compound runs to the stored ones")
     args = parser.parse_args()
     previous = RESULTS / "compound.json"  # a skipped part keeps its figures from the last run, marked as such
     result: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
     result.pop("compound", None)  # one run of the compound recipe, measured directly beside FP32 (before 2026-11-22)
     result["command"] = COMMAND
     if not args.skip_compound:
-        result["compound_runs"] = compound_runs(args.compound_runs)
+        stored = result.get("compound_runs", []) if args.append else []
+        result["compound_runs"] = stored + compound_runs(args.compound_runs)
     if not args.skip_gradual:
         result["gradual_vs_oneshot"] = gradual_vs_oneshot()
     RESULTS.mkdir(exist_ok=True)
