@@ -149,7 +149,7 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              f"Distillation: {structured.epochs} epochs at learning rate {structured.learning_rate:g} after "
              f"structured pruning, {distillation.epochs} at {distillation.learning_rate:g} after each oBERT step "
              "and for QAT. "
-             f"{len(runs)} independent runs (own members, own precision factor): "
+             f"{len(runs)} independent run{'s' if len(runs) > 1 else ''} (own members, own precision factor): "
              f"{_tallies([m for _, _, m in members], dense)}.", "",
              "| run | target | vs dense FP32 (95% CI) | deviation | vs dense INT8 (95% CI) | precision factor (range) "
              "| vs INT8 x factor | accuracy: torch fake-quant / ONNX INT8 | teacher | sparsity "
