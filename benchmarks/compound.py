@@ -150,7 +150,7 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              f"structured pruning, {distillation.epochs} at {distillation.learning_rate:g} after each oBERT step "
              "and for QAT. "
              f"{len(runs)} independent run{'s' if len(runs) > 1 else ''} (own members, own precision factor): "
-             f"{_tallies([m for _, _, m in members], dense)}.", "",
+             f"{_tallies([m for _, _, m in members], dense, verification['tolerance'])}.", "",
              "| run | target | vs dense FP32 (95% CI) | deviation | vs dense INT8 (95% CI) | precision factor (range) "
              "| vs INT8 x factor | accuracy: torch fake-quant / ONNX INT8 | teacher | sparsity "
              "| closed-loop rounds / fine-tuned | passed |",
@@ -180,9 +180,9 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                          f"| {' '.join(map(str, r['structure']['ffn']))} "
                          f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
-    commits = sorted({run["commit"] for run in runs})
-    measured = (f"commit {commits[0]}" if len(commits) == 1 else "commits " + ", ".join(
-        f"{c} (run {', '.join(str(i + 1) for i, run in enumerate(runs) if run['commit'] == c)})" for c in commits))
+    commits = [run["commit"] for run in runs]
+    measured = (f"commit {commits[0]}" if len(set(commits)) == 1
+                else "commits " + ", ".join(f"{commit} (run {i + 1})" for i, commit in enumerate(commits)))
     if any("accuracy_by_stage" in r for _, _, m in members for r in m["rounds"]):
         lines += ["", "Accuracy after each stage (finished rounds): distillation / gradual oBERT / INT8 calibration "
                   "(post-training, before QAT) / INT8 QAT."]
@@ -191,15 +191,17 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                     f"table and {databases} cached: {seconds}. Measured at {measured}.", ""]
 
 
-def _tallies(members: list[dict[str, Any]], dense: float) -> str:
-    """Per target: how many members are at or over it, within 3% of it, and within ACCURACY_POINTS of the teacher."""
+def _tallies(members: list[dict[str, Any]], dense: float, tolerance: float) -> str:
+    """Per target: how many members are at or over it, within tolerance of it (`passed`), and within ACCURACY_POINTS
+    of the teacher."""
     tallies = []
     for target in sorted({m["target_speedup"] for m in members}):
         at = [m for m in members if m["target_speedup"] == target]
         over = sum(m["speedup_vs_dense_fp32"]["measured_speedup"] >= target for m in at)
         close = sum(dense - m["metric"]["value"] <= ACCURACY_POINTS / 100 for m in at)
-        tallies.append(f"**{target:g}x: {over} of {len(at)} at or over the target, {sum(m['passed'] for m in at)} of "
-                       f"{len(at)} within 3% of it, {close} of {len(at)} within {ACCURACY_POINTS:g} points of the "
+        passed = sum(m["passed"] for m in at)
+        tallies.append(f"**{target:g}x: {over} of {len(at)} at or over the target, {passed} of {len(at)} within "
+                       f"{tolerance:.0%} of it, {close} of {len(at)} within {ACCURACY_POINTS:g} points of the "
                        "teacher's accuracy**")
     return "; ".join(tallies)
 
