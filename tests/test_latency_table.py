@@ -11,6 +11,7 @@ from tests.conftest import tiny_bert_config
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, get_runtime
+from ziplm.runtimes import base
 from ziplm.runtimes import latency_table as lt
 from ziplm.runtimes.latency_table import anchored_fit
 
@@ -135,3 +136,25 @@ def test_the_correction_passes_through_the_all_removed_model():
     assert correction.apply(base) == pytest.approx(base)
     x, y = predicted - base, measured - base
     assert correction.scale == pytest.approx(x @ y / (x @ x)) and correction.apply(20.0) > base
+
+
+ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu sse4_2 avx fma avx2\n"
+ZEN4 = ("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "flags\t\t: fpu sse4_2 avx fma avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16\n")
+
+
+def test_two_cpus_behind_one_masked_model_name_get_different_tables(tiny_config, tmp_path, monkeypatch):
+    # both machines this project ran on say "AMD EPYC"; dense INT8 ran 1.9x dense FP32 on one and 1.43x on the other
+    shape = adapter_for(tiny_config).shape(tiny_config)
+    identities, fingerprints = [], []
+    for index, cpuinfo in enumerate((ZEN3, ZEN4)):
+        path = tmp_path / f"cpuinfo{index}"
+        path.write_text(cpuinfo + "\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+        monkeypatch.setattr(base, "CPUINFO", path)
+        identities.append(base.cpu_identity())
+        fingerprints.append(lt.table_fingerprint(shape, ENV, get_runtime(ENV), 32))
+    assert identities == ["AMD EPYC (cpu family 25, model 1; avx avx2 fma)",
+                          "AMD EPYC (cpu family 25, model 17; avx avx2 fma avx512f avx512bw avx512vl avx512_vnni "
+                          "avx512_bf16)"]
+    assert fingerprints[0] != fingerprints[1]
+    assert get_runtime(ENV).info().device == f"CPU ({identities[1]})"

@@ -34,7 +34,7 @@ from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStruc
 from ziplm.families.loading import build_model
 from ziplm.pipeline.cache import cache_root, fingerprint, write_json_atomic
 from ziplm.pipeline.errors import BadInputError
-from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_model, get_runtime
+from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
 from ziplm.runtimes.timing import TimingStats, time_interleaved
 from ziplm.stages.export import encoder_inputs, export_model, export_module
 from ziplm.stages.quantize import deployable
@@ -128,7 +128,7 @@ def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, gr
     """Everything a table's numbers depend on."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "cpu": cpu_model(),
+        "cpu": cpu_identity(),
         "runtime": runtime.info().to_json(),
         "batch_size": env.batch_size,
         "sequence_length": env.sequence_length,

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ziplm.pipeline.errors import BadInputError
-from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_model, register_runtime
+from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_identity, register_runtime
 
 _OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -75,7 +75,7 @@ class OnnxRuntimeCPU(Runtime):
         return RuntimeInfo(
             name=self.name,
             version=ort.__version__,
-            device=f"CPU ({cpu_model()})",
+            device=f"CPU ({cpu_identity()})",
             threads=self.threads,
             options={"graph_optimization": self.graph_optimization, "allow_spinning": self.allow_spinning},
         )
