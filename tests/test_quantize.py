@@ -38,17 +38,39 @@ def quantized_model(config, structure: ModelStructure | None = None):
 
 
 # --- the math --------------------------------------------------------------------------------------------------------
-def test_weight_fake_quant_is_symmetric_per_channel_and_keeps_zeros():
+@pytest.mark.parametrize("qmax", [127, 63])
+def test_weight_fake_quant_is_symmetric_per_channel_and_keeps_zeros(qmax):
     torch.manual_seed(0)
     W = torch.randn(6, 10) * torch.arange(1, 7).unsqueeze(1)  # rows of very different ranges
     W[2, 3] = W[4, :] = 0.0
-    s = q.weight_scale(W)
+    s = q.weight_scale(W, qmax)
     Wq = q.fake_quant_weight(W, s)
-    assert torch.allclose(s[:4], W[:4].abs().amax(1) / 127)
+    assert torch.allclose(s[:4], W[:4].abs().amax(1) / qmax)
     assert Wq[2, 3] == 0 and torch.all(Wq[4] == 0)
     assert torch.all((W - Wq).abs() <= s.unsqueeze(1) / 2 + 1e-7)  # round to nearest: half a step per channel
     assert torch.allclose(Wq.abs().amax(1)[:4], W.abs().amax(1)[:4])  # the largest weight is exactly representable
-    assert torch.allclose(Wq / s.unsqueeze(1), torch.round(Wq / s.unsqueeze(1)), atol=1e-4)  # on the int8 grid
+    integers = Wq / s.unsqueeze(1)
+    assert torch.allclose(integers, torch.round(integers), atol=1e-4)  # on the integer grid
+    assert integers.abs().max() <= qmax + 1e-4  # 7-bit weights stay where 16-bit pair sums cannot saturate
+
+
+@pytest.mark.parametrize("flags, bits", [("avx avx2 fma", 7), ("avx avx2 fma avx512f avx512_vnni", 8),
+                                         ("avx avx2 avx_vnni", 8), ("fp asimd asimddp", 8)])
+def test_weights_default_to_7_bits_where_the_integer_kernels_saturate(flags, bits, tiny_config, tmp_path,
+                                                                       monkeypatch):
+    from ziplm.runtimes import base
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(base, "CPUINFO", cpuinfo)
+    settings = q.QuantSettings()
+    assert settings.weight_bits == bits and settings.weight_qmax == 2 ** (bits - 1) - 1
+    assert q.QuantSettings(weight_bits=8).weight_bits == 8  # a recipe may choose either
+    model = build_model(tiny_config)
+    quants = q.prepare_qat(model, adapter_for(tiny_config), settings)
+    assert {quant.weight_qmax for quant in quants.values()} == {settings.weight_qmax}
+    recorded = q.recorded_quantization(model.config)["settings"]
+    assert recorded["weight_bits"] == bits  # saved with the member: it reloads the same anywhere
 
 
 def test_activation_range_always_contains_zero():

@@ -220,7 +220,7 @@ def deployer(recipe: Recipe, inputs: Inputs, precision: Precision) -> Callable[[
     batches = (example_batches(inputs.tokenizer, inputs.task.calibration, recipe.quantization)
                if precision == "int8" else [])
     adapter = adapter_for(inputs.dense.config)
-    return lambda model: deployable(model, adapter.prunable_linears, precision, batches)
+    return lambda model: deployable(model, adapter.prunable_linears, precision, batches, recipe.quantization)
 
 
 def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCache) -> list[Goal]:

@@ -2,7 +2,8 @@
 
 Every matmul projection of the encoder that the family adapter lists (`prunable_linears`: attention Q/K/V/O and FFN
 in/out) becomes a `QuantLinear`: its weight is fake-quantized to int8, symmetric, per output channel (zero point 0,
-so a pruned weight stays exactly zero), and its INPUT is fake-quantized to uint8 per tensor with a scale calibrated
+so a pruned weight stays exactly zero; `weight_bits: 7` keeps it within -63..63, where ONNX Runtime's integer
+kernels on x86 without VNNI would otherwise saturate), and its INPUT is fake-quantized to uint8 per tensor with a scale calibrated
 on data and then frozen. Residual branches and LayerNorm inputs stay in float: the quantizer sits inside the linear,
 so only the matmul sees the quantized activation (the sparseml trap, ALGORITHMS.md section 6). The straight-through
 estimator of `torch.fake_quantize_*` lets the model train with plain autograd and any optimizer; weights that are
@@ -19,6 +20,7 @@ Recipe snippet::
       calibration_examples: 256
       batch_size: 32
       max_length: 128
+      weight_bits: 8            # or 7; by default 7 where the CPU's integer kernels saturate (x86 without VNNI)
 
 Typical use: `prepare_qat(model, adapter, settings)`, `calibrate_activations(model, tokenizer, examples, settings)`
 (observes, then freezes the scales), optionally fine-tune (distillation), then `export_model`. A saved member records
@@ -41,10 +43,11 @@ from ziplm.families import FamilyAdapter
 from ziplm.pipeline.errors import BadInputError, ZipLMError
 from ziplm.pipeline.tasks import Example
 from ziplm.runtimes.base import Precision
+from ziplm.runtimes.onnxruntime_cpu import int8_pair_sums_saturate
 from ziplm.stages.finetune import batches, encode_batch
 
 QUANTIZATION_KEY = "ziplm_quantization"
-WEIGHT_QMAX = 127  # symmetric int8 weights use -127..127 (exported with the int8 range -128..127)
+INT8_MIN, INT8_MAX = -128, 127  # the range ONNX's QuantizeLinear writes weights in, whatever `weight_bits` uses
 ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255  # uint8 activations: ONNX Runtime's fastest CPU kernels are u8 x s8
 _TINY = 1e-8  # scale floor: an all-zero row or a constant activation still gets a valid (positive) scale
 
@@ -55,8 +58,12 @@ class QuantizationError(ZipLMError):
     """A quantized model is used in a state that cannot give correct results (for instance never calibrated)."""
 
 
+def default_weight_bits() -> Literal[7, 8]:
+    return 7 if int8_pair_sums_saturate() else 8
+
+
 class QuantSettings(BaseModel):
-    """How activations are observed and how much data calibrates them."""
+    """How activations are observed, how much data calibrates them, and how wide the weights' integer range is."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -65,20 +72,29 @@ class QuantSettings(BaseModel):
     calibration_examples: int = Field(256, ge=1)
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
+    weight_bits: Literal[7, 8] = Field(default_factory=default_weight_bits, description=(
+        "weights within -127..127 (8) or -63..63 (7); by default 7 on x86 CPUs without VNNI, where ONNX Runtime's "
+        "u8 x s8 kernels add pairs of products in 16 bits and saturate, so the file would not compute what was "
+        "trained (chosen when the settings are made, and saved with the model)"))
+
+    @property
+    def weight_qmax(self) -> int:
+        return 2 ** (self.weight_bits - 1) - 1
 
 
 # --- the math: pure functions ---------------------------------------------------------------------------------------
-def weight_scale(W: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scale s_i = max_j |W_ij| / 127."""
-    return (W.abs().amax(dim=1) / WEIGHT_QMAX).clamp_min(_TINY)
+def weight_scale(W: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-output-channel symmetric scale s_i = max_j |W_ij| / qmax (127 for 8-bit weights, 63 for 7-bit)."""
+    return (W.abs().amax(dim=1) / qmax).clamp_min(_TINY)
 
 
 def fake_quant_weight(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """s_i * clamp(round(W_ij / s_i)); zero point 0, so W_ij = 0 maps to exactly 0."""
+    """s_i * clamp(round(W_ij / s_i)); zero point 0, so W_ij = 0 maps to exactly 0. The scale bounds the integers
+    (|round(W_ij / s_i)| <= qmax), so the int8 clamp only matches what ONNX's QuantizeLinear does."""
     zero_point = torch.zeros_like(s, dtype=torch.int32)
     if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear / DequantizeLinear
-        return torch.fake_quantize_per_channel_affine(W, s, zero_point, 0, -WEIGHT_QMAX - 1, WEIGHT_QMAX)
-    return _round_trip(W, s[:, None], 0, -WEIGHT_QMAX - 1, WEIGHT_QMAX)
+        return torch.fake_quantize_per_channel_affine(W, s, zero_point, 0, INT8_MIN, INT8_MAX)
+    return _round_trip(W, s[:, None], 0, INT8_MIN, INT8_MAX)
 
 
 def activation_qparams(x_min: torch.Tensor, x_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +150,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, settings: QuantSettings) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.observer, self.ema_decay = settings.observer, settings.ema_decay
+        self.observer, self.ema_decay, self.weight_qmax = settings.observer, settings.ema_decay, settings.weight_qmax
         self.observing = False
         self.register_buffer("input_min", torch.tensor(0.0))
         self.register_buffer("input_max", torch.tensor(0.0))
@@ -161,7 +177,7 @@ class QuantLinear(nn.Linear):
         else:
             x = fake_quant_activation(x, self.input_scale, self.input_zero_point)
         W = self.weight if self.weight_mask is None else self.weight * self.weight_mask
-        return F.linear(x, fake_quant_weight(W, weight_scale(W.detach())), self.bias)
+        return F.linear(x, fake_quant_weight(W, weight_scale(W.detach(), self.weight_qmax)), self.bias)
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
