@@ -12,8 +12,8 @@ from tests.conftest import tiny_bert_config
 from ziplm.families.loading import build_model
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
-from ziplm.runtimes.timing import (TimingStats, WideIntervalWarning, median_ci, speedup_of, time_interleaved, time_paired,
-                                   warn_if_wide)
+from ziplm.runtimes.timing import (CpuSnapshot, TimingStats, WideIntervalWarning, cpu_snapshot, median_ci, other_load,
+                                   speedup_of, time_interleaved, time_paired, warn_if_wide)
 from ziplm.stages.export import encoder_inputs, export_model
 
 
@@ -94,3 +94,48 @@ def test_the_garbage_collector_is_off_while_timing_and_restored_after():
     stats = time_interleaved({"a": lambda: seen.append(gc.isenabled())}, rounds=4, warmup=0)
     assert seen == [False] * 4 and len(stats["a"].samples_ms) == 4
     assert gc.isenabled()
+
+
+def write_proc(root, busy_and_idle: tuple[int, int], own: int, steal: int = 0) -> None:
+    """A /proc with a 2-CPU /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal) and /proc/self/stat."""
+    busy, idle = busy_and_idle
+    (root / "self").mkdir(parents=True, exist_ok=True)
+    (root / "stat").write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 1 0 0 1\ncpu1 1 0 0 1\nintr 5\n")
+    (root / "self" / "stat").write_text(f"42 (python (odd name)) R 1 1 1 0 -1 0 0 0 0 0 {own} 0 0 0 20 0 3 0\n")
+
+
+def test_other_load_counts_every_busy_tick_but_this_process_s(tmp_path):
+    write_proc(tmp_path, (1000, 3000), own=400)
+    before = cpu_snapshot(tmp_path)
+    # 200 ticks later on each of 2 CPUs (2 s at 100 Hz): 300 busy ticks, 180 of them this process's, 40 stolen
+    write_proc(tmp_path, (1260, 3100), own=580, steal=40)
+    after = cpu_snapshot(tmp_path)
+    assert before == CpuSnapshot(busy=1000, elapsed=4000, own=400, cpus=2)
+    assert other_load(before, after) == pytest.approx((300 - 180) / 200)
+    assert other_load(before, None) is None and cpu_snapshot(tmp_path / "absent") is None
+
+
+def test_other_load_is_unknown_over_a_span_too_short_to_count():
+    before = CpuSnapshot(busy=0, elapsed=0, own=0, cpus=2)
+    assert other_load(before, CpuSnapshot(busy=10, elapsed=2 * 20, own=0, cpus=2)) is None  # 0.2 s
+    assert other_load(before, CpuSnapshot(busy=10, elapsed=2 * 100, own=0, cpus=2)) == pytest.approx(0.1)
+
+
+def test_a_busy_process_beside_a_paired_timing_is_read_as_load():
+    import subprocess
+    import sys
+    import time
+
+    def sleepers() -> float | None:  # the timed calls sleep, so a busy loop gets a whole core
+        speedup, _, _ = time_paired(lambda: time.sleep(0.005), lambda: time.sleep(0.005), rounds=80, warmup=0,
+                                    max_relative_width=10.0)
+        return speedup.other_load
+
+    assert sleepers() < 0.5
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        assert sleepers() > 0.5
+    finally:
+        busy.kill()
+        busy.wait()

@@ -3,12 +3,13 @@ round a member is and which structure the chain fine-tunes next."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from ziplm.families import ModelShape, ModelStructure
-from ziplm.runtimes.timing import Speedup, TimingStats
+from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats
 from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor, Round, next_aim
 
 SHAPE = ModelShape("bert", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, ffn_size=64,
@@ -118,3 +119,53 @@ def test_the_precision_factor_is_the_median_block_and_keeps_their_range():
     factor = PrecisionFactor.measure(BlocksVerifier([1.78, 2.27, 1.89, 1.88, 2.07]), Path("int8.onnx"), 5)
     assert factor.value == 1.89
     assert factor.to_json() == {"value": 1.89, "blocks": 5, "min": 1.78, "max": 2.27}
+
+
+@pytest.fixture
+def tiny_verifier(tmp_path, monkeypatch):
+    """A real PairedVerifier beside a tiny exported model, whose paired timings report the other loads it is given."""
+    import ziplm.stages.verify as verify
+    from tests.conftest import tiny_bert_config
+    from ziplm.families.loading import build_model
+    from ziplm.runtimes import InferenceEnv, get_runtime
+    from ziplm.stages.export import export_model
+
+    env = InferenceEnv(threads=1, sequence_length=16)
+    onnx = export_model(build_model(tiny_bert_config()), tmp_path / "model.onnx", 1, 16)
+    loads: list[float | None] = []
+
+    def time_paired(*_, **__):
+        load = loads.pop(0)
+        return Speedup(2.0 + (load or 0.0), 1.9, 2.1, 0.95, 60, load), TimingStats((10.0,)), TimingStats((5.0,))
+
+    monkeypatch.setattr(verify, "time_paired", time_paired)
+    monkeypatch.setattr(verify, "RETAKE_PAUSE_S", 0.0)
+    settings = verify.VerificationSettings(max_other_load=0.1, retakes=3)
+    return verify.PairedVerifier(get_runtime(env), env, onnx, 1000, settings), onnx, loads
+
+
+def test_a_measurement_taken_while_other_work_kept_a_core_busy_is_taken_again(tiny_verifier):
+    verifier, onnx, loads = tiny_verifier
+    loads += [0.9, 0.8, 0.02]  # a neighbour's burst over two measurements, then quiet
+    [check] = verifier.measure_blocks(onnx, 1)
+    assert check.speedup.other_load == 0.02 and check.retaken == 2 and check.disturbed == 0 and not loads
+    loads += [None]  # where the load cannot be read (no /proc, or too short a span) nothing is taken again
+    assert verifier.measure_blocks(onnx, 1)[0].retaken == 0
+
+
+def test_a_machine_busy_through_every_retake_keeps_the_least_disturbed_reading_and_says_so(tiny_verifier):
+    verifier, onnx, loads = tiny_verifier
+    loads += [0.0, 0.9, 0.7, 0.8, 0.95, 0.05]  # quiet, then four tries all busy, then quiet
+    with pytest.warns(BusyMachineWarning, match="1 of 3 paired measurements.*0.70 cores busy"):
+        check = verifier.measure(onnx, 3)
+    assert check.blocks == (2.0, 2.7, 2.05) and check.other_loads == (0.0, 0.7, 0.05)
+    assert check.retaken == 3 and check.disturbed == 1 and check.speedup.value == 2.05  # the median block
+    assert check.load_json() == {"other_load": [0.0, 0.7, 0.05], "retaken": 3, "disturbed": 1}
+
+
+def test_a_check_says_what_other_work_did_to_it_only_when_it_did_something():
+    quiet = LatencyCheck(Speedup(2.0, 1.9, 2.1, 0.95, 60), TimingStats((10.0,)), TimingStats((5.0,)), (2.0, 2.1))
+    assert quiet.load_note() == ""
+    busy = dataclasses.replace(quiet, retaken=5, disturbed=1)
+    assert busy.load_note() == (" [5 measurements taken again: the machine was busy; 1 of 2 measured while other work "
+                                "kept cores busy: the speedup may read high]")

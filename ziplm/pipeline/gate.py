@@ -31,7 +31,7 @@ from ziplm.pipeline.cache import file_digest
 from ziplm.pipeline.errors import BadInputError
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.verify import PairedVerifier, VerificationSettings, statistic
+from ziplm.stages.verify import LatencyCheck, PairedVerifier, VerificationSettings, statistic
 
 DEFAULTS = VerificationSettings()  # the gate measures as `ziplm run` judges a fine-tuned file
 
@@ -63,6 +63,7 @@ class Verdict:
     runtime: dict[str, Any]
     checks: list[Check]
     seconds: float
+    measurement: LatencyCheck
 
     @property
     def passed(self) -> bool:
@@ -70,7 +71,8 @@ class Verdict:
 
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
-        return f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
+                f"{self.measurement.load_note()}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
             "precision": env.precision}
-    return Verdict(manifest["name"], info, checks, time.perf_counter() - start)
+    return Verdict(manifest["name"], info, checks, time.perf_counter() - start, check)
 
 
 def junit_xml(verdict: Verdict) -> ET.ElementTree:
@@ -147,6 +149,8 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
     properties = ET.SubElement(suite, "properties")
     for key, value in verdict.runtime.items():
         ET.SubElement(properties, "property", name=f"runtime.{key}", value=str(value))
+    for key, value in verdict.measurement.load_json().items():
+        ET.SubElement(properties, "property", name=f"machine_load.{key}", value=str(value))
     for check in verdict.checks:
         case = ET.SubElement(suite, "testcase", classname=f"ziplm.verify.{verdict.artifact}", name=check.name,
                              time=f"{verdict.seconds / len(verdict.checks):.3f}")

@@ -75,6 +75,7 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "target_speedup": member.target,
         "measured_speedup": round(check.speedup.value, 4),
         "speedup_ci": check.speedup.to_json(),
+        "machine_load": check.load_json(),
         "deviation": round(deviation, 4),
         "tolerance": recipe.verification.tolerance,
         "predicted_speedup": round(member.final.predicted_speedup, 4),
@@ -115,7 +116,7 @@ def speedups_by_precision(member: Member, recipe: Recipe) -> dict[str, dict[str,
 
 def _speedup_json(check: LatencyCheck) -> dict[str, Any]:
     return {"measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
-            "measurements": [round(value, 4) for value in check.blocks],
+            "measurements": [round(value, 4) for value in check.blocks], "machine_load": check.load_json(),
             "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
 
 

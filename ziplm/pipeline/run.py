@@ -311,7 +311,7 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
     clock.time("export", export_checked, model, onnx, recipe.environment)
     check = clock.time("verify", verifier.measure, onnx, recipe.verification.finished_repeats)
     member.finish(model, finished.structured, onnx, check, clock.seconds, finished.accuracy_by_stage)
-    progress(f"finished: measured {member.rounds[-1].check.speedup.value:.3f}x")
+    progress(f"finished: measured {check.speedup.value:.3f}x{check.load_note()}")
 
 
 def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: References,

@@ -9,10 +9,12 @@ while the interval is too wide.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import binom
@@ -38,25 +40,72 @@ class TimingStats:
 
 @dataclass(frozen=True)
 class Speedup:
-    """Baseline time over candidate time, from per-round ratios of interleaved runs."""
+    """Baseline time over candidate time, from per-round ratios of interleaved runs; `other_load`: the cores other
+    processes, kernel threads and the hypervisor took while it was measured (None where that cannot be read)."""
 
     value: float
     ci_low: float
     ci_high: float
     confidence: float
     rounds: int
+    other_load: float | None = None
 
     @property
     def relative_width(self) -> float:
         return (self.ci_high - self.ci_low) / self.value
 
-    def to_json(self) -> dict[str, float]:
+    def to_json(self) -> dict[str, float | None]:
+        load = {} if self.other_load is None else {"other_load": round(self.other_load, 3)}
         return {"value": round(self.value, 4), "ci_low": round(self.ci_low, 4), "ci_high": round(self.ci_high, 4),
-                "confidence": self.confidence, "rounds": self.rounds}
+                "confidence": self.confidence, "rounds": self.rounds, **load}
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU time so far, in clock ticks: busy on all CPUs (steal included: the hypervisor gave the core to another
+    guest), elapsed on all CPUs, used by this process (all its threads), and stolen."""
+
+    busy: int
+    elapsed: int
+    own: int
+    cpus: int
+    steal: int = 0
+
+
+def cpu_snapshot(proc: Path = Path("/proc")) -> CpuSnapshot | None:
+    """Read /proc/stat and /proc/self/stat; None where there is no such file system (the load is then unknown)."""
+    try:
+        lines = (proc / "stat").read_text().splitlines()
+        own_fields = (proc / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # cpu  user nice system idle iowait irq softirq steal ...
+    ticks = [int(v) for v in lines[0].split()[1:9]]
+    cpus = sum(line.startswith("cpu") and line[3:4].isdigit() for line in lines)
+    return CpuSnapshot(busy=sum(ticks) - ticks[3] - ticks[4], elapsed=sum(ticks), own=int(own_fields[11])
+                       + int(own_fields[12]), cpus=max(cpus, 1), steal=ticks[7])  # own: utime + stime (proc(5))
+
+
+MIN_LOAD_SPAN_S = 0.5  # /proc counts in clock ticks (10 ms): over a shorter span one tick reads as a fifth of a core
+
+
+def other_load(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float | None:
+    """Cores (on average) that everything but this process kept busy between two snapshots; None when unknown or
+    when the span is too short to tell (under MIN_LOAD_SPAN_S)."""
+    if before is None or after is None:
+        return None
+    wall = (after.elapsed - before.elapsed) / after.cpus
+    if wall < MIN_LOAD_SPAN_S * os.sysconf("SC_CLK_TCK"):
+        return None
+    return max(0.0, (after.busy - before.busy) - (after.own - before.own)) / wall
 
 
 class WideIntervalWarning(UserWarning):
     """A speedup's confidence interval is too wide to trust at the requested tolerance."""
+
+
+class BusyMachineWarning(UserWarning):
+    """Other processes kept cores busy while a speedup was measured, and stayed busy when it was taken again."""
 
 
 def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3) -> dict[str, TimingStats]:
@@ -112,6 +161,7 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
     WideIntervalWarning says so.
     """
     runners = {"baseline": baseline, "candidate": candidate}
+    before = cpu_snapshot()
     stats = time_interleaved(runners, rounds, warmup)
     speedup = speedup_of(stats["baseline"], stats["candidate"])
     for _ in range(extra_batches):
@@ -120,6 +170,7 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
         more = time_interleaved(runners, rounds, warmup=0)
         stats = {name: TimingStats(stats[name].samples_ms + more[name].samples_ms) for name in runners}
         speedup = speedup_of(stats["baseline"], stats["candidate"])
+    speedup = replace(speedup, other_load=other_load(before, cpu_snapshot()))
     warn_if_wide(speedup, max_relative_width)
     return speedup, stats["baseline"], stats["candidate"]
 
