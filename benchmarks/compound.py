@@ -38,6 +38,7 @@ from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.report import environment_line
 from ziplm.pipeline.run import run_recipe
+from ziplm.runtimes import get_runtime
 from ziplm.stages.distill import DistillSettings
 
 COMMAND = "python -m benchmarks.compound"
@@ -81,6 +82,12 @@ def compound_runs(count: int) -> list[dict[str, Any]]:
         with independent_members():
             runs.append(run_variant(load_recipe("minilm_mr_compound")))
     return runs
+
+
+def other_cpus(runs: list[dict[str, Any]]) -> list[str]:
+    """The devices of stored runs that are not this machine's CPU."""
+    here = get_runtime(load_recipe("minilm_mr_compound").environment).info().device
+    return sorted({run["runtime"]["device"] for run in runs} - {here})
 
 
 def _commit() -> str:
@@ -224,6 +231,11 @@ def main() -> None:
     result["command"] = COMMAND
     if not args.skip_compound:
         stored = result.get("compound_runs", []) if args.append else []
+        elsewhere = other_cpus(stored)
+        if elsewhere:
+            parser.error(f"--append: the stored compound runs were measured on {'; '.join(elsewhere)}, not on this "
+                         "machine's CPU: kernels, and so speedups, differ between CPU generations, and one table's "
+                         "tallies count one CPU; run without --append (the stored runs stay in git history)")
         result["compound_runs"] = stored + compound_runs(args.compound_runs)
     if not args.skip_gradual:
         result["gradual_vs_oneshot"] = gradual_vs_oneshot()
