@@ -57,6 +57,20 @@ def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp
     assert suite.find(".//property[@name='machine_load.retaken']").get("value") == "0"  # blocks too short to tell
 
 
+def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tmp_path):
+    family = copy_family(tiny_family, tmp_path)
+    path = speedup_member(family) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert "another CPU" not in invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--rounds", "5",
+                                       "--repeats", "1").output
+    manifest["runtime"]["device"] = "CPU (AMD EPYC (cpu family 25, model 17; avx avx2 avx512f avx512_vnni))"
+    path.write_text(json.dumps(manifest))
+    result = invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--rounds", "5", "--repeats", "1")
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("[the manifest was measured on another CPU: CPU (AMD EPYC (cpu family 25, "
+                                           "model 17; avx avx2 avx512f avx512_vnni))]")
+
+
 def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
     result = invoke("verify", speedup_member(tiny_family), "--max-latency-ms", "0.0001", "--min-speedup", "0.2",

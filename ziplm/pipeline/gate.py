@@ -13,6 +13,9 @@ Checks, each one JUnit test case:
   member unless --min-speedup is given.
 - latency: the measured statistic (--metric, default p90; an SLA member's own metric) <= --max-latency-ms, or
   else <= the member's SLA from the manifest. Left out when neither is set.
+The line also says when other work kept the machine busy while it measured (measurements taken again, or left
+disturbed: the speedup may read high; JUnit properties machine_load.*), and when the manifest was measured on another
+CPU (kernels, and so speedups, differ between CPU generations).
 Exit status: 0 every check passes, 1 a check fails, 2 bad input (no manifest, missing or corrupt ONNX file, unknown
 runtime).
 """
@@ -64,6 +67,7 @@ class Verdict:
     checks: list[Check]
     seconds: float
     measurement: LatencyCheck
+    recorded_device: str  # where `ziplm run` measured the member (its manifest)
 
     @property
     def passed(self) -> bool:
@@ -72,7 +76,14 @@ class Verdict:
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
         return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
-                f"{self.measurement.load_note()}")
+                f"{self.measurement.load_note()}{self.device_note()}")
+
+    def device_note(self) -> str:
+        """Kernels differ between CPU generations (dense INT8 ran 1.9x dense FP32 on one EPYC, 1.43x on another):
+        a member measured on one CPU and gated on another is gated on other figures."""
+        if self.recorded_device == self.runtime["device"]:
+            return ""
+        return f" [the manifest was measured on another CPU: {self.recorded_device}]"
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
             "precision": env.precision}
-    return Verdict(manifest["name"], info, checks, time.perf_counter() - start, check)
+    return Verdict(manifest["name"], info, checks, time.perf_counter() - start, check, manifest["runtime"]["device"])
 
 
 def junit_xml(verdict: Verdict) -> ET.ElementTree:
