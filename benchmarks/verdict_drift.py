@@ -183,7 +183,8 @@ def plot(sittings: Sequence[dict[str, Any]], path: Path) -> None:
 def markdown(result: dict[str, Any]) -> str:
     sittings = result["sittings"]
     lines = ["# How repeatable a paired verdict is: one INT8 file beside dense FP32, block after block", "",
-             f"{environment_line({**sittings[0]['runtime'], 'device': 'the CPU each sitting names'})}. Three files exported from the cached MiniLM MR teacher: "
+             f"{environment_line({**sittings[0]['runtime'], 'device': 'the CPU each sitting names'})}. Three files "
+             "exported from the cached MiniLM MR teacher: "
              "dense FP32 and dense INT8 (the compound recipe's references) and the INT8 structure its table solves "
              f"for {TARGET:g}x over dense FP32, pruned one-shot (no fine-tuning; speed does not depend on the values). "
              "A cycle takes three paired blocks as the pipeline takes them (60 interleaved rounds each, more while the "

@@ -168,4 +168,4 @@ def test_a_check_says_what_other_work_did_to_it_only_when_it_did_something():
     assert quiet.load_note() == ""
     busy = dataclasses.replace(quiet, retaken=5, disturbed=1)
     assert busy.load_note() == (" [5 measurements taken again: the machine was busy; 1 of 2 measured while other work "
-                                "kept cores busy: the speedup may read high]")
+                                "kept cores busy: the speedup may be off either way]")

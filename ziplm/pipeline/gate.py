@@ -14,8 +14,8 @@ Checks, each one JUnit test case:
 - latency: the measured statistic (--metric, default p90; an SLA member's own metric) <= --max-latency-ms, or
   else <= the member's SLA from the manifest. Left out when neither is set.
 The line also says when other work kept the machine busy while it measured (measurements taken again, or left
-disturbed: the speedup may read high; JUnit properties machine_load.*), and when the manifest was measured on another
-CPU (kernels, and so speedups, differ between CPU generations).
+disturbed: the speedup may be off either way; JUnit properties machine_load.*), and when the manifest was measured on
+another CPU (kernels, and so speedups, differ between CPU generations).
 Exit status: 0 every check passes, 1 a check fails, 2 bad input (no manifest, missing or corrupt ONNX file, unknown
 runtime).
 """

@@ -1,13 +1,13 @@
 """INT8 quantization-aware training with hand-written fake-quant (ALGORITHMS.md section 6).
 
 Every matmul projection of the encoder that the family adapter lists (`prunable_linears`: attention Q/K/V/O and FFN
-in/out) becomes a `QuantLinear`: its weight is fake-quantized to int8, symmetric, per output channel (zero point 0,
-so a pruned weight stays exactly zero; `weight_bits: 7` keeps it within -63..63, where ONNX Runtime's integer
-kernels on x86 without VNNI would otherwise saturate), and its INPUT is fake-quantized to uint8 per tensor with a
-scale calibrated on data and then frozen. Residual branches and LayerNorm inputs stay in float: the quantizer sits inside the linear,
-so only the matmul sees the quantized activation (the sparseml trap, ALGORITHMS.md section 6). The straight-through
-estimator of `torch.fake_quantize_*` lets the model train with plain autograd and any optimizer; weights that are
-zero when the model is prepared (an oBERT mask) get no gradient and stay zero.
+in/out) becomes a `QuantLinear`: its weight is fake-quantized to int8, symmetric, per output channel (zero point 0, so a
+pruned weight stays exactly zero; `weight_bits: 7` keeps it within -63..63, where ONNX Runtime's integer kernels on x86
+without VNNI would otherwise saturate), and its INPUT is fake-quantized to uint8 per tensor with a scale calibrated on
+data and then frozen. Residual branches and LayerNorm inputs stay in float: the quantizer sits inside the linear, so
+only the matmul sees the quantized activation (the sparseml trap, ALGORITHMS.md section 6). The straight-through
+estimator of `torch.fake_quantize_*` lets the model train with plain autograd and any optimizer; weights that are zero
+when the model is prepared (an oBERT mask) get no gradient and stay zero.
 
 The TorchScript exporter at opset 17 (ziplm.stages.export) turns each fake-quant into a QuantizeLinear /
 DequantizeLinear pair, which ONNX Runtime fuses into integer kernels (MatMulIntegerToFloat, QLinearMatMul).

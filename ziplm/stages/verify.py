@@ -161,7 +161,7 @@ class LatencyCheck:
         if not (self.retaken or self.disturbed):
             return ""
         disturbed = (f"; {self.disturbed} of {len(self.blocks) or 1} measured while other work kept cores busy: the "
-                     "speedup may read high" if self.disturbed else "")
+                     "speedup may be off either way" if self.disturbed else "")
         return f" [{self.retaken} measurements taken again: the machine was busy{disturbed}]"
 
 
