@@ -218,6 +218,17 @@ def test_quantized_member_round_trips_through_its_folder(tiny_config, tmp_path, 
     verify_export(reloaded, export_model(reloaded, tmp_path / "member.onnx"), atol=parity_atol("int8"))
 
 
+def test_a_member_saved_before_weight_bits_existed_reloads_with_8_bit_weights(tiny_config, tmp_path):
+    model = quantized_model(tiny_config)
+    save_model(model, tmp_path / "member")
+    config_path = tmp_path / "member" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["ziplm_quantization"]["settings"]["weight_bits"]  # as written before the setting existed
+    config_path.write_text(json.dumps(config))
+    reloaded = load_model(str(tmp_path / "member"))
+    assert {quant.weight_qmax for quant in q.quant_linears(reloaded).values()} == {127}
+
+
 def test_reload_keeps_the_sparsity_mask(tiny_config, tmp_path):
     torch.manual_seed(0)
     model = build_model(tiny_config)

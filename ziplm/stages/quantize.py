@@ -320,4 +320,5 @@ def restore_quantization(model: PreTrainedModel, adapter: FamilyAdapter, record:
     if sorted(linears) != sorted(record["modules"]):
         raise BadInputError(f"the recorded {QUANTIZATION_KEY} lists modules {record['modules'][:3]}..., the model has "
                             f"{sorted(linears)[:3]}...: the config does not belong to these weights")
-    prepare_qat(model, adapter, QuantSettings(**record["settings"]))
+    # members saved before `weight_bits` existed were trained with 8-bit weights, whatever this CPU's default is
+    prepare_qat(model, adapter, QuantSettings(**{"weight_bits": 8, **record["settings"]}))
