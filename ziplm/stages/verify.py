@@ -81,8 +81,9 @@ class VerificationSettings(BaseModel):
     max_other_load: float = Field(0.1, ge=0.0, description="a paired measurement during which other processes, "
                                                            "kernel threads or the hypervisor kept more than this "
                                                            "many cores busy is taken again: a busy core slows the "
-                                                           "dense model more than a small member (on 2 cores, one "
-                                                           "busy core read a 4x member 5-30% fast)")
+                                                           "dense model and a small member unequally (on 2 cores, "
+                                                           "beside one busy core a 4x INT8 member read -12% to "
+                                                           "+20%, a 2x FP32 member -21%)")
     retakes: int = Field(3, ge=0, description="times a disturbed measurement is taken again (after a pause); then "
                                               "the least disturbed one counts and the check records it as disturbed")
 
