@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import progress, write_results
+from benchmarks.compound import _commit
 from benchmarks.verdict_drift import subjects
 from ziplm.pipeline.report import environment_line
 from ziplm.stages.verify import LatencyCheck, PairedVerifier
@@ -159,8 +160,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run(cycles: int, verdicts: int) -> dict[str, Any]:
-    from benchmarks.compound import _commit
-
     with tempfile.TemporaryDirectory(prefix="ziplm-contention-") as work:
         refs, member, structure, runtime = subjects(Path(work))
         return {"command": COMMAND, "commit": _commit(), "runtime": runtime, "member_structure": structure,

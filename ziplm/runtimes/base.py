@@ -119,7 +119,10 @@ def cpu_fields() -> dict[str, str]:
 
 def cpu_features() -> set[str]:
     """The instruction-set extensions the CPU reports (x86 "flags", Arm "Features")."""
-    fields = cpu_fields()
+    return _features(cpu_fields())
+
+
+def _features(fields: dict[str, str]) -> set[str]:
     return set((fields.get("flags") or fields.get("Features") or "").split())
 
 
@@ -127,7 +130,8 @@ def cpu_identity() -> str:
     """The CPU as far as kernel speed goes: model name, generation numbers and the kernel-relevant instruction-set
     extensions it has, e.g. "AMD EPYC (cpu family 25, model 1, stepping 1; avx avx2 fma f16c)". Part of every latency
     fingerprint and of the device every measurement names."""
-    fields, present = cpu_fields(), cpu_features()
+    fields = cpu_fields()
+    present = _features(fields)
     name = fields.get("model name") or platform.processor() or platform.machine()
     generation = ", ".join(f"{key} {fields[key]}" for key in _GENERATION_FIELDS if key in fields)
     features = " ".join(feature for feature in KERNEL_FEATURES if feature in present)
