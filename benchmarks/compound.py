@@ -12,10 +12,12 @@
     python -m benchmarks.compound [--skip-gradual] [--skip-compound] [--compound-runs N] [--append]
 
 writes benchmarks/results/compound.md and .json; a skipped part keeps the figures of the run that last measured it
-(each part, and each compound run, records the commit it was measured at). `--append` adds the new compound runs to
-the stored ones instead of replacing them: a gradual compound run takes 60-100 minutes on 2 cores, so several runs
-can be gathered over several sittings (at one commit, or the table says which runs were measured where). The
-stages are cached like any `ziplm run` (a second run reuses them); the numbers are those of the run that built them.
+(each part, and each compound run, records the commit it was measured at). Compound runs are kept and tabled per CPU
+(kernels, and so speedups, differ between CPU generations; one table's tallies count one CPU): a new sitting replaces
+the stored runs of this machine's CPU and keeps the others, or with `--append` adds to them. A gradual compound run
+takes 60-100 minutes on 2 cores, so several runs can be gathered over several sittings (at one commit, or the table
+says which runs were measured where). The stages are cached like any `ziplm run` (a second run reuses them); the
+numbers are those of the run that built them.
 """
 
 from __future__ import annotations
@@ -84,10 +86,17 @@ def compound_runs(count: int) -> list[dict[str, Any]]:
     return runs
 
 
-def other_cpus(runs: list[dict[str, Any]]) -> list[str]:
-    """The devices of stored runs that are not this machine's CPU."""
-    here = get_runtime(load_recipe("minilm_mr_compound").environment).info().device
-    return sorted({run["runtime"]["device"] for run in runs} - {here})
+def this_device() -> str:
+    """The device string this machine's runs record (the CPU's model, family and instruction sets)."""
+    return get_runtime(load_recipe("minilm_mr_compound").environment).info().device
+
+
+def by_device(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by the device they were measured on, in the order each device first appears."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["runtime"]["device"], []).append(run)
+    return groups
 
 
 def _commit() -> str:
@@ -106,8 +115,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["# The chain with fine-tuning: gradual ZipLM, and the compound INT8 artifact (MiniLM + MR)", ""]
     if "gradual_vs_oneshot" in result:
         lines += _gradual_markdown(result["gradual_vs_oneshot"])
-    if "compound_runs" in result:
-        lines += _compound_markdown(result["compound_runs"])
+    for runs in by_device(result.get("compound_runs", [])).values():
+        lines += _compound_markdown(runs)
     return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
 
 
@@ -143,8 +152,8 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                     "(`screened`: the round's first reading)") if confirmed else ""
     targets = " then ".join(f"{t:g}x" for t in first["recipe"]["targets"])
     ziplm = "gradual ZipLM" if chain.gradual else "ZipLM"
-    lines = [f"## Compound: {ziplm} (INT8 table) + distillation + gradual oBERT 80% + INT8 QAT, {targets} over dense "
-             "FP32", "",
+    lines = [f"## Compound on {first['runtime']['device']}: {ziplm} (INT8 table) + distillation + gradual oBERT 80% "
+             f"+ INT8 QAT, {targets} over dense FP32", "",
              f"{environment_line(first['runtime'])}. The target is the speedup over the dense FP32 model, and each "
              "INT8 file is timed directly beside it, paired: that reading is its verdict. The INT8 table is solved for "
              "the target divided by the precision factor (dense INT8 over dense FP32, the median of "
@@ -230,13 +239,9 @@ def main() -> None:
     result.pop("compound", None)  # one run of the compound recipe, measured directly beside FP32 (before 2026-11-22)
     result["command"] = COMMAND
     if not args.skip_compound:
-        stored = result.get("compound_runs", []) if args.append else []
-        elsewhere = other_cpus(stored)
-        if elsewhere:
-            parser.error(f"--append: the stored compound runs were measured on {'; '.join(elsewhere)}, not on this "
-                         "machine's CPU: kernels, and so speedups, differ between CPU generations, and one table's "
-                         "tallies count one CPU; run without --append (the stored runs stay in git history)")
-        result["compound_runs"] = stored + compound_runs(args.compound_runs)
+        here = this_device()
+        kept = [run for run in result.get("compound_runs", []) if args.append or run["runtime"]["device"] != here]
+        result["compound_runs"] = kept + compound_runs(args.compound_runs)
     if not args.skip_gradual:
         result["gradual_vs_oneshot"] = gradual_vs_oneshot()
     RESULTS.mkdir(exist_ok=True)
