@@ -83,8 +83,8 @@ def run(config: BenchmarkConfig, rebuild_table: bool = False) -> Result:
     structures |= {f"random-{i}": random_structure(shape, table.ffn_levels, rng) for i in range(config.models)}
     print(f"measuring {len(structures)} models x {config.rounds} rounds, interleaved")
     with tempfile.TemporaryDirectory(prefix="ziplm-bench-") as workdir:
-        stats = measure_structures(model_config, structures, config.env, get_runtime(config.env), config.rounds,
-                                   config.warmup, Path(workdir))
+        stats, _ = measure_structures(model_config, structures, config.env, get_runtime(config.env), config.rounds,
+                                      config.warmup, Path(workdir))
     rows = [_row(name, structure, table, stats) for name, structure in structures.items() if name != "dense"]
     raw = [abs(r.error_raw) for r in rows]
     corrected = [abs(r.error_corrected) for r in rows]

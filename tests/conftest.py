@@ -172,6 +172,6 @@ def tiny_table():
     from ziplm.runtimes.latency_table import TableSettings, build_table
 
     settings = TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
-                             random_calibration_models=1)
+                             random_calibration_models=1, retakes=0)
     return build_table(tiny_bert_config(), InferenceEnv(threads=1, sequence_length=16), settings,
                        progress=lambda _: None)

@@ -54,7 +54,7 @@ def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp
     assert suite.get("tests") == "2" and suite.get("failures") == "0"
     assert [case.get("name") for case in suite.iter("testcase")] == ["speedup", "p90 latency"]
     assert suite.find(".//property[@name='runtime.threads']").get("value") == "1"
-    assert suite.find(".//property[@name='machine_load.retaken']").get("value") == "0"  # blocks too short to tell
+    assert suite.find(".//property[@name='machine_load.retaken']").get("value").isdigit()  # 0 on a quiet machine
 
 
 def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tmp_path):

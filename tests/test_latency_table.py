@@ -14,8 +14,10 @@ from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes import base
 from ziplm.runtimes import latency_table as lt
 from ziplm.runtimes.latency_table import anchored_fit
+from ziplm.runtimes.timing import BusyMachineWarning
 
-QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1)
+QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1,
+                         retakes=0)  # the guard has its own tests; here a loaded machine must not slow the build
 QUICK_64 = QUICK.model_copy(update={"group_size": 64})
 ENV = InferenceEnv(threads=1, sequence_length=16)
 
@@ -158,3 +160,24 @@ def test_two_cpus_behind_one_masked_model_name_get_different_tables(tiny_config,
                           "avx512_bf16)"]
     assert fingerprints[0] != fingerprints[1]
     assert get_runtime(ENV).info().device == f"CPU ({identities[1]})"
+
+
+def test_a_table_timed_while_other_work_kept_cores_busy_records_it_and_warns(tiny_config, monkeypatch):
+    from ziplm.pipeline.report import _table_load_lines
+    from ziplm.runtimes import timing
+
+    monkeypatch.setattr(timing, "with_load", lambda measure: (measure(), 0.9))  # a neighbour busy throughout
+    monkeypatch.setattr(timing, "RETAKE_PAUSE_S", 0.0)
+    messages: list[str] = []
+    with pytest.warns(BusyMachineWarning, match=r"latency table \(blocks\): 1 of 1 timing chunks .* 0.90 cores busy "
+                                                r".*rebuild it"):
+        table = lt.build_table(tiny_config, ENV, QUICK.model_copy(update={"retakes": 1}), progress=messages.append)
+    assert table.machine_load["blocks"] == {"other_load": [0.9], "retaken": 1, "disturbed": 1}
+    assert table.machine_load["calibration"]["disturbed"] == 1
+    assert "latency table (blocks): 1 chunk taken again: the machine was busy; 1 of 1 measured while other work " \
+           "kept cores busy" in messages
+    assert lt.LatencyTable.from_json(json.loads(json.dumps(table.to_json()))) == table
+    [_, line] = _table_load_lines({"latency_table_load": table.machine_load})
+    assert line.startswith("The latency table was timed while other work kept cores busy (blocks: 1 chunk taken "
+                           "again") and "rebuild it on a quiet machine" in line
+    assert _table_load_lines({"latency_table_load": {}}) == []  # tables built before the guard record nothing

@@ -150,3 +150,8 @@ def test_prepare_builds_the_cached_stages_and_summarises_them(recipe, tmp_path):
     assert invoke("prepare", str(recipe()), "--out", str(tmp_path / "again")).exit_code == 0
     again = json.loads((tmp_path / "again" / "prepare.json").read_text())
     assert again["teacher"]["cached"] and again["latency_table"] == summary["latency_table"]
+
+
+def test_a_latency_table_in_an_unknown_precision_exits_2_naming_the_choices():
+    result = invoke("latency-table", "--precision", "int4")
+    assert result.exit_code == 2 and "'int4' is not one of 'fp32'" in result.output and "'int8'" in result.output

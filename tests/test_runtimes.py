@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from tests.conftest import tiny_bert_config
 from ziplm.families.loading import build_model
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
-from ziplm.runtimes.timing import (CpuSnapshot, TimingStats, WideIntervalWarning, cpu_snapshot, median_ci, other_load,
-                                   speedup_of, time_interleaved, time_paired, warn_if_wide)
+from ziplm.runtimes import timing
+from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
+                                   median_ci, other_load, speedup_of, time_interleaved, time_interleaved_guarded,
+                                   time_paired, warn_if_wide)
 from ziplm.stages.export import encoder_inputs, export_model
 
 
@@ -139,3 +142,39 @@ def test_a_busy_process_beside_a_paired_timing_is_read_as_load():
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.fixture
+def scripted_loads(monkeypatch):
+    """Guarded timings read the other loads they are given, one per chunk taken, with no pause between retakes."""
+    loads: list[float | None] = []
+    monkeypatch.setattr(timing, "with_load", lambda measure: (measure(), loads.pop(0)))
+    monkeypatch.setattr(timing, "RETAKE_PAUSE_S", 0.0)
+    monkeypatch.setattr(timing, "GUARD_CHUNK_S", 0.0)  # chunks of two rounds
+    return loads
+
+
+def test_a_guarded_timing_takes_a_busy_chunk_again_and_keeps_the_least_disturbed(scripted_loads):
+    calls = {"a": 0, "b": 0}
+    runners = {name: (lambda n=name: calls.__setitem__(n, calls[n] + 1)) for name in calls}
+    # chunk 1 quiet; chunk 2 busy, then quiet; chunk 3 busy through all four tries (the 0.6 one counts)
+    scripted_loads += [0.0, 0.9, 0.05, 0.9, 0.6, 0.8, 0.7]
+    stats, load = time_interleaved_guarded(runners, rounds=6, warmup=1, guard=LoadGuard(0.1, retakes=3))
+    assert load == MachineLoad(other_loads=(0.0, 0.05, 0.6), retaken=4, disturbed=1) and not scripted_loads
+    assert [len(stats[name].samples_ms) for name in runners] == [6, 6]
+    assert calls == {"a": 1 + 2 * 7, "b": 1 + 2 * 7}  # warm-up, then seven chunks of two rounds were timed
+    assert load.note("chunks") == "4 chunks taken again: the machine was busy; 1 of 3 measured while other work " \
+                                  "kept cores busy"
+    assert load.to_json() == {"other_load": [0.0, 0.05, 0.6], "retaken": 4, "disturbed": 1}
+
+
+def test_a_load_that_cannot_be_read_is_not_taken_again(scripted_loads):
+    scripted_loads += [None, None, None]
+    _, load = time_interleaved_guarded({"a": lambda: None}, rounds=5, warmup=0, guard=LoadGuard(0.1, retakes=3))
+    assert load == MachineLoad((None, None, None), 0, 0) and load.note("chunks") == ""
+
+
+def test_a_timing_given_seconds_stops_at_an_even_round_after_them():
+    stats = time_interleaved({"a": lambda: time.sleep(0.02), "b": lambda: None}, rounds=1000, warmup=0,
+                             max_seconds=0.5)
+    assert 10 <= len(stats["a"].samples_ms) <= 26 and len(stats["a"].samples_ms) % 2 == 0

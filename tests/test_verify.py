@@ -125,6 +125,7 @@ def test_the_precision_factor_is_the_median_block_and_keeps_their_range():
 def tiny_verifier(tmp_path, monkeypatch):
     """A real PairedVerifier beside a tiny exported model, whose paired timings report the other loads it is given."""
     import ziplm.stages.verify as verify
+    import ziplm.runtimes.timing as timing
     from tests.conftest import tiny_bert_config
     from ziplm.families.loading import build_model
     from ziplm.runtimes import InferenceEnv, get_runtime
@@ -139,7 +140,7 @@ def tiny_verifier(tmp_path, monkeypatch):
         return Speedup(2.0 + (load or 0.0), 1.9, 2.1, 0.95, 60, load), TimingStats((10.0,)), TimingStats((5.0,))
 
     monkeypatch.setattr(verify, "time_paired", time_paired)
-    monkeypatch.setattr(verify, "RETAKE_PAUSE_S", 0.0)
+    monkeypatch.setattr(timing, "RETAKE_PAUSE_S", 0.0)
     settings = verify.VerificationSettings(max_other_load=0.1, retakes=3)
     return verify.PairedVerifier(get_runtime(env), env, onnx, 1000, settings), onnx, loads
 
@@ -166,6 +167,6 @@ def test_a_machine_busy_through_every_retake_keeps_the_least_disturbed_reading_a
 def test_a_check_says_what_other_work_did_to_it_only_when_it_did_something():
     quiet = LatencyCheck(Speedup(2.0, 1.9, 2.1, 0.95, 60), TimingStats((10.0,)), TimingStats((5.0,)), (2.0, 2.1))
     assert quiet.load_note() == ""
-    busy = dataclasses.replace(quiet, retaken=5, disturbed=1)
+    busy = dataclasses.replace(quiet, other_loads=(0.02, 0.4), retaken=5, disturbed=1)
     assert busy.load_note() == (" [5 measurements taken again: the machine was busy; 1 of 2 measured while other work "
                                 "kept cores busy: the speedup may be off either way]")

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -162,6 +163,13 @@ def prepare(
         console.print(f"wrote {out / 'prepare.json'}")
 
 
+class TablePrecision(str, Enum):
+    """The precisions a latency table can be timed in (runtimes.base.Precision)."""
+
+    fp32 = "fp32"
+    int8 = "int8"
+
+
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
@@ -170,12 +178,14 @@ def latency_table(
     threads: int = 2,
     batch_size: int = 1,
     sequence_length: int = 128,
+    precision: Annotated[TablePrecision, typer.Option(help="int8: QDQ INT8 blocks, as INT8 chains use")] = "fp32",
     group_size: int = 32,
     rebuild: Annotated[bool, typer.Option(help="measure again even when a cached table exists")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table here")] = None,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
-    env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length)
+    env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
+                       precision=TablePrecision(precision).value)
     table, cached = get_or_build_table(load_config(model), env, TableSettings(group_size=group_size),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)

@@ -13,7 +13,7 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
 from ziplm.pipeline.cache import file_digest, fingerprint, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
-from ziplm.runtimes.timing import TimingStats
+from ziplm.runtimes.timing import MachineLoad, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
@@ -142,6 +142,7 @@ def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dic
     """`table_scale`: the table's speedups times this are speedups over the reference (verification.reference)."""
     report = {"runtime": runtime_json(table), "dense": dense_info, "members": manifests,
               "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
+              "latency_table_load": table.machine_load,
               "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
               "precision_factor": factor.to_json() if factor else None,
               "max_reachable_speedup": round(reachable, 3)}
@@ -173,6 +174,18 @@ def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
     return ["accuracy_vs_speedup.png", "structure.png"]
 
 
+def _table_load_lines(report: dict[str, Any]) -> list[str]:
+    """A line when other work on the machine disturbed the latency table's timing (every member is aimed by it)."""
+    loads = {timing: MachineLoad.from_json(load) for timing, load in report.get("latency_table_load", {}).items()}
+    notes = [f"{timing}: {load.note('chunks')}" for timing, load in loads.items() if load.note("chunks")]
+    if not notes:
+        return []
+    either_way = (" Some stayed busy however often they were timed again, so the table may aim members off either "
+                  "way; rebuild it on a quiet machine (`ziplm latency-table --rebuild`, with the recipe's environment)."
+                  if any(load.disturbed for load in loads.values()) else "")
+    return ["", f"The latency table was timed while other work kept cores busy ({'; '.join(notes)}).{either_way}"]
+
+
 def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     runtime, dense = report["runtime"], report["dense"]
     lines = [
@@ -181,6 +194,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         f"{environment_line(runtime)}. Speedups are measured end to end against the dense "
         f"{report['speedup_reference']} model, interleaved in one run (95% interval in brackets).",
         *_precision_factor_lines(report),
+        *_table_load_lines(report),
         "",
         f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",

@@ -12,6 +12,10 @@ mask, residual norms, head), measured end to end.
 Summed single-block times are biased against end-to-end time on these machines, so each table also measures a few
 calibration models end to end (interleaved, in one run) and fits `measured = scale * predicted + offset` through
 the all-removed model (measured directly, so left exact).
+
+Both timings run in chunks of about a second, and a chunk during which other work kept cores busy is timed again
+(`TableSettings.max_other_load`, `retakes`; runtimes.timing.LoadGuard): the table aims every member solved from it,
+so a build measured under load mis-aims them all. What other work did is recorded in `machine_load`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,7 @@ from ziplm.families.loading import build_model
 from ziplm.pipeline.cache import cache_root, fingerprint, write_json_atomic
 from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
-from ziplm.runtimes.timing import TimingStats, time_interleaved
+from ziplm.runtimes.timing import BusyMachineWarning, LoadGuard, MachineLoad, TimingStats, time_interleaved_guarded
 from ziplm.stages.export import encoder_inputs, export_model, export_module
 from ziplm.stages.quantize import deployable
 
@@ -54,6 +59,16 @@ class TableSettings(BaseModel):
     warmup: int = Field(3, ge=0)
     random_calibration_models: int = Field(3, ge=0)
     seed: int = 0
+    max_other_load: float = Field(0.1, ge=0.0, description="a chunk (about a second) of the interleaved timing during "
+                                                           "which other work kept more than this many cores busy is "
+                                                           "timed again: a table measured under load mis-aims every "
+                                                           "member solved from it")
+    retakes: int = Field(3, ge=0, description="times a disturbed chunk is timed again (after a pause); then the least "
+                                              "disturbed one counts and the table records it as disturbed")
+
+    @property
+    def guard(self) -> LoadGuard:
+        return LoadGuard(self.max_other_load, self.retakes)
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ class LatencyTable:
     correction: Correction
     calibration: list[dict[str, Any]]
     block_p90_ms: dict[str, list[float]]
+    machine_load: dict[str, Any] = field(default_factory=dict)  # per timing ("blocks", "calibration"): MachineLoad
 
     @property
     def model_shape(self) -> ModelShape:
@@ -174,7 +190,9 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSett
                    for w in widths}
         progress(f"latency table: timing {len(blocks)} blocks x {settings.block_rounds} rounds, interleaved")
         sessions = {name: runtime.load(path) for name, path in blocks.items()}
-        block_stats = time_sessions(sessions, _block_inputs(shape, env), settings.block_rounds, settings.warmup)
+        block_stats, block_load = time_sessions(sessions, _block_inputs(shape, env), settings.block_rounds,
+                                                settings.warmup, settings.guard)
+        _report_load("blocks", block_load, settings, progress)
         attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
         ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
         table = LatencyTable(
@@ -183,9 +201,10 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSett
             ffn_levels=widths, ffn_ms=ffn, base_ms=0.0, correction=Correction(), calibration=[],
             block_p90_ms={"attention": [block_stats[f"attention/{k}"].p90_ms for k in units],
                           "ffn": [block_stats[f"ffn/{w}"].p90_ms for w in widths]},
+            machine_load={"blocks": block_load.to_json()},
         )
         progress("latency table: measuring calibration models end to end")
-        _calibrate(table, config, shape, env, runtime, settings, Path(workdir))
+        _calibrate(table, config, shape, env, runtime, settings, Path(workdir), progress)
     progress(f"latency table: base {table.base_ms:.2f} ms, correction x{table.correction.scale:.3f} "
              f"{table.correction.offset:+.2f} ms")
     return table
@@ -227,11 +246,26 @@ def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in inputs.items()}
 
 
-def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], rounds: int,
-                  warmup: int) -> dict[str, TimingStats]:
-    """Time loaded sessions on the same inputs, interleaved in one run."""
+def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], rounds: int, warmup: int,
+                  guard: LoadGuard) -> tuple[dict[str, TimingStats], MachineLoad]:
+    """Time loaded sessions on the same inputs, interleaved in one run, in chunks that are timed again while other
+    work keeps cores busy (`guard`)."""
     runners = {name: (lambda s=session: s.run(inputs)) for name, session in sessions.items()}
-    return time_interleaved(runners, rounds, warmup)
+    return time_interleaved_guarded(runners, rounds, warmup, guard)
+
+
+def _report_load(timing: str, load: MachineLoad, settings: TableSettings, progress: Progress) -> None:
+    """Say what other work on the machine did to one of the table's timings, and warn when it stayed busy."""
+    note = load.note("chunks")
+    if note:
+        progress(f"latency table ({timing}): {note}")
+    if load.disturbed:
+        worst = max(value for value in load.other_loads if value is not None)
+        warnings.warn(f"latency table ({timing}): {load.disturbed} of {len(load.other_loads)} timing chunks were "
+                      f"taken while other work kept {worst:.2f} cores busy (limit {settings.max_other_load:g}), after "
+                      f"{settings.retakes} retakes each; every member is solved from this table: rebuild it with "
+                      "nothing else running (`ziplm latency-table --rebuild`, same environment)", BusyMachineWarning,
+                      stacklevel=2)
 
 
 def calibration_structures(shape: ModelShape, widths: list[int], count_random: int,
@@ -254,10 +288,13 @@ def random_structure(shape: ModelShape, widths: list[int], rng: random.Random) -
 
 
 def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape, env: InferenceEnv,
-               runtime: Runtime, settings: TableSettings, workdir: Path) -> None:
+               runtime: Runtime, settings: TableSettings, workdir: Path, progress: Progress) -> None:
     """Measure calibration models end to end in one interleaved run; set base and fit the correction."""
     structures = calibration_structures(shape, table.ffn_levels, settings.random_calibration_models, settings.seed)
-    stats = measure_structures(config, structures, env, runtime, settings.calibration_rounds, settings.warmup, workdir)
+    stats, load = measure_structures(config, structures, env, runtime, settings.calibration_rounds, settings.warmup,
+                                     workdir, settings.guard)
+    _report_load("calibration", load, settings, progress)
+    table.machine_load["calibration"] = load.to_json()
     table.base_ms = stats["uniform-0"].median_ms
     predicted = np.array([table.predict_ms(s, corrected=False) for s in structures.values()])
     measured = np.array([stats[name].median_ms for name in structures])
@@ -280,9 +317,10 @@ def anchored_fit(predicted: np.ndarray, measured: np.ndarray, base_ms: float) ->
 
 
 def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
-                       runtime: Runtime, rounds: int, warmup: int, workdir: Path) -> dict[str, TimingStats]:
+                       runtime: Runtime, rounds: int, warmup: int, workdir: Path,
+                       guard: LoadGuard = LoadGuard()) -> tuple[dict[str, TimingStats], MachineLoad]:
     """Export a random-weight classifier per structure (in the environment's precision; INT8 scales from random
-    tokens) and time them all interleaved in one run."""
+    tokens) and time them all interleaved in one run (guarded: time_sessions)."""
     adapter = adapter_for(config)
     inputs = encoder_inputs(config.vocab_size, env.batch_size, env.sequence_length)
     sessions = {}
@@ -291,4 +329,4 @@ def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStru
                            [_as_tensors(inputs)])
         sessions[name] = runtime.load(export_model(model, workdir / f"{name}.onnx", env.batch_size,
                                                    env.sequence_length))
-    return time_sessions(sessions, inputs, rounds, warmup)
+    return time_sessions(sessions, inputs, rounds, warmup, guard)

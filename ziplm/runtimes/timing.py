@@ -12,14 +12,17 @@ import gc
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from scipy.stats import binom
 
 Runner = Callable[[], object]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,70 @@ def other_load(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float |
     return max(0.0, (after.busy - before.busy) - (after.own - before.own)) / wall
 
 
+def with_load(measure: Callable[[], T]) -> tuple[T, float | None]:
+    """measure() and the cores other work kept busy while it ran (None where unknown, see other_load)."""
+    before = cpu_snapshot()
+    value = measure()
+    return value, other_load(before, cpu_snapshot())
+
+
+RETAKE_PAUSE_S = 2.0  # before a disturbed measurement is taken again: a short burst of other work passes
+
+
+@dataclass(frozen=True)
+class LoadGuard:
+    """Takes a measurement again (at most `retakes` times, after a pause) while other processes, kernel threads or
+    the hypervisor kept more than `max_other_load` cores busy during it: a busy core slows the models being compared
+    unequally, so the reading may be off either way."""
+
+    max_other_load: float = 0.1
+    retakes: int = 3
+
+    def too_busy(self, load: float | None) -> bool:
+        return load is not None and load > self.max_other_load
+
+    def take(self, measure: Callable[[], T], load_of: Callable[[T], float | None]) -> tuple[T, int, bool]:
+        """(the least disturbed of the takes, how many times it was taken again, whether even that one was too
+        busy); `load_of` reads a take's other load."""
+        tries = []
+        for attempt in range(1 + self.retakes):
+            if attempt:
+                time.sleep(RETAKE_PAUSE_S)
+            tries.append(measure())
+            if not self.too_busy(load_of(tries[-1])):
+                break
+        kept = min(tries, key=lambda value: load_of(value) or 0.0)
+        return kept, len(tries) - 1, self.too_busy(load_of(kept))
+
+
+@dataclass(frozen=True)
+class MachineLoad:
+    """What other work on the machine did to a guarded measurement taken in parts: the cores it kept busy during
+    each part that counts (None where unknown), how many parts were taken again, and how many stayed over the limit
+    however often they were taken."""
+
+    other_loads: tuple[float | None, ...] = ()
+    retaken: int = 0
+    disturbed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        loads = [None if load is None else round(load, 3) for load in self.other_loads]
+        return {"other_load": loads, "retaken": self.retaken, "disturbed": self.disturbed}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> MachineLoad:
+        return cls(tuple(payload["other_load"]), payload["retaken"], payload["disturbed"])
+
+    def note(self, parts: str) -> str:
+        """What other work did, in words ("" when nothing), e.g. "3 chunks taken again: the machine was busy"."""
+        if not (self.retaken or self.disturbed):
+            return ""
+        disturbed = (f"; {self.disturbed} of {len(self.other_loads) or 1} measured while other work kept cores busy"
+                     if self.disturbed else "")
+        noun = parts.removesuffix("s") if self.retaken == 1 else parts
+        return f"{self.retaken} {noun} taken again: the machine was busy{disturbed}"
+
+
 class WideIntervalWarning(UserWarning):
     """A speedup's confidence interval is too wide to trust at the requested tolerance."""
 
@@ -108,30 +175,75 @@ class BusyMachineWarning(UserWarning):
     """Other processes kept cores busy while a speedup was measured, and stayed busy when it was taken again."""
 
 
-def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3) -> dict[str, TimingStats]:
-    """Call every runner once per round, alternating the order each round; return per-runner statistics.
-
-    Python's garbage collector is off while timing (as in `timeit`): after fine-tuning, a process holds many
-    objects, and a collection landing inside one call would be charged to that model."""
+def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3,
+                     max_seconds: float | None = None) -> dict[str, TimingStats]:
+    """Call every runner once per round, alternating the order each round; return per-runner statistics. With
+    `max_seconds`, stop early at the first even round count (each model first as often) once that long has passed."""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
             runners[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    collecting = gc.isenabled()
+    with gc_paused():
+        start = time.perf_counter()
+        for round_index in range(rounds):
+            out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
+            if round_index and round_index % 2 == 0 and out_of_time:
+                break
+            order = names if round_index % 2 == 0 else names[::-1]
+            for name in order:
+                began = time.perf_counter()
+                runners[name]()
+                samples[name].append((time.perf_counter() - began) * 1e3)
+    return {name: TimingStats(tuple(values)) for name, values in samples.items()}
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's garbage collector off while timing (as in `timeit`): after fine-tuning, a process holds many objects,
+    and a collection landing inside one call would be charged to that model. Collects first, unless already paused
+    (a collection in a big process takes longer than a guarded timing's chunk)."""
+    if not gc.isenabled():
+        yield
+        return
     gc.collect()
     gc.disable()
     try:
-        for round_index in range(rounds):
-            order = names if round_index % 2 == 0 else names[::-1]
-            for name in order:
-                start = time.perf_counter()
-                runners[name]()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+        yield
     finally:
-        if collecting:
-            gc.enable()
-    return {name: TimingStats(tuple(values)) for name, values in samples.items()}
+        gc.enable()
+
+
+GUARD_CHUNK_S = 1.0  # long enough for /proc to read the load (MIN_LOAD_SPAN_S), short enough that a burst of
+# other work costs one chunk of a guarded timing, not the whole of it
+
+
+def time_interleaved_guarded(runners: Mapping[str, Runner], rounds: int, warmup: int,
+                             guard: LoadGuard) -> tuple[dict[str, TimingStats], MachineLoad]:
+    """time_interleaved in chunks of about GUARD_CHUNK_S, each taken again while other work kept cores busy
+    (`guard`); the statistics pool the chunks that count (`rounds` rounds in all)."""
+    time_interleaved(runners, rounds=0, warmup=warmup)
+    stats: dict[str, TimingStats] = {name: TimingStats(()) for name in runners}
+    loads: list[float | None] = []
+    retaken = disturbed = 0
+    with gc_paused():
+        while (done := rounds_of(stats)) < rounds:
+            (chunk, load), again, busy = guard.take(
+                lambda: with_load(lambda: time_interleaved(runners, rounds - done, 0, GUARD_CHUNK_S)),
+                lambda taken: taken[1])
+            stats = pooled(stats, chunk)
+            loads.append(load)
+            retaken, disturbed = retaken + again, disturbed + busy
+    return stats, MachineLoad(tuple(loads), retaken, disturbed)
+
+
+def rounds_of(stats: Mapping[str, TimingStats]) -> int:
+    return len(next(iter(stats.values())).samples_ms)
+
+
+def pooled(first: Mapping[str, TimingStats], second: Mapping[str, TimingStats]) -> dict[str, TimingStats]:
+    """Each runner's samples of two timings, one after the other."""
+    return {name: TimingStats(first[name].samples_ms + second[name].samples_ms) for name in first}
 
 
 def median_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -167,8 +279,7 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
     for _ in range(extra_batches):
         if speedup.relative_width <= max_relative_width:
             break
-        more = time_interleaved(runners, rounds, warmup=0)
-        stats = {name: TimingStats(stats[name].samples_ms + more[name].samples_ms) for name in runners}
+        stats = pooled(stats, time_interleaved(runners, rounds, warmup=0))
         speedup = speedup_of(stats["baseline"], stats["candidate"])
     speedup = replace(speedup, other_load=other_load(before, cpu_snapshot()))
     warn_if_wide(speedup, max_relative_width)

@@ -35,7 +35,8 @@ from transformers import PreTrainedModel
 from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
-from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats, time_interleaved, time_paired
+from ziplm.runtimes.timing import (BusyMachineWarning, LoadGuard, MachineLoad, Speedup, TimingStats, time_interleaved,
+                                   time_paired)
 from ziplm.stages.export import encoder_inputs, export_checked
 from ziplm.stages.search import max_speedup
 
@@ -132,9 +133,6 @@ def statistic(stats: TimingStats, metric: str) -> float:
     return stats.p90_ms if metric == "p90" else stats.median_ms
 
 
-RETAKE_PAUSE_S = 2.0  # before a disturbed measurement is taken again: a short burst of other work passes
-
-
 @dataclass(frozen=True)
 class LatencyCheck:
     """A member timed interleaved beside a dense model: its speedup over that model and both latencies. A check that
@@ -153,17 +151,18 @@ class LatencyCheck:
     def deviation(self, target: float) -> float:
         return self.speedup.value / target - 1.0
 
+    @property
+    def load(self) -> MachineLoad:
+        return MachineLoad(self.other_loads, self.retaken, self.disturbed)
+
     def load_json(self) -> dict[str, Any]:
-        loads = [None if load is None else round(load, 3) for load in self.other_loads]
-        return {"other_load": loads, "retaken": self.retaken, "disturbed": self.disturbed}
+        return self.load.to_json()
 
     def load_note(self) -> str:
         """What other work on the machine did to the measurements, when it did anything ("" when nothing)."""
-        if not (self.retaken or self.disturbed):
-            return ""
-        disturbed = (f"; {self.disturbed} of {len(self.blocks) or 1} measured while other work kept cores busy: the "
-                     "speedup may be off either way" if self.disturbed else "")
-        return f" [{self.retaken} measurements taken again: the machine was busy{disturbed}]"
+        note = self.load.note("measurements")
+        either_way = ": the speedup may be off either way" if self.disturbed else ""
+        return f" [{note}{either_way}]" if note else ""
 
 
 class PairedVerifier:
@@ -201,23 +200,15 @@ class PairedVerifier:
         return checks
 
     def quiet_block(self, member: Session) -> LatencyCheck:
-        """One paired measurement, taken again (at most `retakes` times, after a pause) while other processes, kernel
-        threads or the hypervisor kept more than `max_other_load` cores busy during it; the least disturbed counts."""
-        tries = []
-        for attempt in range(1 + self.settings.retakes):
-            if attempt:
-                time.sleep(RETAKE_PAUSE_S)
-            tries.append(LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
-                                                   self.settings.timing_rounds, self.settings.warmup,
-                                                   max_relative_width=2 * self.settings.tolerance)))
-            if not self.too_busy(tries[-1]):
-                break
-        kept = min(tries, key=lambda check: check.speedup.other_load or 0.0)
-        return dataclasses.replace(kept, retaken=len(tries) - 1, disturbed=int(self.too_busy(kept)))
-
-    def too_busy(self, check: LatencyCheck) -> bool:
-        load = check.speedup.other_load
-        return load is not None and load > self.settings.max_other_load
+        """One paired measurement, taken again while other work kept cores busy during it (LoadGuard); the least
+        disturbed counts."""
+        guard = LoadGuard(self.settings.max_other_load, self.settings.retakes)
+        kept, retaken, disturbed = guard.take(
+            lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
+                                              self.settings.timing_rounds, self.settings.warmup,
+                                              max_relative_width=2 * self.settings.tolerance)),
+            lambda check: check.speedup.other_load)
+        return dataclasses.replace(kept, retaken=retaken, disturbed=int(disturbed))
 
     def measure_dense(self) -> TimingStats:
         """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
