@@ -94,7 +94,7 @@ def test_settings_reject_unknown_keys():
         q.QuantSettings(bits=4)
 
 
-# --- preparing and training --------------------------------------------------------------------------------------------
+# --- preparing and training -------------------------------------------------------------------------------------------
 def test_prepare_wraps_exactly_the_encoder_matmuls(tiny_config):
     model = build_model(tiny_config, structure=UNEVEN)
     adapter = adapter_for(tiny_config)

@@ -77,7 +77,8 @@ class ModelStructure:
     @classmethod
     def from_json(cls, payload: dict[str, list[int]]) -> ModelStructure:
         if len(payload["units"]) != len(payload["ffn"]):
-            raise BadInputError(f"structure has {len(payload['units'])} attention and {len(payload['ffn'])} FFN entries")
+            raise BadInputError(f"structure has {len(payload['units'])} attention and {len(payload['ffn'])} FFN "
+                                "entries")
         return cls(tuple(LayerStructure(int(u), int(f)) for u, f in zip(payload["units"], payload["ffn"])))
 
 

@@ -96,5 +96,6 @@ def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], model_di
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BadInputError(
-            f"weights in {model_dir} do not fit its recorded structure: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights in {model_dir} do not fit its recorded structure: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )

@@ -162,7 +162,8 @@ def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
             columns = module.groups[kept].flatten().sort().values
             adapter.shrink_ffn(layer, columns.tolist())
         if kept and obs_update:  # a removed module has no projection left to update
-            projection = adapter.attention_out_proj(layer) if module.kind == "attention" else adapter.ffn_out_proj(layer)
+            attention = module.kind == "attention"
+            projection = adapter.attention_out_proj(layer) if attention else adapter.ffn_out_proj(layer)
             with torch.no_grad():
                 projection.weight.copy_(module.weights(level)[:, columns].to(projection.weight.dtype))
     record_structure(model.config, structure)
