@@ -140,6 +140,21 @@ def _gradual_markdown(result: dict[str, Any]) -> list[str]:
                     f"{gradual['seconds']:.0f} s. Measured at commit {gradual['commit']}.", ""]
 
 
+def _verdict_rule(runs: list[dict[str, Any]]) -> str:
+    """How the runs' verdicts were taken, in words (runs from before verdicts settled took a fixed number)."""
+    numbers: dict[str, list[int]] = {}
+    for number, run in enumerate(runs, 1):
+        verification = run["recipe"]["verification"]
+        rule = f"{verification['finished_repeats']} paired measurements"
+        if "max_verdict_repeats" in verification:
+            rule = (f"at least {rule}, two more at a time while the 95% interval of their median reaches further "
+                    f"than {verification['verdict_width']:.0%} from it, at most {verification['max_verdict_repeats']}")
+        numbers.setdefault(rule, []).append(number)
+    if len(numbers) == 1:
+        return next(iter(numbers))
+    return "; ".join(f"{rule} (run{'s' if len(n) > 1 else ''} {', '.join(map(str, n))})" for rule, n in numbers.items())
+
+
 def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     first = runs[0]
     dense = first["dense"]["metric"]["value"]
@@ -159,9 +174,8 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              "the target divided by the precision factor (dense INT8 over dense FP32, the median of "
              f"{first['precision_factor']['blocks']} paired measurements), which only aims. A closed-loop round reads "
              f"the median of {verification.get('round_repeats', 1)} paired measurements, a fine-tuned file the median "
-             f"of {verification['finished_repeats']}{confirmation}. The chosen file is also timed beside dense INT8 "
-             f"(median of {verification['finished_repeats']}, the cross-check); times the factor, that is the "
-             "product an earlier version judged by. "
+             f"of {_verdict_rule(runs)}{confirmation}. The chosen file is also timed beside dense INT8 the same way "
+             "(the cross-check); times the factor, that is the product an earlier version judged by. "
              f"Distillation: {structured.epochs} epochs at learning rate {structured.learning_rate:g} after "
              f"structured pruning, {distillation.epochs} at {distillation.learning_rate:g} after each oBERT step "
              "and for QAT. "

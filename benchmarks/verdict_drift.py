@@ -199,7 +199,7 @@ def markdown(result: dict[str, Any]) -> str:
         a = analyse(sitting)
         lines.append(f"| {sitting['started']} | {sitting['commit']} | {sitting['runtime']['device']} | {a['cycles']} "
                      f"| {a['median']['member_over_fp32']:.3f}x | {a['median']['int8_over_fp32']:.3f}x "
-                     f"| {a['block_sd']:.1%} | {_verdicts(a['consecutive'])} | {_verdicts(a['spread'])} "
+                     f"| {a['block_sd']:.1%} | {summary_cell(a['consecutive'])} | {summary_cell(a['spread'])} "
                      f"| {a['first_to_last_third']:+.1%} |")
     lines += ["", "Where the movement comes from (correlations of log speedups over the cycles of a sitting):", "",
               "| sitting (UTC) | member/FP32 with INT8/FP32 | member/FP32 with member/INT8 "
@@ -233,7 +233,7 @@ def between_sittings(sittings: Sequence[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _verdicts(summary: dict[str, Any]) -> str:
+def summary_cell(summary: dict[str, Any]) -> str:
     sd = "-" if summary["sd"] is None else f"{summary['sd']:.1%}"
     return (f"{sd}, {summary['max_abs']:.1%}, {summary['within_1_5']} / {summary['within_3']} "
             f"of {summary['count']}")

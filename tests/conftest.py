@@ -97,6 +97,11 @@ def write_tiny_bert(out: Path) -> Path:
     return out
 
 
+# verdicts of 5 paired measurements, then 7 and 9 while unsettled (a tiny model's timings always are): few, so that
+# the suite stays fast, and enough to take the settling path
+TINY_VERDICTS = {"finished_repeats": 5, "max_verdict_repeats": 9}
+
+
 def tiny_recipe(model_dir: Path, data: Path, **overrides: Any) -> dict[str, Any]:
     """A recipe for the tiny BERT and toy task whose whole `ziplm run` takes seconds (one target, 1.3x)."""
     return {
@@ -108,7 +113,7 @@ def tiny_recipe(model_dir: Path, data: Path, **overrides: Any) -> dict[str, Any]
         "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
                           "random_calibration_models": 1},
         "calibration": {"samples": 32},
-        "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1},
+        "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1, **TINY_VERDICTS},
         "targets": [1.3],
     } | overrides
 

@@ -47,7 +47,7 @@ def test_the_family_has_a_dense_reference_and_an_sla_member(tiny_family):
 def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
     result = invoke("verify", speedup_member(tiny_family), "--min-speedup", "0.2", "--max-latency-ms", "1000",
-                    "--rounds", "10", "--junit", junit)
+                    "--rounds", "10", "--repeats", "5", "--max-repeats", "9", "--junit", junit)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("PASS tiny-1.3x: speedup") and "p90 latency" in result.output
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -55,6 +55,8 @@ def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp
     assert [case.get("name") for case in suite.iter("testcase")] == ["speedup", "p90 latency"]
     assert suite.find(".//property[@name='runtime.threads']").get("value") == "1"
     assert suite.find(".//property[@name='machine_load.retaken']").get("value").isdigit()  # 0 on a quiet machine
+    assert suite.find(".//property[@name='speedup.measurements']").get("value") in ("5", "7", "9")
+    assert "measurements, " in result.output and "interval [" in result.output  # the verdict's interval
 
 
 def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tmp_path):
@@ -74,7 +76,7 @@ def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tm
 def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
     result = invoke("verify", speedup_member(tiny_family), "--max-latency-ms", "0.0001", "--min-speedup", "0.2",
-                    "--rounds", "10", "--junit", junit)
+                    "--rounds", "10", "--repeats", "3", "--max-repeats", "3", "--junit", junit)
     assert result.exit_code == 1
     assert result.output.startswith("FAIL tiny-1.3x") and "0.0001 ms required" in result.output
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -84,7 +86,7 @@ def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_
 
 
 def test_verify_gates_an_sla_member_on_its_own_sla(tiny_family):
-    result = invoke("verify", tiny_family / "tiny-p90-1000ms", "--rounds", "10", "--threads", "1")
+    result = invoke("verify", tiny_family / "tiny-p90-1000ms", "--rounds", "10", "--threads", "1", "--max-repeats", "9")
     assert "p90 latency" in result.output and "1000 ms" in result.output and "speedup" not in result.output
     assert result.exit_code == (0 if result.output.startswith("PASS") else 1)
 

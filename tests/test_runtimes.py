@@ -15,8 +15,8 @@ from ziplm.pipeline.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
 from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
-                                   median_ci, other_load, speedup_of, time_interleaved, time_interleaved_guarded,
-                                   time_paired, warn_if_wide)
+                                   median_ci, median_ci_coverage, median_half_width, other_load, speedup_of,
+                                   time_interleaved, time_interleaved_guarded, time_paired, warn_if_wide)
 from ziplm.stages.export import encoder_inputs, export_model
 
 
@@ -26,7 +26,8 @@ def test_unknown_runtime_lists_the_available_ones():
 
 
 def test_unknown_runtime_option_names_the_allowed_ones():
-    with pytest.raises(BadInputError, match=r"unknown option\(s\) fast_mode.*allowed: allow_spinning, graph_optimization"):
+    with pytest.raises(BadInputError,
+                       match=r"unknown option\(s\) fast_mode.*allowed: allow_spinning, graph_optimization"):
         get_runtime(InferenceEnv(options={"fast_mode": True}))
     with pytest.raises(BadInputError, match="unknown graph_optimization 'max'"):
         get_runtime(InferenceEnv(options={"graph_optimization": "max"}))
@@ -48,6 +49,9 @@ def test_corrupt_onnx_file_is_a_clear_error(tmp_path):
 
 def test_median_interval_uses_order_statistics():
     assert median_ci(np.arange(1, 21)) == (6.0, 15.0)  # the textbook 95% ranks for n = 20
+    assert round(median_ci_coverage(20, 0.95), 4) == 0.9586  # 1 - 2 P(Bin(20, 1/2) <= 5)
+    assert median_ci_coverage(3, 0.95) == 0.75  # too few for 95%: their range, 1 - 2 / 2^3
+    assert median_half_width([3.9, 4.0, 4.2]) == pytest.approx(0.05)  # the larger side: 4.2 / 4.0 - 1
 
 
 def test_speedup_pairs_rounds():

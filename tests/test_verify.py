@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ziplm.families import ModelShape, ModelStructure
-from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats
+from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats, WideIntervalWarning
 from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor, Round, next_aim
 
 SHAPE = ModelShape("bert", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, ffn_size=64,
@@ -136,13 +136,23 @@ def tiny_verifier(tmp_path, monkeypatch):
     loads: list[float | None] = []
 
     def time_paired(*_, **__):
-        load = loads.pop(0)
-        return Speedup(2.0 + (load or 0.0), 1.9, 2.1, 0.95, 60, load), TimingStats((10.0,)), TimingStats((5.0,))
+        load = loads.pop(0) if loads else 0.0
+        value = speedups.pop(0) if speedups else 2.0 + (load or 0.0)
+        return Speedup(value, 1.9, 2.1, 0.95, 60, load), TimingStats((10.0,)), TimingStats((5.0,))
 
     monkeypatch.setattr(verify, "time_paired", time_paired)
     monkeypatch.setattr(timing, "RETAKE_PAUSE_S", 0.0)
     settings = verify.VerificationSettings(max_other_load=0.1, retakes=3)
     return verify.PairedVerifier(get_runtime(env), env, onnx, 1000, settings), onnx, loads
+
+
+speedups: list[float] = []  # tiny_verifier's scripted speedups (after them: 2 + the load), emptied by each test
+
+
+@pytest.fixture(autouse=True)
+def _no_scripted_speedups():
+    yield
+    speedups.clear()
 
 
 def test_a_measurement_taken_while_other_work_kept_a_core_busy_is_taken_again(tiny_verifier):
@@ -170,3 +180,52 @@ def test_a_check_says_what_other_work_did_to_it_only_when_it_did_something():
     busy = dataclasses.replace(quiet, other_loads=(0.02, 0.4), retaken=5, disturbed=1)
     assert busy.load_note() == (" [5 measurements taken again: the machine was busy; 1 of 2 measured while other work "
                                 "kept cores busy: the speedup may be off either way]")
+
+
+def test_a_verdict_whose_measurements_agree_stops_at_finished_repeats(tiny_verifier):
+    verifier, onnx, _ = tiny_verifier
+    speedups.extend([4.00, 4.02, 3.99, 4.01, 4.03, 3.98, 4.00, 4.01, 3.99])  # within 1% of each other
+    check = verifier.verdict(onnx)
+    assert len(check.blocks) == 9 and check.speedup.value == 4.00
+    assert (check.speedup.ci_low, check.speedup.ci_high) == (3.99, 4.02)  # 2nd and 8th of 9: 96% (median_ci)
+    assert check.speedup.confidence == 0.9609
+
+
+def test_a_verdict_whose_measurements_disagree_measures_on_two_at_a_time_up_to_the_limit(tiny_verifier):
+    """A host whose speed shifts between regimes for minutes: 9 measurements split wherever the shifts fall (a
+    compound 4x verdict read these), so the verdict takes more, and says so when they still disagree."""
+    verifier, onnx, _ = tiny_verifier
+    regimes = [4.168, 4.881, 4.946, 4.878, 4.929, 3.556, 3.584, 3.709, 4.124]
+    speedups.extend(regimes + [3.6, 4.9] * 9 + [4.0] * 5)
+    with pytest.warns(WideIntervalWarning, match="the 27 paired measurements of model.onnx disagree"):
+        check = verifier.verdict(onnx)
+    assert check.blocks == tuple(regimes + [3.6, 4.9] * 9) and check.speedup.value == 4.168
+    assert (check.speedup.ci_low, check.speedup.ci_high, check.speedup.confidence) == (3.6, 4.9, 0.9808)
+    assert check.interval_note() == "median of 27 measurements, 98% interval [3.600, 4.900]"
+
+
+def test_a_verdict_settles_as_soon_as_its_median_is_known_within_the_width(tiny_verifier):
+    verifier, onnx, _ = tiny_verifier
+    speedups.extend([3.6, 3.7, 4.9, 4.8] + [4.0] * 9 + [9.0] * 14)
+    check = verifier.verdict(onnx)
+    # the interval of 9 and of 11 is the 2nd to the next-to-last (3.7 to 4.8), of 13 the 3rd to the 11th (4.0)
+    assert len(check.blocks) == 13 and check.speedup.value == 4.0 and check.speedup.ci_high == 4.0
+
+
+def test_a_single_measurement_keeps_its_own_interval_and_several_get_their_medians(tiny_verifier):
+    verifier, onnx, _ = tiny_verifier
+    speedups.extend([2.2, 1.8, 2.0, 2.1])
+    one = verifier.measure(onnx)
+    assert (one.speedup.ci_low, one.speedup.ci_high, one.speedup.confidence) == (1.9, 2.1, 0.95)
+    three = verifier.measure(onnx, 3)
+    assert (three.speedup.value, three.speedup.ci_low, three.speedup.ci_high) == (2.0, 1.8, 2.1)
+    assert three.speedup.confidence == 0.75  # the range of 3 holds their median 75% of the time
+
+
+def test_a_verdict_cannot_be_capped_below_its_first_measurements():
+    from pydantic import ValidationError
+
+    from ziplm.stages.verify import VerificationSettings
+
+    with pytest.raises(ValidationError, match=r"max_verdict_repeats \(5\) is below finished_repeats \(9\)"):
+        VerificationSettings(max_verdict_repeats=5)

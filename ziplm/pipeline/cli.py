@@ -108,6 +108,10 @@ def verify(
     rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = DEFAULTS.timing_rounds,
     repeats: Annotated[int, typer.Option(min=1, help="independent paired measurements; the verdict is on their "
                                                      "median")] = DEFAULTS.finished_repeats,
+    max_repeats: Annotated[int, typer.Option(min=1, help="more measurements, two at a time, while their median's "
+                                                         "95% interval reaches further than "
+                                                         f"{DEFAULTS.verdict_width:.0%} from it, up to this many")]
+    = DEFAULTS.max_verdict_repeats,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
@@ -115,7 +119,7 @@ def verify(
         raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
     loaded = load_artifact(artifact)
     env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
-    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds, repeats)
+    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds, repeats, max_repeats)
     if junit is not None:
         write_junit(verdict, junit)
     print(verdict.line())
@@ -173,7 +177,8 @@ class TablePrecision(str, Enum):
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
-    model: Annotated[str, typer.Option(help="minilm, bert-base (random shape), a model directory or hub id")] = "minilm",
+    model: Annotated[str, typer.Option(help="minilm, bert-base (random shape), a model directory or hub id")]
+    = "minilm",
     runtime: str = "onnxruntime",
     threads: int = 2,
     batch_size: int = 1,

@@ -4,8 +4,9 @@
     ziplm verify runs/demo/minilm-mr-2x --threads 4 --max-latency-ms 12 --min-speedup 1.9 --junit verify.xml
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
-timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of --repeats (9) such
-measurements, as `ziplm run` judges a fine-tuned file. An INT8 member whose target is over FP32 is timed
+timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of at least --repeats (9)
+such measurements, two more at a time while their median is unsettled (its 95% interval reaches further than 2% from
+it), at most --max-repeats (27), as `ziplm run` judges a member. An INT8 member whose target is over FP32 is timed
 directly beside the dense FP32 reference, as `ziplm run` judged it.
 Checks, each one JUnit test case:
 - speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
@@ -75,7 +76,8 @@ class Verdict:
 
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
-        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({environment_line(self.runtime)})"
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({self.measurement.interval_note()} "
+                f"over the dense model; {environment_line(self.runtime)})"
                 f"{self.measurement.load_note()}{self.device_note()}")
 
     def device_note(self) -> str:
@@ -129,15 +131,16 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
                     min_speedup: float | None = None, metric: str | None = None,
                     rounds: int = DEFAULTS.timing_rounds, repeats: int = DEFAULTS.finished_repeats,
-                    warmup: int = DEFAULTS.warmup) -> Verdict:
+                    max_repeats: int = DEFAULTS.max_verdict_repeats, warmup: int = DEFAULTS.warmup) -> Verdict:
     """Measure the member against its dense reference in `env` and check it (see the module docstring)."""
     manifest = artifact.manifest
     tolerance = manifest.get("tolerance", 0.03)
     runtime = get_runtime(env)
-    settings = VerificationSettings(tolerance=tolerance, timing_rounds=rounds, warmup=warmup)
+    settings = VerificationSettings(tolerance=tolerance, timing_rounds=rounds, warmup=warmup, finished_repeats=repeats,
+                                    max_verdict_repeats=max(repeats, max_repeats))
     vocab_size = load_config(str(artifact.folder)).vocab_size
     start = time.perf_counter()
-    check = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings).measure(artifact.onnx, repeats)
+    check = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings).verdict(artifact.onnx)
     sla = manifest.get("sla")
     checks = []
     if min_speedup is not None or sla is None:
@@ -160,6 +163,11 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
     properties = ET.SubElement(suite, "properties")
     for key, value in verdict.runtime.items():
         ET.SubElement(properties, "property", name=f"runtime.{key}", value=str(value))
+    speedup = verdict.measurement.speedup
+    interval = {"value": speedup.value, "ci_low": speedup.ci_low, "ci_high": speedup.ci_high,
+                "confidence": speedup.confidence, "measurements": len(verdict.measurement.blocks)}
+    for key, value in interval.items():
+        ET.SubElement(properties, "property", name=f"speedup.{key}", value=str(value))
     for key, value in verdict.measurement.load_json().items():
         ET.SubElement(properties, "property", name=f"machine_load.{key}", value=str(value))
     for check in verdict.checks:

@@ -192,7 +192,9 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         f"# ZipLM family: {report['recipe']['name']}",
         "",
         f"{environment_line(runtime)}. Speedups are measured end to end against the dense "
-        f"{report['speedup_reference']} model, interleaved in one run (95% interval in brackets).",
+        f"{report['speedup_reference']} model, interleaved in one run: each the median of independent paired "
+        "measurements, with the distribution-free interval of that median across them in brackets (at least 95% "
+        "from 9 measurements on).",
         *_precision_factor_lines(report),
         *_table_load_lines(report),
         "",

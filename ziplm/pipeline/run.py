@@ -256,17 +256,17 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     adapter, deploy = adapter_for(start.model.config), deployer(recipe, inputs, env.precision)
     stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
-    # a structure the chain fine-tunes is accepted within half the tolerance, by a reading confirmed with fresh
-    # measurements: its fine-tuned file is measured again and has the whole tolerance to land in
+    # a round read within the tolerance is confirmed by a verdict of fresh measurements (the loop stops on the first
+    # reading near the target, so that reading is biased toward it); a structure the chain fine-tunes is accepted
+    # within half the tolerance: its fine-tuned file is measured again and has the whole tolerance to land in
     fine_tunes = recipe.chain.fine_tunes
     accept = recipe.verification.tolerance / (2 if fine_tunes else 1)
-    confirm = recipe.verification.finished_repeats if fine_tunes else 0
 
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
                                lambda structure: deploy(stitch(structure)), inputs.table, refs.verifier, folder,
-                               progress, sla, refs.table_scale, member, accept, confirm)
+                               progress, sla, refs.table_scale, member, accept, confirm=True)
 
         member = loop()
         for finishing in range(recipe.verification.finish_rounds if fine_tunes else 0):
@@ -309,9 +309,9 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
     clock.time("export", export_checked, model, onnx, recipe.environment)
-    check = clock.time("verify", verifier.measure, onnx, recipe.verification.finished_repeats)
+    check = clock.time("verify", verifier.verdict, onnx)
     member.finish(model, finished.structured, onnx, check, clock.seconds, finished.accuracy_by_stage)
-    progress(f"finished: measured {check.speedup.value:.3f}x{check.load_note()}")
+    progress(f"finished: measured {check.speedup.value:.3f}x ({check.interval_note()}){check.load_note()}")
 
 
 def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: References,
@@ -321,7 +321,7 @@ def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: Reference
     accuracy = validation_accuracy(recipe, inputs)
     member.accuracy = accuracy(member.model)
     if refs.cross:
-        member.cross_check = refs.cross.measure(member.onnx_path, recipe.verification.finished_repeats)
+        member.cross_check = refs.cross.verdict(member.onnx_path)
         member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
         progress(f"timed beside the dense {recipe.cross_check_precision} model: "
                  f"{member.cross_check.speedup.value:.3f}x; accuracy {member.accuracy:.4f} in torch, "

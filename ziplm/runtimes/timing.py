@@ -12,7 +12,7 @@ import gc
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,14 +246,31 @@ def pooled(first: Mapping[str, TimingStats], second: Mapping[str, TimingStats]) 
     return {name: TimingStats(first[name].samples_ms + second[name].samples_ms) for name in first}
 
 
-def median_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+def median_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """Distribution-free interval for the median: order statistics at binomial(n, 1/2) quantiles."""
     ordered = np.sort(values)
-    n = len(ordered)
-    rank = int(binom.ppf((1 - confidence) / 2, n, 0.5))  # 1-based rank of the lower bound
-    lower = max(rank - 1, 0)
-    upper = min(n - rank, n - 1)
+    lower, upper = median_ranks(len(ordered), confidence)
     return float(ordered[lower]), float(ordered[upper])
+
+
+def median_ranks(n: int, confidence: float) -> tuple[int, int]:
+    """The 0-based ranks of median_ci's bounds among n sorted values."""
+    rank = int(binom.ppf((1 - confidence) / 2, n, 0.5))  # 1-based rank of the lower bound
+    return max(rank - 1, 0), min(n - rank, n - 1)
+
+
+def median_ci_coverage(n: int, confidence: float) -> float:
+    """How often median_ci of n values holds the true median: P(X_(r) <= m <= X_(n+1-r)) = 1 - 2 P(Bin(n, 1/2) < r)
+    for 1-based rank r; at least `confidence` where n allows it (3 values: their range, 75%)."""
+    lower, _ = median_ranks(n, confidence)
+    return float(1.0 - 2.0 * binom.cdf(lower, n, 0.5))
+
+
+def median_half_width(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> float:
+    """How far median_ci reaches from the median, relative: the larger of its two sides."""
+    median = float(np.median(values))
+    low, high = median_ci(values, confidence)
+    return max(high / median - 1.0, 1.0 - low / median)
 
 
 def speedup_of(baseline: TimingStats, candidate: TimingStats, confidence: float = 0.95) -> Speedup:
@@ -273,7 +290,16 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
     WideIntervalWarning says so.
     """
     runners = {"baseline": baseline, "candidate": candidate}
-    before = cpu_snapshot()
+    (stats, speedup), load = with_load(lambda: paired_rounds(runners, rounds, warmup, max_relative_width,
+                                                             extra_batches))
+    speedup = replace(speedup, other_load=load)
+    warn_if_wide(speedup, max_relative_width)
+    return speedup, stats["baseline"], stats["candidate"]
+
+
+def paired_rounds(runners: Mapping[str, Runner], rounds: int, warmup: int, max_relative_width: float,
+                  extra_batches: int) -> tuple[dict[str, TimingStats], Speedup]:
+    """time_paired's rounds (runners "baseline" and "candidate"), and the speedup they give."""
     stats = time_interleaved(runners, rounds, warmup)
     speedup = speedup_of(stats["baseline"], stats["candidate"])
     for _ in range(extra_batches):
@@ -281,9 +307,7 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
             break
         stats = pooled(stats, time_interleaved(runners, rounds, warmup=0))
         speedup = speedup_of(stats["baseline"], stats["candidate"])
-    speedup = replace(speedup, other_load=other_load(before, cpu_snapshot()))
-    warn_if_wide(speedup, max_relative_width)
-    return speedup, stats["baseline"], stats["candidate"]
+    return stats, speedup
 
 
 def warn_if_wide(speedup: Speedup, max_relative_width: float) -> None:

@@ -35,8 +35,9 @@ from transformers import PreTrainedModel
 from ziplm.families import ModelStructure
 from ziplm.runtimes import InferenceEnv, Runtime, Session
 from ziplm.runtimes.latency_table import LatencyTable
-from ziplm.runtimes.timing import (BusyMachineWarning, LoadGuard, MachineLoad, Speedup, TimingStats, time_interleaved,
-                                   time_paired)
+from ziplm.runtimes.timing import (BusyMachineWarning, LoadGuard, MachineLoad, Speedup, TimingStats,
+                                   WideIntervalWarning, median_ci, median_ci_coverage, median_half_width,
+                                   time_interleaved, time_paired)
 from ziplm.stages.export import encoder_inputs, export_checked
 from ziplm.stages.search import max_speedup
 
@@ -87,6 +88,25 @@ class VerificationSettings(BaseModel):
                                                            "+20%, a 2x FP32 member -21%)")
     retakes: int = Field(3, ge=0, description="times a disturbed measurement is taken again (after a pause); then "
                                               "the least disturbed one counts and the check records it as disturbed")
+    verdict_width: float = Field(0.02, gt=0.0, description="a verdict (finished_repeats measurements) goes on, two "
+                                                           "measurements at a time, while the 95% interval of their "
+                                                           "median reaches further than this from it (relative): on "
+                                                           "a host whose speed shifts for minutes, 9 measurements "
+                                                           "split wherever the shifts fall (one verdict's read 4.17, "
+                                                           "4.88, 4.95, 4.88, 4.93, 3.56, 3.58, 3.71, 4.12)")
+    max_verdict_repeats: int = Field(27, ge=1, description="at most this many measurements per verdict; a verdict "
+                                                           "still unsettled then is their median, with a warning")
+
+    @model_validator(mode="after")
+    def _verdict_repeats(self) -> VerificationSettings:
+        if self.max_verdict_repeats < self.finished_repeats:
+            raise ValueError(f"max_verdict_repeats ({self.max_verdict_repeats}) is below finished_repeats "
+                             f"({self.finished_repeats}): a verdict takes at least finished_repeats measurements")
+        return self
+
+    @property
+    def guard(self) -> LoadGuard:
+        return LoadGuard(self.max_other_load, self.retakes)
 
 
 class LatencySLA(BaseModel):
@@ -158,6 +178,12 @@ class LatencyCheck:
     def load_json(self) -> dict[str, Any]:
         return self.load.to_json()
 
+    def interval_note(self) -> str:
+        """e.g. "median of 27 measurements, 98% interval [3.950, 4.200]" (one measurement: its own interval)."""
+        speedup = self.speedup
+        count = f"median of {len(self.blocks)} measurements, " if len(self.blocks) > 1 else ""
+        return f"{count}{speedup.confidence:.0%} interval [{speedup.ci_low:.3f}, {speedup.ci_high:.3f}]"
+
     def load_note(self) -> str:
         """What other work on the machine did to the measurements, when it did anything ("" when nothing)."""
         note = self.load.note("measurements")
@@ -180,30 +206,48 @@ class PairedVerifier:
         """The member's speedup, timed interleaved. With `repeats`, that many independent measurements and the
         median one: a stretch of a shared machine disturbed for the whole of one measurement (seen on 2 cores: a file
         of unchanged structure read 14% slow, with a tight interval) then decides nothing."""
-        checks = self.measure_blocks(member_onnx, repeats)
-        median = sorted(checks, key=lambda check: check.speedup.value)[len(checks) // 2]
-        return dataclasses.replace(median, blocks=tuple(check.speedup.value for check in checks),
-                                   other_loads=tuple(check.speedup.other_load for check in checks),
-                                   retaken=sum(check.retaken for check in checks),
-                                   disturbed=sum(check.disturbed for check in checks))
+        return median_check(self.measure_blocks(member_onnx, repeats))
+
+    def verdict(self, member_onnx: Path) -> LatencyCheck:
+        """A verdict on a member: `finished_repeats` measurements, and two more at a time while the interval of their
+        median reaches further than `verdict_width` from it, up to `max_verdict_repeats`."""
+        settings = self.settings
+        member = self.runtime.load(member_onnx)
+        checks = [self.quiet_block(member) for _ in range(settings.finished_repeats)]
+        while len(checks) < settings.max_verdict_repeats and not self.settled(checks):
+            checks += [self.quiet_block(member) for _ in range(min(2, settings.max_verdict_repeats - len(checks)))]
+        self.warn_if_disturbed(checks, member_onnx)
+        verdict = median_check(checks)
+        if not self.settled(checks):
+            warnings.warn(f"the {len(checks)} paired measurements of {member_onnx.name} disagree: their median "
+                          f"{verdict.speedup.value:.3f}x has the 95% interval [{verdict.speedup.ci_low:.3f}, "
+                          f"{verdict.speedup.ci_high:.3f}], wider than +-{settings.verdict_width:.0%}: the "
+                          "machine's speed shifts while it measures; verify on a quieter machine, or raise "
+                          "max_verdict_repeats", WideIntervalWarning, stacklevel=2)
+        return verdict
+
+    def settled(self, checks: list[LatencyCheck]) -> bool:
+        return median_half_width([check.speedup.value for check in checks]) <= self.settings.verdict_width
 
     def measure_blocks(self, member_onnx: Path, blocks: int) -> list[LatencyCheck]:
         """`blocks` independent paired measurements of the member, in the order they were taken."""
         member = self.runtime.load(member_onnx)
         checks = [self.quiet_block(member) for _ in range(blocks)]
+        self.warn_if_disturbed(checks, member_onnx)
+        return checks
+
+    def warn_if_disturbed(self, checks: list[LatencyCheck], member_onnx: Path) -> None:
         disturbed = [check.speedup.other_load for check in checks if check.disturbed]
         if disturbed:
-            warnings.warn(f"{len(disturbed)} of {blocks} paired measurements of {member_onnx.name} were taken while "
-                          f"other work kept {max(disturbed):.2f} cores busy (limit {self.settings.max_other_load:g}), "
-                          f"after {self.settings.retakes} retakes each: keep other work off the machine while "
-                          "verifying", BusyMachineWarning, stacklevel=2)
-        return checks
+            warnings.warn(f"{len(disturbed)} of {len(checks)} paired measurements of {member_onnx.name} were taken "
+                          f"while other work kept {max(disturbed):.2f} cores busy (limit "
+                          f"{self.settings.max_other_load:g}), after {self.settings.retakes} retakes each: keep "
+                          "other work off the machine while verifying", BusyMachineWarning, stacklevel=3)
 
     def quiet_block(self, member: Session) -> LatencyCheck:
         """One paired measurement, taken again while other work kept cores busy during it (LoadGuard); the least
         disturbed counts."""
-        guard = LoadGuard(self.settings.max_other_load, self.settings.retakes)
-        kept, retaken, disturbed = guard.take(
+        kept, retaken, disturbed = self.settings.guard.take(
             lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
                                               self.settings.timing_rounds, self.settings.warmup,
                                               max_relative_width=2 * self.settings.tolerance)),
@@ -214,6 +258,23 @@ class PairedVerifier:
         """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
         return time_interleaved({"dense": lambda: self.dense.run(self.inputs)}, self.settings.timing_rounds,
                                 self.settings.warmup)["dense"]
+
+
+def median_check(checks: list[LatencyCheck]) -> LatencyCheck:
+    """Independent measurements taken together: the median one, keeping every speedup (`blocks`) and load. The
+    interval of several is that of their median (median_ci across them, at the coverage their number allows): the
+    spread between measurements, which one measurement's own interval cannot show. One keeps its own interval."""
+    values = [check.speedup.value for check in checks]
+    median = sorted(checks, key=lambda check: check.speedup.value)[len(checks) // 2]
+    speedup = median.speedup
+    if len(checks) > 1:
+        low, high = median_ci(values, speedup.confidence)
+        speedup = dataclasses.replace(speedup, ci_low=low, ci_high=high,
+                                      confidence=round(median_ci_coverage(len(values), speedup.confidence), 4))
+    return dataclasses.replace(median, speedup=speedup, blocks=tuple(values),
+                               other_loads=tuple(check.speedup.other_load for check in checks),
+                               retaken=sum(check.retaken for check in checks),
+                               disturbed=sum(check.disturbed for check in checks))
 
 
 @dataclass(frozen=True)
@@ -348,12 +409,13 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
                 build: Callable[[ModelStructure], PreTrainedModel], table: LatencyTable, verifier: PairedVerifier,
                 work: Path, progress: Callable[[str], None], sla: LatencySLA | None = None,
                 table_scale: float = 1.0, member: Member | None = None, accept: float | None = None,
-                confirm: int = 0) -> Member:
+                confirm: bool = False) -> Member:
     """Solve, build, export and measure; re-solve with a corrected aim until within `accept` of the target (by
     default the tolerance; bounded by `max_rounds`). Each round's file is read as the median of `round_repeats`
     measurements.
 
-    With `confirm`, a round read within `accept` is measured again, `confirm` fresh times, and that reading decides:
+    With `confirm`, a round read within `accept` is measured again, as a verdict (`PairedVerifier.verdict`), and that
+    reading decides:
     the loop stops on the first reading that lands near the target, so the reading it stops on is biased toward it
     (a compound round read 4.048x, its fine-tuned file 3.825x; the same structure, untouched by fine-tuning in speed).
 
@@ -380,15 +442,14 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
         clock.time("export", export_checked, model, onnx_path, verifier.env)
         check, screening = clock.time("verify", verifier.measure, onnx_path, settings.round_repeats), None
         if confirm and abs(check.deviation(target)) <= accept:
-            screening, check = check, clock.time("confirm", verifier.measure, onnx_path, confirm)
+            screening, check = check, clock.time("confirm", verifier.verdict, onnx_path)
         predicted = table_scale * table.dense_ms() / table.predict_ms(structure)
         member.rounds.append(Round(solved_for, structure, predicted, check, clock.seconds, screening=screening))
         member.models.append(model)
         member.onnx_paths.append(onnx_path)
         confirmed = f" (screened at {screening.speedup.value:.3f}x)" if screening else ""
         progress(f"round {len(member.rounds)}: solved for {solved_for:.3f}x, predicted {predicted:.3f}x, measured "
-                 f"{check.speedup.value:.3f}x [{check.speedup.ci_low:.3f}, {check.speedup.ci_high:.3f}]{confirmed}"
-                 f"{check.load_note()}")
+                 f"{check.speedup.value:.3f}x ({check.interval_note()}){confirmed}{check.load_note()}")
         if abs(check.deviation(target)) <= accept:
             break
         solved_for = next_aim(target, member.rounds)
