@@ -2,8 +2,15 @@
 the closed loop that re-solves a target until its member is measured within tolerance, and latency SLAs.
 
     verification: {tolerance: 0.03, max_rounds: 6, finish_rounds: 2, round_repeats: 3, finished_repeats: 9,
-                   precision_blocks: 20, timing_rounds: 60, warmup: 5, reference: same}
+                   verdict_width: 0.02, max_verdict_repeats: 27, precision_blocks: 20, timing_rounds: 60, warmup: 5,
+                   reference: same}
     slas: [{p90_ms: 12.0}, {median_ms: 8.0, batch_size: 1, sequence_length: 128}]
+
+A verdict (on a fine-tuned file, the fresh reading that confirms a closed-loop round, the cross-check, `ziplm
+verify`) is the median of at least `finished_repeats` paired measurements, two more at a time while the
+distribution-free 95% interval of that median reaches further than `verdict_width` from it, at most
+`max_verdict_repeats`: where the machine's speed shifts between regimes for minutes, 9 measurements split wherever the
+shifts fall, and the verdict with them (benchmarks/results/verdict_settling.md).
 
 `reference: fp32` makes an INT8 family's speedups (and SLAs) over the dense FP32 model: its members are timed
 directly beside dense FP32, paired, like any member beside its reference. The INT8 latency table predicts speedups
@@ -73,10 +80,11 @@ class VerificationSettings(BaseModel):
     round_repeats: int = Field(3, ge=1, description="independent measurements of each closed-loop round's file, whose "
                                                     "median is its reading (one 2-second measurement of an INT8 "
                                                     "member read 4.5% high and stopped the loop on a slow structure)")
-    finished_repeats: int = Field(9, ge=1, description="independent measurements of a fine-tuned file, whose median "
-                                                       "is its verdict (its fine-tuning cannot be redone cheaply); "
-                                                       "also the fresh ones that confirm a closed-loop round before "
-                                                       "the chain fine-tunes its structure")
+    finished_repeats: int = Field(9, ge=1, description="independent measurements a verdict takes at least, whose "
+                                                       "median it is: of a fine-tuned file (its fine-tuning cannot be "
+                                                       "redone cheaply), of the fresh reading that confirms a "
+                                                       "closed-loop round, of the cross-check; more while unsettled "
+                                                       "(verdict_width)")
     precision_blocks: int = Field(20, ge=1, description="INT8 families: independent paired measurements of dense "
                                                         "INT8 against dense FP32 whose median is the precision factor")
     warmup: int = Field(5, ge=0)
