@@ -28,7 +28,7 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 
 from benchmarks.common import RESULTS, progress, write_results  # noqa: E402
 from benchmarks.compound import _commit  # noqa: E402
@@ -164,16 +165,25 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def plot(sittings: Sequence[dict[str, Any]], path: Path) -> None:
-    figure, axes = plt.subplots(len(sittings), 1, figsize=(9, 3.2 * len(sittings)), squeeze=False)
-    for axis, sitting in zip(axes[:, 0], sittings):
+    def draw(axis: Axes, sitting: dict[str, Any]) -> None:
         for name, label in SERIES.items():
             blocks = [b for b in sitting["blocks"] if b["series"] == name]
             values = np.array([b["speedup"] for b in blocks])
             axis.plot([b["t"] / 60 for b in blocks], values / np.median(values), marker=".", lw=0.8, label=label)
-        axis.axhspan(0.97, 1.03, color="grey", alpha=0.15, label="+-3% of the series' median")
+
+    plot_sittings(sittings, path, draw, "block / series median", "+-3% of the series' median")
+
+
+def plot_sittings(sittings: Sequence[dict[str, Any]], path: Path, draw: Callable[[Axes, dict[str, Any]], None],
+                  ylabel: str, band: str) -> None:
+    """One panel per sitting against minutes: what `draw` puts in it, a +-3% band labelled `band`, the sitting."""
+    figure, axes = plt.subplots(len(sittings), 1, figsize=(9, 3.2 * len(sittings)), squeeze=False)
+    for axis, sitting in zip(axes[:, 0], sittings):
+        draw(axis, sitting)
+        axis.axhspan(0.97, 1.03, color="grey", alpha=0.15, label=band)
         axis.set_title(f"sitting {sitting['started']} (commit {sitting['commit']})", fontsize=9)
         axis.set_xlabel("minutes")
-        axis.set_ylabel("block / series median")
+        axis.set_ylabel(ylabel)
         axis.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -26,17 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import RESULTS, progress, write_results  # noqa: E402
-from benchmarks.compound import _commit  # noqa: E402
-from benchmarks.verdict_drift import consecutive_verdicts, deviation_summary, subjects, summary_cell  # noqa: E402
-from ziplm.pipeline.report import environment_line  # noqa: E402
-from ziplm.runtimes.timing import median_half_width  # noqa: E402
+from benchmarks.common import RESULTS, progress, write_results
+from benchmarks.compound import _commit
+from benchmarks.verdict_drift import consecutive_verdicts, deviation_summary, plot_sittings, subjects, summary_cell
+from ziplm.pipeline.report import environment_line
+from ziplm.runtimes.timing import median_half_width
 
 COMMAND = "python -m benchmarks.verdict_settling"
 FIRST = 9  # finished_repeats: the verdict as it was taken before it settled
@@ -92,25 +89,18 @@ def _lag1(values: np.ndarray) -> float:
 
 
 def plot(sittings: Sequence[dict[str, Any]], path: Path) -> None:
-    figure, axes = plt.subplots(len(sittings), 1, figsize=(9, 3.2 * len(sittings)), squeeze=False)
-    for axis, sitting in zip(axes[:, 0], sittings):
-        reference = analyse(sitting)["reference"]
-        minutes = np.array([v["t"] / 60 for v in sitting["verdicts"]])
-        settled = np.array([v["speedup"] for v in sitting["verdicts"]]) / reference
-        low = settled - np.array([v["ci_low"] for v in sitting["verdicts"]]) / reference
-        high = np.array([v["ci_high"] for v in sitting["verdicts"]]) / reference - settled
-        first = [np.median(v["measurements"][:FIRST]) / reference for v in sitting["verdicts"]]
+    def draw(axis: Axes, sitting: dict[str, Any]) -> None:
+        reference, verdicts = analyse(sitting)["reference"], sitting["verdicts"]
+        minutes = np.array([v["t"] / 60 for v in verdicts])
+        settled = np.array([v["speedup"] for v in verdicts]) / reference
+        low = settled - np.array([v["ci_low"] for v in verdicts]) / reference
+        high = np.array([v["ci_high"] for v in verdicts]) / reference - settled
+        first = [np.median(v["measurements"][:FIRST]) / reference for v in verdicts]
         axis.plot(minutes, first, "x", color="tab:red", label=f"median of the first {FIRST} measurements")
         axis.errorbar(minutes + 0.1, settled, yerr=[low, high], fmt="o", ms=4, color="tab:blue", capsize=2,
                       label="settled verdict and its 95% interval")
-        axis.axhspan(0.97, 1.03, color="grey", alpha=0.15, label="+-3% of the sitting's median")
-        axis.set_title(f"sitting {sitting['started']} (commit {sitting['commit']})", fontsize=9)
-        axis.set_xlabel("minutes")
-        axis.set_ylabel("verdict / sitting median")
-        axis.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+
+    plot_sittings(sittings, path, draw, "verdict / sitting median", "+-3% of the sitting's median")
 
 
 def markdown(result: dict[str, Any]) -> str:
