@@ -53,7 +53,8 @@ def run(model: str, targets: list[float]) -> dict[str, Any]:
     per_member = [{"target": m.target, "rounds": len(m.rounds),
                    "seconds": {step: round(sum(r.seconds.get(step, 0.0) for r in m.rounds), 2)
                                for step in STEPS}} for m in members]
-    return {"model": MODELS[model], "runtime": runtime_json(table), "calibration_samples": len(calibration),
+    return {"model": MODELS[model], "runtime": runtime_json(table),
+            "calibration_samples": min(len(calibration), recipe.calibration.samples),  # as collect_hessians takes
             "round_repeats": recipe.verification.round_repeats,
             "stages": {k: None if v is None else round(v, 2) for k, v in stages.items()}, "members": per_member}
 
