@@ -118,8 +118,8 @@ def markdown(result: dict[str, Any]) -> str:
              "verdict | unsettled at the limit | first 9: SD, max, within 1.5% / 3% | settled: SD, max, within 1.5% / "
              "3% | settled interval holds the long-run speedup |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sitting in sittings:
-        a = analyse(sitting)
+    analyses = [analyse(sitting) for sitting in sittings]
+    for sitting, a in zip(sittings, analyses):
         lines.append(f"| {sitting['started']} | {sitting['commit']} | {sitting['runtime']['device']} | {a['verdicts']} "
                      f"| {a['reference']:.3f}x | {a['measurements']} | {a['seconds']} | {a['unsettled']} "
                      f"| {summary_cell(a['first'])} | {summary_cell(a['settled'])} "
@@ -132,8 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
               f"{EARLY} measurements: deviations | " + " | ".join(f"windows of {n}: SD, max, within 1.5% / 3%"
                                                                    for n in WINDOWS) + " |",
               "|---|---|---|" + "---|" * len(WINDOWS)]
-    for sitting in sittings:
-        a = analyse(sitting)
+    for sitting, a in zip(sittings, analyses):
         early = ", ".join(f"{d:+.1%}" for d in a["early_deviations"]) or "none"
         windows = " | ".join(summary_cell(a["windows"][n]) if n in a["windows"] else "-" for n in WINDOWS)
         lines.append(f"| {sitting['started']} | {a['lag1']} | {early} | {windows} |")

@@ -163,10 +163,8 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
     properties = ET.SubElement(suite, "properties")
     for key, value in verdict.runtime.items():
         ET.SubElement(properties, "property", name=f"runtime.{key}", value=str(value))
-    speedup = verdict.measurement.speedup
-    interval = {"value": speedup.value, "ci_low": speedup.ci_low, "ci_high": speedup.ci_high,
-                "confidence": speedup.confidence, "measurements": len(verdict.measurement.blocks)}
-    for key, value in interval.items():
+    speedup = {**verdict.measurement.speedup.to_json(), "measurements": len(verdict.measurement.blocks)}
+    for key, value in speedup.items():
         ET.SubElement(properties, "property", name=f"speedup.{key}", value=str(value))
     for key, value in verdict.measurement.load_json().items():
         ET.SubElement(properties, "property", name=f"machine_load.{key}", value=str(value))
