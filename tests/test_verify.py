@@ -229,3 +229,22 @@ def test_a_verdict_cannot_be_capped_below_its_first_measurements():
 
     with pytest.raises(ValidationError, match=r"max_verdict_repeats \(5\) is below finished_repeats \(9\)"):
         VerificationSettings(max_verdict_repeats=5)
+
+
+def test_a_round_read_within_the_tolerance_gets_a_verdict_which_must_land_within_half_of_it(tiny_verifier, tiny_table,
+                                                                                           tmp_path):
+    """The screen is the whole tolerance even where a chain that fine-tunes accepts within half of it: a reading of
+    +2% is measured again; a verdict of +2.5% aims the next round, and one of +0.5% stops the loop."""
+    from tests.conftest import tiny_bert_config
+    from ziplm.families.loading import build_model
+    from ziplm.stages.verify import closed_loop
+
+    verifier, _, _ = tiny_verifier
+    shape = tiny_table.model_shape
+    structures = iter([ModelStructure.uniform(shape, 3, 96), ModelStructure.uniform(shape, 2, 64)])
+    speedups.extend([2.04] * 3 + [2.05] * 9 + [2.02] * 3 + [2.01] * 9)  # reading, verdict; reading, verdict
+    member = closed_loop(2.0, lambda _: next(structures), lambda s: build_model(tiny_bert_config(), structure=s),
+                         tiny_table, verifier, tmp_path, lambda _: None, accept=0.015, confirm=True)
+    assert [(r.screening.speedup.value, r.check.speedup.value) for r in member.rounds] == [(2.04, 2.05), (2.02, 2.01)]
+    assert [len(r.check.blocks) for r in member.rounds] == [9, 9]
+    assert member.rounds[1].solved_for < 2.0  # the first verdict read high: the next round aimed lower

@@ -257,8 +257,9 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
     # a round read within the tolerance is confirmed by a verdict of fresh measurements (the loop stops on the first
-    # reading near the target, so that reading is biased toward it); a structure the chain fine-tunes is accepted
-    # within half the tolerance: its fine-tuned file is measured again and has the whole tolerance to land in
+    # reading near the target, so that reading is biased toward it); a structure the chain fine-tunes is accepted when
+    # that verdict is within half the tolerance: its fine-tuned file is measured again and has the whole tolerance to
+    # land in
     fine_tunes = recipe.chain.fine_tunes
     accept = recipe.verification.tolerance / (2 if fine_tunes else 1)
 
