@@ -49,8 +49,9 @@ def latest_run_here() -> dict[str, Any]:
 
 def time_rounds(run: dict[str, Any], member: dict[str, Any], sittings: int, rounds: int) -> dict[str, Any]:
     """Every closed-loop round of `member` timed interleaved, `sittings` times; ratios to its first round."""
-    loop = [r for r in member["rounds"] if r["stage"] == "closed loop"]
-    structures = {f"round {i + 1}": ModelStructure.from_json(r["structure"]) for i, r in enumerate(loop)}
+    numbered = [(i + 1, r) for i, r in enumerate(member["rounds"]) if r["stage"] == "closed loop"]  # as compound.md
+    loop = [r for _, r in numbered]
+    structures = {f"round {n}": ModelStructure.from_json(r["structure"]) for n, r in numbered}
     config = AutoConfig.from_pretrained(resolve_model(run["recipe"]["model"]))
     env = InferenceEnv(**run["recipe"]["environment"])
     measured = []
@@ -58,7 +59,7 @@ def time_rounds(run: dict[str, Any], member: dict[str, Any], sittings: int, roun
         with tempfile.TemporaryDirectory(prefix="ziplm-rounds-") as work:
             stats, _ = measure_structures(config, structures, env, get_runtime(env), rounds, 5, Path(work),
                                           LoadGuard(0.1, 3))
-        first = stats["round 1"].median_ms
+        first = stats[next(iter(structures))].median_ms
         measured.append({name: stats[name].median_ms / first for name in structures})
         print(f"[{member['name']}] sitting {sitting + 1}: round 1 {first:.2f} ms, "
               + ", ".join(f"{name} {ratio:.3f}" for name, ratio in measured[-1].items()), flush=True)
@@ -76,7 +77,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"({result['rounds']} rounds per model), {result['sittings']} sittings. Every figure is the time of a "
              "round's structure over the time of its member's round 1: the table's (from the run's predicted "
              "speedups), measured here in each sitting, and what the loop's readings implied (each read beside dense "
-             "FP32 at its own minute, median of 3 paired measurements or a verdict).", ""]
+             "FP32 at its own minute, median of 3 paired measurements or a verdict). Rounds are numbered as in "
+             "compound.md's rounds table; fine-tuned (finished) rounds are left out.", ""]
     for member in result["members"]:
         lines += [f"## {member['target']:g}x", "",
                   "| round | table | measured here (each sitting) | median | loop's readings | table error | "
