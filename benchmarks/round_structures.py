@@ -25,25 +25,21 @@ from typing import Any
 from transformers import AutoConfig
 
 from benchmarks.common import RESULTS, write_results
-from benchmarks.compound import _commit
+from benchmarks.compound import _commit, by_device, this_device
 from ziplm.families import ModelStructure
 from ziplm.pipeline.assets import resolve_model
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.latency_table import measure_structures
-from ziplm.runtimes.timing import LoadGuard
+from ziplm.runtimes.latency_table import TableSettings, measure_structures
 
 COMMAND = "python -m benchmarks.round_structures"
 
 
 def latest_run_here() -> dict[str, Any]:
-    """The last compound run stored for this machine's CPU (runtime device names it)."""
-    env = InferenceEnv(precision="int8")
-    device = get_runtime(env).info().to_json()["device"]
-    runs = [run for run in json.loads((RESULTS / "compound.json").read_text())["compound_runs"]
-            if run["runtime"]["device"] == device]
+    """The last compound run stored for this machine's CPU."""
+    runs = by_device(json.loads((RESULTS / "compound.json").read_text())["compound_runs"]).get(this_device())
     if not runs:
-        raise SystemExit(f"no compound run stored for {device}: run `python -m benchmarks.compound` first")
+        raise SystemExit(f"no compound run stored for {this_device()}: run `python -m benchmarks.compound` first")
     return runs[-1]
 
 
@@ -58,7 +54,7 @@ def time_rounds(run: dict[str, Any], member: dict[str, Any], sittings: int, roun
     for sitting in range(sittings):
         with tempfile.TemporaryDirectory(prefix="ziplm-rounds-") as work:
             stats, _ = measure_structures(config, structures, env, get_runtime(env), rounds, 5, Path(work),
-                                          LoadGuard(0.1, 3))
+                                          TableSettings().guard)  # a table's guard: these are timed as a table's are
         first = stats[next(iter(structures))].median_ms
         measured.append({name: stats[name].median_ms / first for name in structures})
         print(f"[{member['name']}] sitting {sitting + 1}: round 1 {first:.2f} ms, "
