@@ -63,8 +63,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         f"{environment_line(results[0]['runtime'])}. Speedup = dense time / member time, median of per-round ratios "
         "of the two timed interleaved in one run (95% interval). Open loop = the latency table alone (first round); "
         f"closed loop = re-solved until within {results[0]['tolerance']:.0%} (at most {results[0]['max_rounds']} "
-        "rounds; re-aimed by the last round's error, or interpolated between the nearest rounds once the target is "
-        "bracketed, an end kept round after round counting less and less). Each round's reading is the median of "
+        "rounds; re-aimed by the table's offset, measured / predicted, pooled over every reading so far, each weighted "
+        "by its measurements). Each round's reading is the median of "
         f"{results[0]['round_repeats']} paired measurements. The paper's open-loop deviation was up to 5.28%.",
         "",
     ]

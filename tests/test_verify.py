@@ -1,4 +1,4 @@
-"""The closed loop: the next aim (re-aim from the last round, or interpolate once the target is bracketed), and which
+"""The closed loop: the next aim (the target over the table's offset, pooled over every reading so far), and which
 round a member is and which structure the chain fine-tunes next."""
 
 from __future__ import annotations
@@ -6,62 +6,54 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ziplm.families import ModelShape, ModelStructure
 from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats, WideIntervalWarning
-from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor, Round, next_aim
+from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor, Round, next_aim, table_offset
 
 SHAPE = ModelShape("bert", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=4, head_dim=8, ffn_size=64,
                    vocab_size=100)
 
 
-def measured_round(solved_for: float, measured: float) -> Round:
+def measured_round(solved_for: float, measured: float, blocks: int = 1, predicted: float | None = None) -> Round:
     check = LatencyCheck(Speedup(measured, measured * 0.99, measured * 1.01, 0.95, 30), TimingStats((10.0,)),
-                         TimingStats((10.0 / measured,)))
-    return Round(solved_for, ModelStructure.uniform(SHAPE, 2, round(solved_for * 10)), solved_for, check)
+                         TimingStats((10.0 / measured,)), blocks=(measured,) * blocks)
+    predicted = solved_for if predicted is None else predicted
+    return Round(solved_for, ModelStructure.uniform(SHAPE, 2, round(solved_for * 10)), predicted, check)
 
 
-def test_one_side_of_the_target_re_aims_by_the_measured_error():
+def test_one_reading_re_aims_by_measured_over_predicted():
     assert next_aim(2.0, [measured_round(2.0, 1.9)]) == pytest.approx(2.0 * 2.0 / 1.9)
-    assert next_aim(2.0, [measured_round(2.0, 2.2), measured_round(1.8, 2.1)]) == pytest.approx(1.8 * 2.0 / 2.1)
+    # the structure the solver found for 2.0x is predicted at 2.05x: the table is off by 1.9 / 2.05 there
+    assert next_aim(2.0, [measured_round(2.0, 1.9, predicted=2.05)]) == pytest.approx(2.0 * 2.05 / 1.9)
 
 
-def test_a_bracketed_target_is_interpolated_between_the_nearest_rounds():
-    # MiniLM at 2x (benchmarks/results/speedup_guarantee.md): re-aiming from 2.096x -> 2.112x alone gives 1.985x,
-    # which measured 2.088x again; between the two rounds on either side the aim is 2.043x
-    rounds = [measured_round(2.000, 1.908), measured_round(2.096, 2.112)]
-    assert next_aim(2.0, rounds) == pytest.approx(2.000 + (2.0 - 1.908) / (2.112 - 1.908) * 0.096)
-    farther = [measured_round(1.5, 1.4), measured_round(2.5, 2.6), *rounds]
-    assert next_aim(2.0, farther) == pytest.approx(next_aim(2.0, rounds))
+def test_the_offset_is_pooled_over_every_reading_weighted_by_its_measurements():
+    # compound run 2 on the AVX2 EPYC (benchmarks/results/compound.md, commit 4ade37d), the 4x loop: six rounds of 3
+    # measurements each, then the round-4 structure fine-tuned and read on 27
+    predicted = [4.004, 4.3658, 4.1925, 4.2373, 4.2888, 4.339]
+    measured = [3.6718, 4.3019, 3.8822, 3.911, 3.8164, 3.8912]
+    rounds = [measured_round(p, m, blocks=3) for p, m in zip(predicted, measured)]
+    pooled = np.exp(np.mean(np.log(np.array(measured) / predicted)))
+    assert table_offset(rounds) == pytest.approx(pooled)
+    assert next_aim(4.0, rounds) == pytest.approx(4.0 / pooled)
+    # the finished file's offset (27 measurements) is within 1% of the pooled one; the last round alone was 2% off
+    finished_offset = 3.8841 / 4.2373
+    assert abs(pooled / finished_offset - 1) < 0.01 < abs(measured[-1] / predicted[-1] / finished_offset - 1)
+    finished = measured_round(4.2373, 3.8841, blocks=27)
+    weighted = np.exp((3 * np.log(np.array(measured) / predicted).sum() + 27 * np.log(finished_offset)) / (18 + 27))
+    assert table_offset([*rounds, finished]) == pytest.approx(weighted)
 
 
-def test_the_bracket_is_the_tightest_in_aim_not_in_measured_speed():
-    # bert-base at 8x (benchmarks/results/speedup_guarantee.md): aims 8.000 / 8.439 / 8.156 / 8.069 measured
-    # 7.584 / 8.756 / 8.519 / 9.128; between the nearest measured values (8.000 and 8.156) the aim would be 8.069
-    # again, a structure measured already; the target lies between the aims 8.000 and 8.069
-    # (the last three landed above the target, so the end below counts a quarter: see the Illinois test)
-    rounds = [measured_round(8.0, 7.584), measured_round(8.439, 8.756), measured_round(8.156, 8.519),
-              measured_round(8.069, 9.128)]
-    low_residual = (8.0 - 7.584) / 4
-    assert next_aim(8.0, rounds) == pytest.approx(8.0 + low_residual / (low_residual + 9.128 - 8.0) * 0.069)
-    # noise that puts an aim measured above the target under one measured below is no bracket: re-aim from the last
-    crossed = [measured_round(8.0, 8.3), measured_round(8.2, 7.9)]
-    assert next_aim(8.0, crossed) == pytest.approx(8.2 * 8.0 / 7.9)
-
-
-def test_an_end_of_the_bracket_kept_round_after_round_counts_less_and_less():
-    # compound run 1 (benchmarks/results/compound.md, commit 6ff9f15): 4.0 measured 4.488x; from below, plain
-    # regula falsi then crept 3.565 -> 3.678 -> 3.746 -> 3.816 -> 3.854 (measured 3.830 / 3.869 / 3.815 / 3.874)
-    rounds = [measured_round(4.0, 4.488), measured_round(3.565, 3.830)]
-    plain = 3.565 + (4.0 - 3.830) / (4.488 - 3.830) * (4.0 - 3.565)
-    assert next_aim(4.0, rounds) == pytest.approx(plain)  # the sides alternated: nothing kept twice yet
-    rounds.append(measured_round(3.678, 3.869))  # two below in a row: the end above counts half
-    low, high = 4.0 - 3.869, (4.488 - 4.0) / 2
-    assert next_aim(4.0, rounds) == pytest.approx(3.678 + low / (low + high) * (4.0 - 3.678))
-    rounds.append(measured_round(3.790, 3.95))  # three in a row: a quarter
-    low, high = 4.0 - 3.95, (4.488 - 4.0) / 4
-    assert next_aim(4.0, rounds) == pytest.approx(3.790 + low / (low + high) * (4.0 - 3.790))
+def test_a_confirmed_round_counts_its_screening_and_its_verdict():
+    # compound run 2, 3x: a round screened at 3.056x on 3 measurements; a verdict of 19 read its structure at 2.794x
+    confirmed = measured_round(2.9886, 2.7941, blocks=19, predicted=2.9924)
+    confirmed.screening = measured_round(2.9886, 3.0559, blocks=3, predicted=2.9924).check
+    offset = np.exp((3 * np.log(3.0559 / 2.9924) + 19 * np.log(2.7941 / 2.9924)) / 22)
+    assert table_offset([confirmed]) == pytest.approx(offset)
+    assert next_aim(3.0, [confirmed]) > 3.0 * 2.9924 / 2.9
 
 
 def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_structure():
@@ -82,15 +74,6 @@ def test_a_member_chooses_among_finished_rounds_and_finishes_the_closest_new_str
     member.rounds[0] = measured_round(2.0, 1.90)
     member.finish("d-finished", "d-structured", Path("d-finished"), measured_round(2.15, 2.02).check, {})
     assert member.chosen == 5 and member.structured == "d-structured" and member.passed(0.03)
-
-
-def test_a_structure_measured_twice_counts_once_at_its_median():
-    # a fine-tuned file has its closed-loop round's structure: 2.984x then 2.822x is one structure at 2.903x
-    lucky, finished = measured_round(2.93, 2.984), measured_round(2.93, 2.822)
-    finished.stage = "finished"
-    rounds = [measured_round(3.0, 3.262), lucky, finished]
-    assert next_aim(3.0, rounds) == pytest.approx(2.93 + (3.0 - 2.903) / (3.262 - 2.903) * (3.0 - 2.93))
-    assert next_aim(3.0, [lucky, finished]) == pytest.approx(2.93 * 3.0 / 2.903)
 
 
 def test_nothing_is_left_to_finish_when_every_new_structure_was_fine_tuned():

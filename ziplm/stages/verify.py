@@ -445,8 +445,8 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
         clock = Stopwatch()
         structure = clock.time("solve", solve, min(solved_for, reachable) / table_scale)
         if any(r.structure == structure for r in member.rounds):
-            progress(f"solving for {solved_for:.3f}x gives a structure measured already: the table has none between "
-                     "the rounds so far")
+            progress(f"solving for {solved_for:.3f}x gives a structure measured already: the rounds so far point back "
+                     "to it")
             break
         model = clock.time("build", build, structure)
         onnx_path = work / f"round{len(member.rounds)}.onnx"
@@ -468,52 +468,22 @@ def closed_loop(target: float, solve: Callable[[float], ModelStructure],
 
 
 def next_aim(target: float, rounds: list[Round]) -> float:
-    """The speedup to solve for in the next round of a closed loop.
+    """The speedup to solve for in the next round of a closed loop: the target over the table's offset.
 
-    The last structure shows the table off by measured / solved-for there, so aim that much further (ALGORITHMS.md
-    section 3). Once the target is bracketed (the highest aim measured below it is under the lowest aim measured
-    above it), interpolate between those two instead (regula falsi): structures the table ranks within 0.1% of each
-    other can differ by 5% in real time, and re-aiming from the last one alone then keeps jumping over the target.
-    When the latest k structures all landed on one side, the end on the other side has been kept k times: its
-    residual counts 2^-(k-1) (the Illinois rule), so the aim stops creeping up on the target from one side (a
-    compound run took 5 rounds at +1-2% each from below while its end above stayed put).
-    A structure measured more than once (a fine-tuned file has its closed-loop round's structure) counts once, at
-    the median of its measurements.
+    A reading shows the table off by measured / predicted for its structure, so aim that much further. The offset is
+    pooled over every reading so far (`table_offset`), not taken from the last round: the INT8 table ranks a loop's
+    structures within 1-3% of how they time side by side (benchmarks/results/round_structures.md), while a
+    3-measurement reading on a noisy host scatters by up to 11%. Re-aiming from single readings chased that scatter:
+    a compound 4x loop read 4.302x and 3.891x for two structures the table puts 0.6% apart, and side by side the
+    second runs 2.8% faster. Once the pooled aim solves to a structure measured already, the loop stops.
     """
-    measured = measured_structures(rounds)
-    below = [p for p in measured.values() if p.speedup < target]
-    above = [p for p in measured.values() if p.speedup >= target]
-    last = measured[rounds[-1].structure]
-    if below and above:
-        low, high = max(below, key=lambda p: p.solved_for), min(above, key=lambda p: p.solved_for)
-        if low.solved_for < high.solved_for:
-            low_residual, high_residual = target - low.speedup, high.speedup - target
-            kept_weight = 0.5 ** (latest_on_one_side(target, rounds, measured) - 1)
-            if last.speedup < target:
-                high_residual *= kept_weight
-            else:
-                low_residual *= kept_weight
-            fraction = low_residual / (low_residual + high_residual)
-            return low.solved_for + fraction * (high.solved_for - low.solved_for)
-    return last.solved_for * target / last.speedup
+    return target / table_offset(rounds)
 
 
-def latest_on_one_side(target: float, rounds: list[Round], measured: dict[ModelStructure, MeasuredStructure]) -> int:
-    """How many of the most recently measured structures in a row lie on the same side of the target."""
-    newest_first = dict.fromkeys(r.structure for r in reversed(rounds))
-    sides = [measured[structure].speedup < target for structure in newest_first]
-    return next((k for k, below in enumerate(sides) if below != sides[0]), len(sides))
-
-
-@dataclass(frozen=True)
-class MeasuredStructure:
-    solved_for: float  # the aim that gave it (the latest, if several did)
-    speedup: float  # the median of its measurements
-
-
-def measured_structures(rounds: list[Round]) -> dict[ModelStructure, MeasuredStructure]:
-    by_structure: dict[ModelStructure, list[Round]] = {}
-    for round_ in rounds:
-        by_structure.setdefault(round_.structure, []).append(round_)
-    return {structure: MeasuredStructure(same[-1].solved_for, float(np.median([r.check.speedup.value for r in same])))
-            for structure, same in by_structure.items()}
+def table_offset(rounds: list[Round]) -> float:
+    """measured / predicted speedup, pooled over every reading of the rounds (a confirmed round's screening too) as
+    the geometric mean weighted by each reading's number of measurements: exp(sum_i n_i log(m_i / p_i) / sum_i n_i)."""
+    readings = [(check, r.predicted_speedup) for r in rounds for check in (r.screening, r.check) if check is not None]
+    n = np.array([max(1, len(check.blocks)) for check, _ in readings], dtype=float)  # a lone block: one
+    log_offsets = np.log([check.speedup.value / predicted for check, predicted in readings])
+    return float(np.exp(n @ log_offsets / n.sum()))
