@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import numpy as np
+
 from benchmarks.common import RESULTS, progress, write_results
 from ziplm.pipeline.cache import cache_root
 from ziplm.pipeline.chain import ChainSettings
@@ -209,6 +211,7 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                          f"| {screened} | {r['measured_speedup']:.3f}x | {heads} "
                          f"| {' '.join(map(str, r['structure']['ffn']))} "
                          f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
+    lines += _reread_markdown(members)
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
     commits = [run["commit"] for run in runs]
     measured = (f"commit {commits[0]}" if len(set(commits)) == 1
@@ -219,6 +222,33 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     databases = "the first database" if chain.gradual else "the database"
     return lines + ["", f"Stages: {' -> '.join(first['members'][0]['stages'])}. Wall-clock per run with the teacher, "
                     f"table and {databases} cached: {seconds}. Measured at {measured}.", ""]
+
+
+def _reread_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """Each finished file beside the closed-loop reading that chose its structure: the same structure (its speed does
+    not depend on the weights) read twice, a fine-tuning (25-45 min) apart."""
+    lines = ["", "The same structure read twice: the closed-loop reading that chose it for fine-tuning, and its "
+             "finished file's verdict, a fine-tuning apart. No aim puts a finished file closer to the target than this "
+             "spread, which is the host's, not the table's:", "",
+             "| run | target | chosen on | finished | change |", "|---|---|---|---|---|"]
+    changes = []
+    for index, _, m in members:
+        for i, finished in enumerate(m["rounds"]):
+            if finished["stage"] != "finished":
+                continue
+            chosen = next(r for r in reversed(m["rounds"][:i])
+                          if r["stage"] == "closed loop" and r["structure"] == finished["structure"])
+            changes.append(finished["measured_speedup"] / chosen["measured_speedup"] - 1)
+            lines.append(f"| {index} | {m['target_speedup']:g}x | {_reading(chosen)} | {_reading(finished)} "
+                         f"| {changes[-1]:+.1%} |")
+    if len(changes) > 1:
+        lines += ["", f"Root mean square change: {float(np.sqrt(np.mean(np.square(changes)))):.1%} over "
+                  f"{len(changes)} structures."]
+    return lines
+
+
+def _reading(round_: dict[str, Any]) -> str:
+    return f"{round_['measured_speedup']:.3f}x ({len(round_['measurements'])} measurements)"
 
 
 def _tallies(members: list[dict[str, Any]], dense: float, tolerance: float) -> str:
