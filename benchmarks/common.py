@@ -3,6 +3,7 @@ two subjects of the speed benchmarks."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -26,6 +27,12 @@ MODELS = {"bert-base": "bert-base shape (random weights)", "minilm": "MiniLM fin
 
 def progress(stage: str) -> Callable[[str], None]:
     return lambda message: print(f"[{stage}] {message}", flush=True)
+
+
+def head_commit() -> str:
+    """The checked-out commit (short hash) a result was measured at; "unknown" outside a git checkout."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return head.stdout.strip() or "unknown"
 
 
 def write_results(name: str, result: Any, markdown: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from unittest.mock import patch
 
 import numpy as np
 
-from benchmarks.common import RESULTS, progress, write_results
+from benchmarks.common import RESULTS, head_commit, progress, write_results
 from ziplm.pipeline.cache import cache_root
 from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.recipe import Recipe, load_recipe
@@ -55,7 +54,7 @@ def run_variant(recipe: Recipe) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-compound-") as out:
         report = run_recipe(recipe, Path(out), progress)
-    return {"commit": _commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
+    return {"commit": head_commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
             "dense": report["dense"],
             "table_scale": report["table_scale"], "precision_factor": report["precision_factor"],
             "members": [{key: member[key] for key in RESULT_KEYS} for member in report["members"]],
@@ -99,11 +98,6 @@ def by_device(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for run in runs:
         groups.setdefault(run["runtime"]["device"], []).append(run)
     return groups
-
-
-def _commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return head.stdout.strip() or "unknown"
 
 
 def gradual_vs_oneshot() -> dict[str, Any]:

@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import progress, write_results
-from benchmarks.compound import _commit
+from benchmarks.common import head_commit, progress, write_results
 from benchmarks.verdict_drift import subjects
 from ziplm.pipeline.report import environment_line
 from ziplm.stages.verify import LatencyCheck, PairedVerifier
@@ -162,7 +161,7 @@ def markdown(result: dict[str, Any]) -> str:
 def run(cycles: int, verdicts: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ziplm-contention-") as work:
         refs, member, structure, runtime = subjects(Path(work))
-        return {"command": COMMAND, "commit": _commit(), "runtime": runtime, "member_structure": structure,
+        return {"command": COMMAND, "commit": head_commit(), "runtime": runtime, "member_structure": structure,
                 "settings": refs.verifier.settings.model_dump(include={"max_other_load", "retakes"}),
                 "cycles": cycles, "blocks": loads_part(refs.verifier, member, cycles),
                 "verdicts": verdicts_part(refs.verifier, member, verdicts)}

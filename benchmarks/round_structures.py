@@ -24,8 +24,8 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from benchmarks.common import RESULTS, write_results
-from benchmarks.compound import _commit, by_device, this_device
+from benchmarks.common import RESULTS, head_commit, write_results
+from benchmarks.compound import by_device, this_device
 from ziplm.families import ModelStructure
 from ziplm.pipeline.assets import resolve_model
 from ziplm.pipeline.report import environment_line
@@ -98,7 +98,7 @@ def main() -> None:
     run = latest_run_here()
     members = [time_rounds(run, member, args.sittings, args.rounds) for member in run["members"]]
     result = {"command": COMMAND, "runtime": run["runtime"], "run_commit": run["commit"], "sittings": args.sittings,
-              "rounds": args.rounds, "members": members, "commit": _commit()}
+              "rounds": args.rounds, "members": members, "commit": head_commit()}
     write_results("round_structures", result, markdown(result))
 
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import progress, write_results
-from benchmarks.compound import _commit
+from benchmarks.common import head_commit, progress, write_results
 from benchmarks.contention import BURSTS, running
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.families.loading import load_config
@@ -70,7 +69,7 @@ def run(turns: int) -> dict[str, Any]:
             say(f"turn {turn + 1}/{turns}, {variant}: {tables[-1]['seconds']:.0f} s, block chunks retaken "
                 f"{load['retaken']}, disturbed {load['disturbed']}; predicted "
                 + ", ".join(f"{name} {value:.3f}x" for name, value in tables[-1]["predicted"].items()))
-    return {"command": COMMAND, "commit": _commit(), "runtime": runtime,
+    return {"command": COMMAND, "commit": head_commit(), "runtime": runtime,
             "settings": recipe.latency_table.model_dump(), "structures": {n: s.to_json() for n, s in
                                                                           structures.items()}, "tables": tables}
 

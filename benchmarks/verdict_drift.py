@@ -40,8 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
-from benchmarks.common import RESULTS, progress, write_results  # noqa: E402
-from benchmarks.compound import _commit  # noqa: E402
+from benchmarks.common import RESULTS, head_commit, progress, write_results  # noqa: E402
 from ziplm.families import adapter_for  # noqa: E402
 from ziplm.pipeline.cache import StageCache, cache_root  # noqa: E402
 from ziplm.pipeline.recipe import load_recipe  # noqa: E402
@@ -108,7 +107,7 @@ def measure_sitting(minutes: float) -> dict[str, Any]:
                                "other_load": check.speedup.other_load, "retaken": check.retaken})
             say(f"{blocks[-1]['t'] / 60:.1f} min: " + ", ".join(f"{b['series']} {b['speedup']:.3f}x"
                                                                  for b in blocks[-len(pairs):]))
-    return {"commit": _commit(), "started": started,
+    return {"commit": head_commit(), "started": started,
             "minutes": minutes, "runtime": runtime, "member_structure": structure,
             "precision_factor": refs.precision_factor.to_json() if refs.precision_factor else None, "blocks": blocks}
 

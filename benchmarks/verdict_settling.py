@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 
-from benchmarks.common import RESULTS, progress, write_results
-from benchmarks.compound import _commit
+from benchmarks.common import RESULTS, head_commit, progress, write_results
 from benchmarks.verdict_drift import consecutive_verdicts, deviation_summary, plot_sittings, subjects, summary_cell
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes.timing import median_half_width
@@ -59,7 +58,7 @@ def measure_sitting(minutes: float) -> dict[str, Any]:
                              "retaken": check.retaken, "disturbed": check.disturbed})
             say(f"{verdicts[-1]['t'] / 60:.1f} min: {check.speedup.value:.3f}x ({check.interval_note()}); the first "
                 f"{FIRST}: {np.median(check.blocks[:FIRST]):.3f}x")
-    return {"commit": _commit(), "started": started, "minutes": minutes, "runtime": runtime,
+    return {"commit": head_commit(), "started": started, "minutes": minutes, "runtime": runtime,
             "member_structure": structure, "verdict_width": settings.verdict_width,
             "max_verdict_repeats": settings.max_verdict_repeats, "verdicts": verdicts}
 
