@@ -10,8 +10,12 @@ exported from the cached teacher (no fine-tuning: ONNX Runtime's speed does not 
 
 For `--minutes` it cycles through three paired blocks, each as the pipeline takes one (`PairedVerifier`): the
 member beside dense FP32 (the verdict's reading), dense INT8 beside dense FP32 (the precision factor) and the member
-beside dense INT8 (the cross-check), and records when each was taken, the 1-minute load average and the share of
-CPU time the hypervisor gave to other guests (steal, from /proc/stat). From the member-over-FP32 series:
+beside dense INT8 (the cross-check), and records when each was taken, the 1-minute load average, the share of
+CPU time the hypervisor gave to other guests (steal, from /proc/stat), and what one core reads per second just
+before and after the block from a 256 MB array (main memory) and from an 8 MB array read twice (the L3 cache the
+host shares with other guests): the dense FP32 model (85 MB of weights) streams from main memory, the INT8 files
+mostly fit in the cache, so memory or cache pressure from other guests, which shows as neither load nor steal, would
+move the precision factor. From the member-over-FP32 series:
 - the verdict as the pipeline takes it: the median of 9 consecutive blocks, over each disjoint window;
 - the verdict spread over the sitting: the median of 9 blocks taken evenly across it, over each disjoint set;
 how far each lands from the sitting's median, and whether the member and the precision factor move together.
@@ -65,6 +69,28 @@ def steal_share(before: CpuSnapshot | None, after: CpuSnapshot | None) -> float 
     return (after.steal - before.steal) / (after.elapsed - before.elapsed)
 
 
+MAIN_MEMORY_MB, CACHE_MB = 256, 8
+
+
+def read_gbps(buffer: np.ndarray, passes: int = 1) -> float:
+    """GB/s one core reads taking the max of `buffer`'s 8-byte words (vectorised and cheap, so it runs at the pace
+    memory delivers; a float sum does not: 10 GB/s from the cache and from main memory alike here); the fastest of
+    `passes` passes, after an untimed one when there are several (a small buffer is then read from the cache, and
+    its rate climbs over the first few passes as the core wakes up)."""
+    if passes > 1:
+        buffer.max()
+    rates = []
+    for _ in range(passes):
+        began = time.perf_counter()
+        buffer.max()
+        rates.append(buffer.nbytes / (time.perf_counter() - began) / 1e9)
+    return max(rates)
+
+
+def probe_memory(main: np.ndarray, cache: np.ndarray) -> dict[str, float]:
+    return {"main_gbps": read_gbps(main), "cache_gbps": read_gbps(cache, passes=8)}
+
+
 def load_average() -> float | None:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -95,16 +121,20 @@ def measure_sitting(minutes: float) -> dict[str, Any]:
                                                                                  refs.own.path / "model.onnx"),
                  "member_over_int8": (refs.cross, member)}
         blocks: list[dict[str, Any]] = []
+        main, cache = (np.ones(mb * 2**20 // 8, dtype=np.int64) for mb in (MAIN_MEMORY_MB, CACHE_MB))
         start, say = time.monotonic(), progress("drift")
         say(f"cycling through {len(pairs)} paired blocks for {minutes:g} minutes")
         while time.monotonic() - start < minutes * 60:
             for name, (verifier, onnx) in pairs.items():
+                probe_before = probe_memory(main, cache)
                 before, began = cpu_snapshot(), time.monotonic()
                 check = verifier.measure_blocks(onnx, 1)[0]
                 steal = steal_share(before, cpu_snapshot())
+                probe_after = probe_memory(main, cache)
+                memory = {key: round((probe_before[key] + probe_after[key]) / 2, 3) for key in probe_before}
                 blocks.append({"series": name, "t": round(began - start, 2), "speedup": round(check.speedup.value, 5),
                                "load": load_average(), "steal": None if steal is None else round(steal, 5),
-                               "other_load": check.speedup.other_load, "retaken": check.retaken})
+                               "other_load": check.speedup.other_load, "retaken": check.retaken, **memory})
             say(f"{blocks[-1]['t'] / 60:.1f} min: " + ", ".join(f"{b['series']} {b['speedup']:.3f}x"
                                                                  for b in blocks[-len(pairs):]))
     return {"commit": head_commit(), "started": started,
@@ -154,7 +184,27 @@ def analyse(sitting: dict[str, Any]) -> dict[str, Any]:
         "product_vs_direct_sd": round(float(np.std(cross * factor / member - 1.0, ddof=1)), 5),
         "corr_member_steal": _correlation(np.log(member), steal),
         "steal_mean": round(float(np.mean(steal)), 5),
+        "memory": memory_correlations(sitting, cycles),
     }
+
+
+def memory_correlations(sitting: dict[str, Any], cycles: int) -> dict[str, Any] | None:
+    """How the main-memory and cache read rates beside each block vary, and whether the verdict's reading and the
+    precision factor move with them (None for sittings recorded before the probes were)."""
+    def probe(name: str, key: str) -> np.ndarray:
+        return np.array([b[key] for b in sitting["blocks"] if b["series"] == name][:cycles])
+
+    if "main_gbps" not in sitting["blocks"][0]:
+        return None
+    member, factor = (np.log(series(sitting, name)[:cycles]) for name in ("member_over_fp32", "int8_over_fp32"))
+    result: dict[str, Any] = {}
+    for key in ("main_gbps", "cache_gbps"):
+        rates = probe("member_over_fp32", key)
+        result[key] = {"median": round(float(np.median(rates)), 3),
+                       "sd": round(float(np.std(rates / np.median(rates), ddof=1)), 5),
+                       "corr_member": _correlation(member, np.log(rates)),
+                       "corr_factor": _correlation(factor, np.log(probe("int8_over_fp32", key)))}
+    return result
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -218,6 +268,20 @@ def markdown(result: dict[str, Any]) -> str:
         a = analyse(sitting)
         lines.append(f"| {sitting['started']} | {a['corr_member_factor']} | {a['corr_member_cross']} "
                      f"| {a['product_vs_direct_sd']:.1%} | {a['steal_mean']:.2%} | {a['corr_member_steal']} |")
+    probed = [(sitting, analyse(sitting)["memory"]) for sitting in sittings]
+    probed = [(sitting, memory) for sitting, memory in probed if memory]
+    if probed:
+        lines += ["", f"Memory beside each block: what one core reads per second from a {MAIN_MEMORY_MB} MB array "
+                  f"(main memory) and from a warm {CACHE_MB} MB one (the shared L3 cache), the mean of a reading just "
+                  "before and one just after the block; median, SD relative to it, and correlations of log rates with "
+                  "the log speedups of the blocks they bracket (sittings before the probes were added have none):", "",
+                  "| sitting (UTC) | main memory: GB/s, SD | member/FP32 with it | INT8/FP32 with it "
+                  "| cache: GB/s, SD | member/FP32 with it | INT8/FP32 with it |",
+                  "|---|---|---|---|---|---|---|"]
+        for sitting, memory in probed:
+            cells = [f"{m['median']:.2f}, {m['sd']:.1%} | {m['corr_member']} | {m['corr_factor']}"
+                     for m in (memory["main_gbps"], memory["cache_gbps"])]
+            lines.append(f"| {sitting['started']} | " + " | ".join(cells) + " |")
     lines += ["", "Sittings recorded before commit 79a52f8 name the CPU by its model name alone (\"AMD EPYC\"): the "
               "one of 2026-11-23 ran on the AVX512-VNNI EPYC the earlier benchmarks were measured on (dense INT8 1.94x "
               "dense FP32 there; 1.43x on the AVX2 EPYC of 2026-12-01). Each sitting's member is the structure its "
