@@ -12,8 +12,8 @@ For `--minutes` it cycles through three paired blocks, each as the pipeline take
 member beside dense FP32 (the verdict's reading), dense INT8 beside dense FP32 (the precision factor) and the member
 beside dense INT8 (the cross-check), and records when each was taken, the 1-minute load average, the share of
 CPU time the hypervisor gave to other guests (steal, from /proc/stat), and what one core reads per second just
-before and after the block from a 256 MB array (main memory) and from an 8 MB array read twice (the L3 cache the
-host shares with other guests): the dense FP32 model (85 MB of weights) streams from main memory, the INT8 files
+before and after the block from a 256 MB array (main memory) and from a warm 8 MB array (the L3 cache the host
+shares with other guests; read_gbps): the dense FP32 model (85 MB of weights) streams from main memory, the INT8 files
 mostly fit in the cache, so memory or cache pressure from other guests, which shows as neither load nor steal, would
 move the precision factor. From the member-over-FP32 series:
 - the verdict as the pipeline takes it: the median of 9 consecutive blocks, over each disjoint window;
