@@ -142,8 +142,9 @@ def measure_sitting(minutes: float) -> dict[str, Any]:
             "precision_factor": refs.precision_factor.to_json() if refs.precision_factor else None, "blocks": blocks}
 
 
-def series(sitting: dict[str, Any], name: str) -> np.ndarray:
-    return np.array([b["speedup"] for b in sitting["blocks"] if b["series"] == name])
+def series(sitting: dict[str, Any], name: str, key: str = "speedup") -> np.ndarray:
+    """One field (by default the speedup) of every block of one series, in the order taken."""
+    return np.array([b[key] for b in sitting["blocks"] if b["series"] == name])
 
 
 def consecutive_verdicts(values: np.ndarray, size: int = VERDICT_BLOCKS) -> np.ndarray:
@@ -191,19 +192,16 @@ def analyse(sitting: dict[str, Any]) -> dict[str, Any]:
 def memory_correlations(sitting: dict[str, Any], cycles: int) -> dict[str, Any] | None:
     """How the main-memory and cache read rates beside each block vary, and whether the verdict's reading and the
     precision factor move with them (None for sittings recorded before the probes were)."""
-    def probe(name: str, key: str) -> np.ndarray:
-        return np.array([b[key] for b in sitting["blocks"] if b["series"] == name][:cycles])
-
     if "main_gbps" not in sitting["blocks"][0]:
         return None
     member, factor = (np.log(series(sitting, name)[:cycles]) for name in ("member_over_fp32", "int8_over_fp32"))
     result: dict[str, Any] = {}
     for key in ("main_gbps", "cache_gbps"):
-        rates = probe("member_over_fp32", key)
+        rates = series(sitting, "member_over_fp32", key)[:cycles]
         result[key] = {"median": round(float(np.median(rates)), 3),
                        "sd": round(float(np.std(rates / np.median(rates), ddof=1)), 5),
                        "corr_member": _correlation(member, np.log(rates)),
-                       "corr_factor": _correlation(factor, np.log(probe("int8_over_fp32", key)))}
+                       "corr_factor": _correlation(factor, np.log(series(sitting, "int8_over_fp32", key)[:cycles]))}
     return result
 
 
@@ -254,8 +252,8 @@ def markdown(result: dict[str, Any]) -> str:
              "| consecutive verdicts: SD, max, within 1.5% / 3% | spread verdicts: SD, max, within 1.5% / 3% "
              "| last third / first third |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for sitting in sittings:
-        a = analyse(sitting)
+    analyses = [analyse(sitting) for sitting in sittings]
+    for sitting, a in zip(sittings, analyses):
         lines.append(f"| {sitting['started']} | {sitting['commit']} | {sitting['runtime']['device']} | {a['cycles']} "
                      f"| {a['median']['member_over_fp32']:.3f}x | {a['median']['int8_over_fp32']:.3f}x "
                      f"| {a['block_sd']:.1%} | {summary_cell(a['consecutive'])} | {summary_cell(a['spread'])} "
@@ -264,12 +262,10 @@ def markdown(result: dict[str, Any]) -> str:
               "| sitting (UTC) | member/FP32 with INT8/FP32 | member/FP32 with member/INT8 "
               "| member/INT8 x INT8/FP32 against member/FP32: SD | mean steal | member/FP32 with steal |",
               "|---|---|---|---|---|---|"]
-    for sitting in sittings:
-        a = analyse(sitting)
+    for sitting, a in zip(sittings, analyses):
         lines.append(f"| {sitting['started']} | {a['corr_member_factor']} | {a['corr_member_cross']} "
                      f"| {a['product_vs_direct_sd']:.1%} | {a['steal_mean']:.2%} | {a['corr_member_steal']} |")
-    probed = [(sitting, analyse(sitting)["memory"]) for sitting in sittings]
-    probed = [(sitting, memory) for sitting, memory in probed if memory]
+    probed = [(sitting, a["memory"]) for sitting, a in zip(sittings, analyses) if a["memory"]]
     if probed:
         lines += ["", f"Memory beside each block: what one core reads per second from a {MAIN_MEMORY_MB} MB array "
                   f"(main memory) and from a warm {CACHE_MB} MB one (the shared L3 cache), the mean of a reading just "
