@@ -206,6 +206,7 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                          f"| {' '.join(map(str, r['structure']['ffn']))} "
                          f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
     lines += _reread_markdown(members)
+    lines += _factor_markdown(members, verification["tolerance"])
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
     commits = [run["commit"] for run in runs]
     measured = (f"commit {commits[0]}" if len(set(commits)) == 1
@@ -236,9 +237,53 @@ def _reread_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]]) 
             lines.append(f"| {index} | {m['target_speedup']:g}x | {_reading(chosen)} | {_reading(finished)} "
                          f"| {changes[-1]:+.1%} |")
     if len(changes) > 1:
-        lines += ["", f"Root mean square change: {float(np.sqrt(np.mean(np.square(changes)))):.1%} over "
+        lines += ["", f"Root mean square change: {_rms(changes):.1%} over "
                   f"{len(changes)} structures."]
     return lines
+
+
+def _factor_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]], tolerance: float) -> list[str]:
+    """Each chosen file's verdict split in two: its speedup over dense INT8 (the cross-check) times the run's
+    precision factor, and the precision factor when it was judged (verdict over cross-check)."""
+    lines = ["", "Where the misses come from: a chosen file's speedup over dense INT8 (the cross-check) times the "
+             "precision factor measured at the start of its run says how close its structure is to the target in the "
+             "precision it runs in; its verdict over its cross-check is the precision factor when it was judged. The "
+             "two readings are minutes apart, or a later fine-tuning apart where the member fine-tuned another "
+             "structure after the chosen one (`apart`). Every INT8 file's speedup over dense FP32 moves with that "
+             "factor, whatever its structure:", "",
+             "| run | target | vs INT8 x factor at start: deviation | factor at start | factor at verdict | change "
+             "| apart | verdict: deviation |", "|---|---|---|---|---|---|---|---|"]
+    on_target, changes, by_run = [], [], {}
+    for index, run, m in members:
+        start, target = run["precision_factor"]["value"], m["target_speedup"]
+        fp32, int8 = m["speedup_vs_dense_fp32"]["measured_speedup"], m["speedup_vs_dense_int8"]["measured_speedup"]
+        at_verdict = fp32 / int8
+        on_target.append(int8 * start / target - 1)
+        changes.append(at_verdict / start - 1)
+        by_run.setdefault(index, []).append(at_verdict)
+        lines.append(f"| {index} | {target:g}x | {on_target[-1]:+.1%} | {start:.3f} | {at_verdict:.3f} "
+                     f"| {changes[-1]:+.1%} | {_apart(m)} | {fp32 / target - 1:+.1%} |")
+    within_run = [max(factors) / min(factors) - 1 for factors in by_run.values() if len(factors) > 1]
+    between_members = f", and by up to {max(within_run):.1%} between the files of one run" if within_run else ""
+    return lines + ["", f"Against dense INT8 times the starting factor, every chosen file is within "
+                    f"{max(map(abs, on_target)):.1%} of its target ({sum(abs(d) <= tolerance for d in on_target)} of "
+                    f"{len(on_target)} within {tolerance:.0%}). The factor moved {_rms(changes):.1%} root mean square "
+                    f"from the start of its run ({max(map(abs, changes)):.1%} at most){between_members}: a file "
+                    "exactly on target against dense INT8 reads against dense FP32 with that spread."]
+
+
+def _apart(member: dict[str, Any]) -> str:
+    """How long the member's rounds after the one it chose took: the time between its verdict and the cross-check
+    (which is taken once the member is done)."""
+    rounds = member["rounds"]
+    chosen = max(i for i, r in enumerate(rounds)
+                 if r["stage"] == "finished" and abs(r["measured_speedup"] - member["measured_speedup"]) < 1e-4)
+    minutes = sum(sum(r["seconds"].values()) for r in rounds[chosen + 1:]) / 60
+    return f"{minutes:.0f} min" if minutes >= 1 else "minutes"
+
+
+def _rms(values: list[float]) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
 
 
 def _reading(round_: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from tests.conftest import TINY_VERDICTS, tiny_recipe
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
+from ziplm.pipeline.report import factor_drift_note
 from ziplm.stages.quantize import is_quantized
 
 TINY_DISTILLATION = {"epochs": 1, "batch_size": 16, "max_length": 32}
@@ -117,6 +118,8 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
                               for folder in ("dense", "dense-int8"))
     assert member["dense_latency_ms"]["median"] == over_fp32["dense_latency_ms"]["median"] == dense_fp32
     assert over_int8["dense_latency_ms"]["median"] == dense_int8
+    at_verdict = over_fp32["measured_speedup"] / over_int8["measured_speedup"]
+    assert f"dense INT8 ran {at_verdict:.3f}x dense FP32 when it was judged" in (out / "report.md").read_text()
     first = member["rounds"][0]
     assert first["solved_for"] == 1.3  # in the target's terms; the table was asked for 1.3 / table_scale
     graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
@@ -178,3 +181,19 @@ def test_a_round_the_chain_will_fine_tune_is_confirmed_by_fresh_measurements(tmp
     assert not any(confirmed[:-1])  # the loop stops on the first confirmed reading within half the tolerance
     assert "screening_measurements" in closed_loop[0]  # a 45% window: the tiny model's first round lands in it
     assert "(screened at" in result.output
+
+
+@pytest.mark.parametrize(("over_int8", "passed", "blames_the_machine"),
+                         [(2.8, False, True), (2.6, False, False), (2.8, True, False)])
+def test_report_tells_a_miss_over_fp32_from_a_structure_off_target(over_int8, passed, blames_the_machine):
+    """An INT8 member judged over FP32: its speedup over dense INT8 times the precision factor says whether the
+    structure is on target; the quotient of its two readings is the factor when it was judged. A miss whose structure
+    is on target is put on the machine's INT8 / FP32 ratio moving."""
+    member = {"speedup_reference": "fp32", "target_speedup": 4.0, "tolerance": 0.03, "passed": passed,
+              "speedup_vs_dense_fp32": {"measured_speedup": 3.78},
+              "speedup_vs_dense_int8": {"measured_speedup": over_int8}}
+    note = factor_drift_note(member, {"value": 1.43})
+    assert f"{over_int8 * 1.43 / 4.0 - 1:+.1%} from the target" in note
+    assert f"dense INT8 ran {3.78 / over_int8:.3f}x dense FP32 when it was judged" in note
+    assert ("verify it again on a quieter machine" in note) == blames_the_machine
+    assert factor_drift_note({**member, "speedup_reference": "int8"}, {"value": 1.43}) == ""
