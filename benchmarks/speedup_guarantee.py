@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MODELS, load_subject, progress, write_results
+from benchmarks.common import MODELS, head_commit, load_subject, progress, write_results
 from ziplm.pipeline.cache import StageCache
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
@@ -33,7 +33,7 @@ def run(model: str, targets: list[float]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
         family = build_family(recipe, inputs, StageCache(Path(work), progress))  # measured afresh, not cached
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
-    return {"model": MODELS[model], "runtime": runtime_json(inputs.table), "rows": rows,
+    return {"model": MODELS[model], "commit": head_commit(), "runtime": runtime_json(inputs.table), "rows": rows,
             "tolerance": recipe.verification.tolerance, "max_rounds": recipe.verification.max_rounds,
             "round_repeats": recipe.verification.round_repeats,
             "finished_repeats": recipe.verification.finished_repeats,
@@ -84,7 +84,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"| {r['target_speedup']:g}x | {r['open_loop_measured_speedup']:.3f}x "
                 f"| {r['open_loop_deviation']:+.1%} | {r['measured_speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
                 f"| {r['deviation']:+.1%} | {r['rounds']} | {'yes' if r['within_tolerance'] else 'NO'} |")
-        lines += ["", f"Family built and verified in {result['seconds']:.0f} s (table cached).", ""]
+        lines += ["", f"Family built and verified in {result['seconds']:.0f} s (table cached), at commit "
+                  f"{result['commit']}.", ""]
     return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
 
 
