@@ -244,32 +244,39 @@ def _reread_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]]) 
 
 def _factor_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]], tolerance: float) -> list[str]:
     """Each chosen file's verdict split in two: its speedup over dense INT8 (the cross-check) times the run's
-    precision factor, and the precision factor when it was judged (verdict over cross-check)."""
+    precision factor, and the quotient of its two readings (dense INT8 over dense FP32 as it read when judged)."""
     lines = ["", "Where the misses come from: a chosen file's speedup over dense INT8 (the cross-check) times the "
              "precision factor measured at the start of its run says how close its structure is to the target in the "
-             "precision it runs in; its verdict over its cross-check is the precision factor when it was judged. The "
-             "two readings are minutes apart, or a later fine-tuning apart where the member fine-tuned another "
-             "structure after the chosen one (`apart`). Every INT8 file's speedup over dense FP32 moves with that "
-             "factor, whatever its structure:", "",
-             "| run | target | vs INT8 x factor at start: deviation | factor at start | factor at verdict | change "
-             "| apart | verdict: deviation |", "|---|---|---|---|---|---|---|---|"]
-    on_target, changes, by_run = [], [], {}
+             "precision it runs in; its verdict over its cross-check is dense INT8 over dense FP32 as the two readings "
+             "found it, which carries both how the machine's relative speed of the two moved and the scatter of the "
+             "reading beside dense FP32. The two readings are minutes apart, or a later fine-tuning apart where the "
+             "member fine-tuned another structure after the chosen one (`apart`). Block scatter: the SD of the log "
+             "speedups of a reading's measurements:", "",
+             "| run | target | vs INT8 x factor at start: deviation | factor at start | verdict / cross-check | change "
+             "| apart | block scatter beside FP32 / INT8 | verdict: deviation |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    on_target, changes, scatter, by_run = [], [], {"fp32": [], "int8": []}, {}
     for index, run, m in members:
         start, target = run["precision_factor"]["value"], m["target_speedup"]
         fp32, int8 = m["speedup_vs_dense_fp32"]["measured_speedup"], m["speedup_vs_dense_int8"]["measured_speedup"]
-        at_verdict = fp32 / int8
         on_target.append(int8 * start / target - 1)
-        changes.append(at_verdict / start - 1)
-        by_run.setdefault(index, []).append(at_verdict)
-        lines.append(f"| {index} | {target:g}x | {on_target[-1]:+.1%} | {start:.3f} | {at_verdict:.3f} "
-                     f"| {changes[-1]:+.1%} | {_apart(m)} | {fp32 / target - 1:+.1%} |")
-    within_run = [max(factors) / min(factors) - 1 for factors in by_run.values() if len(factors) > 1]
-    between_members = f", and by up to {max(within_run):.1%} between the files of one run" if within_run else ""
+        changes.append(fp32 / int8 / start - 1)
+        by_run.setdefault(index, []).append(fp32 / int8)
+        for precision in scatter:
+            scatter[precision].append(float(np.std(np.log(m[f"speedup_vs_dense_{precision}"]["measurements"]))))
+        lines.append(f"| {index} | {target:g}x | {on_target[-1]:+.1%} | {start:.3f} | {fp32 / int8:.3f} "
+                     f"| {changes[-1]:+.1%} | {_apart(m)} | {scatter['fp32'][-1]:.1%} / {scatter['int8'][-1]:.1%} "
+                     f"| {fp32 / target - 1:+.1%} |")
+    within_run = [max(quotients) / min(quotients) - 1 for quotients in by_run.values() if len(quotients) > 1]
+    between_members = (f", and differed by up to {max(within_run):.1%} between the files of one run" if within_run
+                       else "")
     return lines + ["", f"Against dense INT8 times the starting factor, every chosen file is within "
                     f"{max(map(abs, on_target)):.1%} of its target ({sum(abs(d) <= tolerance for d in on_target)} of "
-                    f"{len(on_target)} within {tolerance:.0%}). The factor moved {_rms(changes):.1%} root mean square "
-                    f"from the start of its run ({max(map(abs, changes)):.1%} at most){between_members}: a file "
-                    "exactly on target against dense INT8 reads against dense FP32 with that spread."]
+                    f"{len(on_target)} within {tolerance:.0%}). The quotient sat {_rms(changes):.1%} root mean square "
+                    f"from the starting factor ({max(map(abs, changes)):.1%} at most){between_members}; the blocks "
+                    f"beside dense FP32 scattered {np.median(scatter['fp32']):.1%} (median over these files), those "
+                    f"beside dense INT8 {np.median(scatter['int8']):.1%}. A file exactly on target against dense INT8 "
+                    "reads against dense FP32 with that spread."]
 
 
 def _apart(member: dict[str, Any]) -> str:

@@ -187,8 +187,8 @@ def test_a_round_the_chain_will_fine_tune_is_confirmed_by_fresh_measurements(tmp
                          [(2.8, False, True), (2.6, False, False), (2.8, True, False)])
 def test_report_tells_a_miss_over_fp32_from_a_structure_off_target(over_int8, passed, blames_the_machine):
     """An INT8 member judged over FP32: its speedup over dense INT8 times the precision factor says whether the
-    structure is on target; the quotient of its two readings is the factor when it was judged. A miss whose structure
-    is on target is put on the machine's INT8 / FP32 ratio moving."""
+    structure is on target; the quotient of its two readings is dense INT8 over dense FP32 as they found it. A miss
+    whose structure is on target is put on how the machine ran the two dense models while it was judged."""
     member = {"speedup_reference": "fp32", "target_speedup": 4.0, "tolerance": 0.03, "passed": passed,
               "speedup_vs_dense_fp32": {"measured_speedup": 3.78},
               "speedup_vs_dense_int8": {"measured_speedup": over_int8}}

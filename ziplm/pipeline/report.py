@@ -164,20 +164,20 @@ def _precision_factor_lines(report: dict[str, Any]) -> list[str]:
 
 def factor_drift_note(member: dict[str, Any], factor: dict[str, Any] | None) -> str:
     """A member judged over dense FP32: how close its structure is to the target over dense INT8 (times the precision
-    factor), and what the dense INT8 / dense FP32 ratio was when it was judged (its two readings' quotient). Where
-    only that ratio moved, the machine, not the structure, put the verdict off target."""
+    factor), and dense INT8 over dense FP32 as its two readings found it (their quotient). A miss whose structure is
+    on target is in how the machine ran dense FP32 against dense INT8 while the member was judged."""
     if factor is None or member["speedup_reference"] != "fp32":
         return ""
     over_fp32 = member["speedup_vs_dense_fp32"]["measured_speedup"]
     over_int8 = member["speedup_vs_dense_int8"]["measured_speedup"]
     in_own_precision = over_int8 * factor["value"] / member["target_speedup"] - 1
-    at_verdict = over_fp32 / over_int8
-    note = (f"; over dense INT8 times the precision factor {in_own_precision:+.1%} from the target, and dense INT8 "
-            f"ran {at_verdict:.3f}x dense FP32 when it was judged ({at_verdict / factor['value'] - 1:+.1%} from the "
-            "factor)")
+    quotient = over_fp32 / over_int8
+    note = (f"; over dense INT8 times the precision factor {in_own_precision:+.1%} from the target, and by the "
+            f"quotient of its two readings dense INT8 ran {quotient:.3f}x dense FP32 when it was judged "
+            f"({quotient / factor['value'] - 1:+.1%} from the factor)")
     if not member["passed"] and abs(in_own_precision) <= member["tolerance"]:
-        note += (": the structure is on target, and this machine's INT8 over FP32 speed moved while it ran; verify it "
-                 "again on a quieter machine (`ziplm verify`)")
+        note += (": the structure is on target, and the miss is in how this machine ran dense FP32 against dense "
+                 "INT8 while it was judged; verify it again on a quieter machine (`ziplm verify`)")
     return note
 
 
