@@ -102,8 +102,9 @@ def test_fingerprint_changes_with_precision(tiny_config):
 
 
 def test_int8_table_builds_and_predicts_like_the_fp32_one(tiny_table, tiny_config):
-    """Every block and calibration model is timed as its QDQ-quantized version; predictions stay positive and grow
-    with the structure."""
+    """Every block and calibration model is timed as its QDQ-quantized version; predictions stay positive and the
+    dense model costs more than the empty one. (Not the steps between: the tiny model's blocks take 0.05-0.7 ms, and
+    on a shared 2-core VM neighbouring steps of the ladder swap places within one build, in FP32 as well.)"""
     settings = lt.TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
                                 random_calibration_models=1)
     table = lt.build_table(tiny_config, ENV.model_copy(update={"precision": "int8"}), settings,
@@ -113,8 +114,7 @@ def test_int8_table_builds_and_predicts_like_the_fp32_one(tiny_table, tiny_confi
     ladder = [ModelStructure.uniform(shape, units, width) for units, width in ((0, 0), (1, 32), (2, 64), (4, 128))]
     predicted = [table.predict_ms(structure) for structure in ladder]
     assert all(ms > 0 for ms in predicted)
-    assert predicted[-1] > predicted[0]  # the dense model costs more than the empty one (timing noise aside)
-    assert sum(b > a for a, b in zip(predicted, predicted[1:])) >= 2  # monotone-ish, like the fp32 table
+    assert predicted[-1] > predicted[0]  # 3-5x apart in every build timed on the AVX2 EPYC
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
