@@ -39,7 +39,7 @@ from benchmarks.common import RESULTS, head_commit, progress, write_results
 from ziplm.pipeline.cache import cache_root
 from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.recipe import Recipe, load_recipe
-from ziplm.pipeline.report import environment_line
+from ziplm.pipeline.report import environment_line, verdict_split
 from ziplm.pipeline.run import run_recipe
 from ziplm.runtimes import get_runtime
 from ziplm.stages.distill import DistillSettings
@@ -257,16 +257,17 @@ def _factor_markdown(members: list[tuple[int, dict[str, Any], dict[str, Any]]], 
              "|---|---|---|---|---|---|---|---|---|"]
     on_target, changes, scatter, by_run = [], [], {"fp32": [], "int8": []}, {}
     for index, run, m in members:
-        start, target = run["precision_factor"]["value"], m["target_speedup"]
-        fp32, int8 = m["speedup_vs_dense_fp32"]["measured_speedup"], m["speedup_vs_dense_int8"]["measured_speedup"]
-        on_target.append(int8 * start / target - 1)
-        changes.append(fp32 / int8 / start - 1)
-        by_run.setdefault(index, []).append(fp32 / int8)
+        start = run["precision_factor"]["value"]
+        deviation, quotient = verdict_split(m, start)
+        on_target.append(deviation)
+        changes.append(quotient / start - 1)
+        by_run.setdefault(index, []).append(quotient)
         for precision in scatter:
             scatter[precision].append(float(np.std(np.log(m[f"speedup_vs_dense_{precision}"]["measurements"]))))
-        lines.append(f"| {index} | {target:g}x | {on_target[-1]:+.1%} | {start:.3f} | {fp32 / int8:.3f} "
+        verdict = m["speedup_vs_dense_fp32"]["measured_speedup"] / m["target_speedup"] - 1
+        lines.append(f"| {index} | {m['target_speedup']:g}x | {deviation:+.1%} | {start:.3f} | {quotient:.3f} "
                      f"| {changes[-1]:+.1%} | {_apart(m)} | {scatter['fp32'][-1]:.1%} / {scatter['int8'][-1]:.1%} "
-                     f"| {fp32 / target - 1:+.1%} |")
+                     f"| {verdict:+.1%} |")
     within_run = [max(quotients) / min(quotients) - 1 for quotients in by_run.values() if len(quotients) > 1]
     between_members = (f", and differed by up to {max(within_run):.1%} between the files of one run" if within_run
                        else "")

@@ -162,16 +162,21 @@ def _precision_factor_lines(report: dict[str, Any]) -> list[str]:
                 f"{factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}).{aim}"]
 
 
-def factor_drift_note(member: dict[str, Any], factor: dict[str, Any] | None) -> str:
-    """A member judged over dense FP32: how close its structure is to the target over dense INT8 (times the precision
-    factor), and dense INT8 over dense FP32 as its two readings found it (their quotient). A miss whose structure is
-    on target is in how the machine ran dense FP32 against dense INT8 while the member was judged."""
-    if factor is None or member["speedup_reference"] != "fp32":
-        return ""
+def verdict_split(member: dict[str, Any], factor: float) -> tuple[float, float]:
+    """An INT8 member's verdict over dense FP32 in two parts (manifest keys): its speedup over dense INT8 times the
+    precision factor, as a deviation from the target (how close the structure is in the precision it runs in), and
+    the quotient of its two readings (dense INT8 over dense FP32 as they found it when it was judged)."""
     over_fp32 = member["speedup_vs_dense_fp32"]["measured_speedup"]
     over_int8 = member["speedup_vs_dense_int8"]["measured_speedup"]
-    in_own_precision = over_int8 * factor["value"] / member["target_speedup"] - 1
-    quotient = over_fp32 / over_int8
+    return over_int8 * factor / member["target_speedup"] - 1, over_fp32 / over_int8
+
+
+def factor_drift_note(member: dict[str, Any], factor: dict[str, Any] | None) -> str:
+    """A member judged over dense FP32: its verdict_split in words. A miss whose structure is on target is in how
+    the machine ran dense FP32 against dense INT8 while the member was judged."""
+    if factor is None or member["speedup_reference"] != "fp32":
+        return ""
+    in_own_precision, quotient = verdict_split(member, factor["value"])
     note = (f"; over dense INT8 times the precision factor {in_own_precision:+.1%} from the target, and by the "
             f"quotient of its two readings dense INT8 ran {quotient:.3f}x dense FP32 when it was judged "
             f"({quotient / factor['value'] - 1:+.1%} from the factor)")
