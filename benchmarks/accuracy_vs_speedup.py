@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from benchmarks.common import RESULTS, progress, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline import plots
-from ziplm.pipeline.cache import StageCache
+from ziplm.cache import StageCache
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family, prepare_inputs

@@ -13,11 +13,11 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from ziplm.families.loading import build_model
-from ziplm.pipeline.assets import resolve_model
-from ziplm.pipeline.cache import fingerprint, write_json_atomic
+from ziplm.assets import resolve_model
+from ziplm.cache import fingerprint, write_json_atomic
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.run import Inputs, prepare_inputs
-from ziplm.pipeline.tasks import TaskSpec, load_task
+from ziplm.tasks.classification import TaskSpec, load_task
 from ziplm.runtimes.latency_table import get_or_build_table
 from ziplm.stages.calibrate import CalibrationSettings
 

@@ -36,7 +36,7 @@ from unittest.mock import patch
 import numpy as np
 
 from benchmarks.common import RESULTS, head_commit, progress, write_results
-from ziplm.pipeline.cache import cache_root
+from ziplm.cache import cache_root
 from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.report import environment_line, verdict_split

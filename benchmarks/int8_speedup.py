@@ -21,7 +21,7 @@ from benchmarks.common import progress, write_results
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.pipeline.tasks import load_task
+from ziplm.tasks.classification import load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.timing import time_paired
 from ziplm.stages.export import encoder_inputs, export_model

@@ -22,7 +22,7 @@ from benchmarks.common import progress, write_results
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.pipeline.tasks import load_task
+from ziplm.tasks.classification import load_task
 from ziplm.stages.baselines import global_magnitude_masks
 from ziplm.stages.finetune import evaluate_accuracy, finetune_teacher
 from ziplm.stages.masks import apply_masks, masks_sparsity

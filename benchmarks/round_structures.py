@@ -27,7 +27,7 @@ from transformers import AutoConfig
 from benchmarks.common import RESULTS, head_commit, write_results
 from benchmarks.compound import by_device, this_device
 from ziplm.families import ModelStructure
-from ziplm.pipeline.assets import resolve_model
+from ziplm.assets import resolve_model
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.latency_table import TableSettings, measure_structures

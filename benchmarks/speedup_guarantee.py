@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MODELS, head_commit, load_subject, progress, write_results
-from ziplm.pipeline.cache import StageCache
+from ziplm.cache import StageCache
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
 from ziplm.stages.verify import Member

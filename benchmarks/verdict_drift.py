@@ -46,7 +46,7 @@ from matplotlib.axes import Axes  # noqa: E402
 
 from benchmarks.common import RESULTS, head_commit, progress, write_results  # noqa: E402
 from ziplm.families import adapter_for  # noqa: E402
-from ziplm.pipeline.cache import StageCache, cache_root  # noqa: E402
+from ziplm.cache import StageCache, cache_root  # noqa: E402
 from ziplm.pipeline.recipe import load_recipe  # noqa: E402
 from ziplm.pipeline.report import environment_line, runtime_json  # noqa: E402
 from ziplm.pipeline.run import References, Start, database_stage, deployer, prepare_inputs, references  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from ziplm.pipeline.tasks import Example
+from ziplm.tasks.classification import Example
 
 POSITIVE_WORDS = ["good", "great", "fine", "nice"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "dull"]

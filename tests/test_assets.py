@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from ziplm.pipeline import assets
-from ziplm.pipeline.errors import AssetMissingError, BadInputError
+from ziplm import assets
+from ziplm.errors import AssetMissingError, BadInputError
 
 
 @pytest.fixture

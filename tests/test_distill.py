@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from tests.conftest import toy_examples
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.stages.baselines import global_magnitude_masks
 from ziplm.stages.distill import DistillSettings, distill, distillation_loss
 from ziplm.stages.finetune import encode_batch

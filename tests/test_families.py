@@ -11,7 +11,7 @@ from transformers import T5Config
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.base import recorded_structure
 from ziplm.families.loading import build_model, load_model, save_model
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.stages.export import ExportParityError, export_model, verify_export
 
 UNEVEN = ModelStructure((LayerStructure(2, 64), LayerStructure(0, 32), LayerStructure(4, 0)))

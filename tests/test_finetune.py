@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from ziplm.pipeline.tasks import TaskData, TaskSpec, load_task
+from ziplm.tasks.classification import TaskData, TaskSpec, load_task
 from ziplm.stages.finetune import FinetuneConfig, evaluate_accuracy, finetune_teacher
 
 QUICK = FinetuneConfig(epochs=1, batch_size=16, max_length=32)

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ziplm.pipeline.cli import app
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.pipeline.recipe import parse_recipe
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages.verify import LatencySLA

@@ -9,9 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from ziplm.families.loading import load_model
-from ziplm.pipeline.assets import resolve_model, resolve_task_file
+from ziplm.assets import resolve_model, resolve_task_file
 from ziplm.pipeline.cli import app
-from ziplm.pipeline.errors import AssetMissingError
+from ziplm.errors import AssetMissingError
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.stages.export import verify_export
 

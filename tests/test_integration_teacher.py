@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from ziplm.pipeline.assets import resolve_model, resolve_task_file
-from ziplm.pipeline.errors import AssetMissingError
-from ziplm.pipeline.tasks import TaskSpec, load_task
+from ziplm.assets import resolve_model, resolve_task_file
+from ziplm.errors import AssetMissingError
+from ziplm.tasks.classification import TaskSpec, load_task
 from ziplm.stages.finetune import FinetuneConfig, finetune_teacher
 
 pytestmark = pytest.mark.integration

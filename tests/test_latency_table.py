@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import tiny_bert_config
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes import base
 from ziplm.runtimes import latency_table as lt

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from tests.conftest import TINY_VOCAB, toy_examples
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.stages.baselines import global_magnitude_masks
 from ziplm.stages.distill import DistillSettings
 from ziplm.stages.masks import masks_sparsity

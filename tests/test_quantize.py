@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 from tests.conftest import toy_sentiment_rows
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model, save_model
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import Example
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import Example
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.stages import quantize as q
 from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export

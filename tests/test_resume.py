@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
-from ziplm.pipeline.cache import atomic_directory
+from ziplm.cache import atomic_directory
 from ziplm.pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]

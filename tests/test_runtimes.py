@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import tiny_bert_config
 from ziplm.families.loading import build_model
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
 from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ziplm.pipeline.errors import UnreachableTargetError
+from ziplm.errors import UnreachableTargetError
 from ziplm.stages.search import dp_solve
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import Example, TaskSpec, load_task
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import Example, TaskSpec, load_task
 
 
 def texts(examples: list[Example]) -> list[str]:

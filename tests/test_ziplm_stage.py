@@ -11,7 +11,7 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 from tests.conftest import TINY_VOCAB, tiny_bert_config, toy_sentiment_rows
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import load_model, save_model
-from ziplm.pipeline.tasks import TaskSpec, load_task
+from ziplm.tasks.classification import TaskSpec, load_task
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import CalibrationSettings, collect_hessians
 from ziplm.stages.export import export_model, verify_export

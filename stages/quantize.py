@@ -40,8 +40,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import FamilyAdapter
-from ziplm.pipeline.errors import BadInputError, ZipLMError
-from ziplm.pipeline.tasks import Example
+from ziplm.errors import BadInputError, ZipLMError
+from ziplm.tasks.classification import Example
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.onnxruntime_cpu import int8_pair_sums_saturate
 from ziplm.stages.finetune import batches, encode_batch

@@ -12,8 +12,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
 
 from ziplm.families.base import STRUCTURE_KEY, ModelStructure, recorded_structure
 from ziplm.families.registry import adapter_for
-from ziplm.pipeline.assets import load_pretrained, resolve_model
-from ziplm.pipeline.errors import BadInputError
+from ziplm.assets import load_pretrained, resolve_model
+from ziplm.errors import BadInputError
 from ziplm.stages.quantize import QUANTIZATION_KEY, recorded_quantization, restore_quantization
 
 _HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}

@@ -41,8 +41,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
-from ziplm.pipeline.errors import BadInputError, ZipLMError
-from ziplm.pipeline.tasks import Example
+from ziplm.errors import BadInputError, ZipLMError
+from ziplm.tasks.classification import Example
 from ziplm.stages.distill import DistillSettings, distill
 from ziplm.stages.finetune import batches, encode_batch, model_device, task_loss
 from ziplm.stages.masks import Masks, global_lowest_masks, masks_sparsity

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 
 STRUCTURE_KEY = "ziplm_structure"
 

@@ -2,7 +2,7 @@
 (a speedup target or a latency SLA): search, stitch, export, verify (closed loop) -> member folders and the report.
 
 Each stage after the teacher and the table (which keep their own caches) is one `StageCache.run` call keyed by a
-fingerprint of exactly its inputs (ziplm/pipeline/cache.py): a killed run resumes where it stopped, and a changed
+fingerprint of exactly its inputs (ziplm/cache.py): a killed run resumes where it stopped, and a changed
 recipe rebuilds only the stages that depend on the change. The output folder gets the dense reference (`dense/`),
 one folder per member (each written under a temporary name and renamed when complete) and the report.
 """
@@ -20,14 +20,14 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
-from ziplm.pipeline.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root
-from ziplm.pipeline.cache import write_json_atomic
+from ziplm.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root
+from ziplm.cache import write_json_atomic
 from ziplm.pipeline.chain import finish
-from ziplm.pipeline.errors import UnreachableTargetError
+from ziplm.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
                                    write_report)
-from ziplm.pipeline.tasks import TaskData, load_task
+from ziplm.tasks.classification import TaskData, load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table

@@ -11,14 +11,14 @@ from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
-from ziplm.pipeline.cache import file_digest, fingerprint, write_json_atomic
+from ziplm.cache import file_digest, fingerprint, write_json_atomic
 from ziplm.runtimes.latency_table import LatencyTable
 from ziplm.runtimes.timing import MachineLoad, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
     from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor
-    from ziplm.pipeline.tasks import TaskData
+    from ziplm.tasks.classification import TaskData
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder

@@ -12,12 +12,12 @@
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
     slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
     quantization: {observer: minmax} # INT8 activation scales, when environment.precision is int8; see QuantSettings
-    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see ziplm/pipeline/chain.py
+    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see pipeline/chain.py
 
 A latency SLA sets exactly one of `p90_ms` or `median_ms` (at most that many ms per call) and may repeat the
 environment's `batch_size` / `sequence_length` (another value is rejected: SLAs are measured at the latency table's
 shape, so run a recipe with that environment instead). Each SLA becomes a speedup target with the measured dense
-latency (see ziplm/stages/verify.py), and its member's manifest records the SLA and whether it holds (`passed`).
+latency (see stages/verify.py), and its member's manifest records the SLA and whether it holds (`passed`).
 `targets: []` with SLAs gives SLA members only.
 
 Unknown keys are rejected with the list of allowed ones; a recipe round-trips (load, dump, load gives the same).
@@ -33,8 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ziplm.pipeline.chain import ChainSettings
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import TaskSpec
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import TaskSpec
 from ziplm.runtimes.base import InferenceEnv, Precision
 from ziplm.runtimes.latency_table import TableSettings
 from ziplm.stages.calibrate import CalibrationSettings

@@ -34,10 +34,10 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers import get_linear_schedule_with_warmup
 
-from ziplm.pipeline.assets import load_pretrained, resolve_model
-from ziplm.pipeline.cache import cache_root, cached_directory, directory_digest, fingerprint, write_json_atomic
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import Example, TaskData
+from ziplm.assets import load_pretrained, resolve_model
+from ziplm.cache import cache_root, cached_directory, directory_digest, fingerprint, write_json_atomic
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import Example, TaskData
 
 TEACHER_KIND = "teachers"
 METRICS_FILE = "teacher.json"

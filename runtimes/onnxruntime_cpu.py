@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_features, cpu_identity, register_runtime
 
 _X86_VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}

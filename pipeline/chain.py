@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
-from ziplm.pipeline.tasks import TaskData
+from ziplm.tasks.classification import TaskData
 from ziplm.runtimes.base import Precision
 from ziplm.stages import obert
 from ziplm.stages.distill import DistillSettings, distill

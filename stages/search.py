@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ziplm.families import ModelStructure
-from ziplm.pipeline.errors import UnreachableTargetError
+from ziplm.errors import UnreachableTargetError
 from ziplm.runtimes.latency_table import LatencyTable
 
 

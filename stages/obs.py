@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ziplm.pipeline.errors import ZipLMError
+from ziplm.errors import ZipLMError
 
 
 class HessianNotPositiveDefinite(ZipLMError):

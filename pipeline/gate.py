@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ziplm.families.loading import load_config
-from ziplm.pipeline.cache import file_digest
-from ziplm.pipeline.errors import BadInputError
+from ziplm.cache import file_digest
+from ziplm.errors import BadInputError
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.stages.verify import LatencyCheck, PairedVerifier, VerificationSettings, statistic

@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ziplm.pipeline.assets import TASK_FILES, resolve_task_file
-from ziplm.pipeline.cache import file_digest, fingerprint
-from ziplm.pipeline.errors import BadInputError
+from ziplm.assets import TASK_FILES, resolve_task_file
+from ziplm.cache import file_digest, fingerprint
+from ziplm.errors import BadInputError
 
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}

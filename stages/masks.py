@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 
 Masks = dict[str, torch.Tensor]
 

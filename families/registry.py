@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ziplm.families.base import FamilyAdapter
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 
 _FAMILIES: dict[str, FamilyAdapter] = {}
 
@@ -29,6 +29,6 @@ def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
         raise BadInputError(
             f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
             f"supported model types: {', '.join(supported_model_types())}. "
-            "Pass a model of a supported family, or add an adapter in ziplm/families/."
+            "Pass a model of a supported family, or add an adapter in families/ (docs/extending.md)."
         )
     return _FAMILIES[model_type]

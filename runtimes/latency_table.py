@@ -37,8 +37,8 @@ from transformers import PretrainedConfig
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
 from ziplm.families.loading import build_model
-from ziplm.pipeline.cache import cache_root, fingerprint, write_json_atomic
-from ziplm.pipeline.errors import BadInputError
+from ziplm.cache import cache_root, fingerprint, write_json_atomic
+from ziplm.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
 from ziplm.runtimes.timing import BusyMachineWarning, LoadGuard, MachineLoad, TimingStats, time_interleaved_guarded
 from ziplm.stages.export import encoder_inputs, export_model, export_module

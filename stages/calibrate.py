@@ -18,8 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import FamilyAdapter
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import Example
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import Example
 from ziplm.stages.finetune import batches, encode_batch
 
 

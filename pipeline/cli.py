@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ziplm.families.loading import load_config
-from ziplm.pipeline import assets
-from ziplm.pipeline.cache import write_json_atomic
-from ziplm.pipeline.errors import BadInputError, ZipLMError
+from ziplm import assets
+from ziplm.cache import write_json_atomic
+from ziplm.errors import BadInputError, ZipLMError
 from ziplm.pipeline.gate import DEFAULTS, environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.run import prepare_inputs, run_recipe

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ziplm.pipeline.errors import BadInputError
+from ziplm.errors import BadInputError
 
 DEFAULT_EXPERIMENT = "ziplm-deploy"
 SERVER_HINT = "start one with `mlflow server --backend-store-uri sqlite:///mlflow.db --port 5000`"

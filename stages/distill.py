@@ -39,8 +39,8 @@ from pydantic import Field
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ziplm.pipeline.errors import BadInputError
-from ziplm.pipeline.tasks import Example
+from ziplm.errors import BadInputError
+from ziplm.tasks.classification import Example
 from ziplm.stages.finetune import FinetuneConfig, train
 from ziplm.stages.masks import Masks, apply_masks, check_masks
 

