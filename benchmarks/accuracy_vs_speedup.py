@@ -34,7 +34,7 @@ from ziplm.cache import StageCache
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family, prepare_inputs
-from ziplm.runtimes.flops import flops_table
+from ziplm.stages.flops_table import flops_table
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.baselines import drop_layers, magnitude_prune, uniform_structure
 from ziplm.stages.export import export_checked

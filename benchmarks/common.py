@@ -18,7 +18,7 @@ from ziplm.cache import fingerprint, write_json_atomic
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.run import Inputs, prepare_inputs
 from ziplm.tasks.classification import TaskSpec, load_task
-from ziplm.runtimes.latency_table import get_or_build_table
+from ziplm.stages.latency_table import get_or_build_table
 from ziplm.stages.calibrate import CalibrationSettings
 
 RESULTS = Path(__file__).parent / "results"

@@ -21,7 +21,7 @@ from benchmarks.common import MODELS, load_subject, progress, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.runtimes import get_runtime
-from ziplm.runtimes.latency_table import build_table
+from ziplm.stages.latency_table import build_table
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians
 from ziplm.stages.export import export_model

@@ -25,7 +25,7 @@ from benchmarks.common import write_results
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.latency_table import (
+from ziplm.stages.latency_table import (
     LatencyTable,
     TableSettings,
     get_or_build_table,

@@ -30,7 +30,7 @@ from ziplm.families import ModelStructure
 from ziplm.assets import resolve_model
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.latency_table import TableSettings, measure_structures
+from ziplm.stages.latency_table import TableSettings, measure_structures
 
 COMMAND = "python -m benchmarks.round_structures"
 

@@ -27,7 +27,7 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.families.loading import load_config
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
-from ziplm.runtimes.latency_table import LatencyTable, TableSettings, build_table, ffn_levels, random_structure
+from ziplm.stages.latency_table import LatencyTable, TableSettings, build_table, ffn_levels, random_structure
 
 COMMAND = "python -m benchmarks.table_contention"
 RANDOM_STRUCTURES = 4

@@ -5,9 +5,12 @@ A *structure* of a layer is what ZipLM removes as one unit (ALGORITHMS.md sectio
   projection, with the matching rows of Q, K and V (for plain multi-head attention a unit is one head);
 - an FFN neuron: one column of the FFN down projection with the matching rows of the up (and gate) projections.
 
-An adapter is mostly declarative (where these modules are); the generic shrinking lives here. What differs per
-family is how a removed module (level 0) keeps the residual path correct, and which counters a shrunken attention
-module must be told about.
+A structure is a *coupled group* (`Slice`s): every (module, side, indices) that must shrink together, so that a
+fused Q/K/V projection or GPT-2's Conv1D (weights stored [in, out]) fits the same generic shrinking.
+
+An adapter is mostly declarative (where these modules are, which inputs the model takes, how one layer is called);
+the generic shrinking lives here. What differs per family is how a removed module (level 0) keeps the residual path
+correct, and which counters a shrunken attention module must be told about. docs/extending.md shows how to add one.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from ziplm.errors import BadInputError
 
@@ -82,6 +87,18 @@ class ModelStructure:
         return cls(tuple(LayerStructure(int(u), int(f)) for u, f in zip(payload["units"], payload["ffn"])))
 
 
+Side = Literal["out", "in"]  # a module's output features (rows of nn.Linear) or input features (its columns)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One module's part of a pruning unit: the output or input features `indices` of a linear (or Conv1D)."""
+
+    module: nn.Module
+    side: Side
+    indices: tuple[int, ...]
+
+
 class FamilyAdapter(ABC):
     """Where a family keeps its layers and projections, and how a module is removed (level 0)."""
 
@@ -132,8 +149,53 @@ class FamilyAdapter(ABC):
         """A freshly initialised dense layer of this family (latency tables time single layers)."""
 
     @abstractmethod
-    def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Call one layer on hidden states [b, s, hidden] with an additive float mask [b, 1, 1, s]."""
+    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
+        """Call one layer on `block_inputs` (see `block_inputs`) and return its output hidden states."""
+
+    @abstractmethod
+    def tiny_config(self) -> PretrainedConfig:
+        """A tiny randomly initialisable config of this family for tests: several layers, more than one attention
+        unit and an FFN width of at least 64, so that layers can be shrunk unevenly."""
+
+    # --- the model contract: what export, timing and the latency table feed a model or one of its layers ----------
+    def input_names(self, config: PretrainedConfig) -> tuple[str, ...]:
+        """The model's inputs, in export order (all int64 [batch, sequence])."""
+        return ("input_ids", "attention_mask")
+
+    def example_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
+                       seed: int = 0) -> dict[str, np.ndarray]:
+        """Random token ids, a full attention mask and zeros for any other input (token types)."""
+        rng = np.random.default_rng(seed)
+        shape = (batch_size, sequence_length)
+        inputs = {"input_ids": rng.integers(0, config.vocab_size, size=shape, dtype=np.int64),
+                  "attention_mask": np.ones(shape, dtype=np.int64)}
+        return {name: inputs.get(name, np.zeros(shape, dtype=np.int64)) for name in self.input_names(config)}
+
+    def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+        """What one layer is called with (`run_layer`): hidden states [b, s, hidden] and an additive float attention
+        mask [b, 1, 1, s] (zeros: every position attends)."""
+        rng = np.random.default_rng(seed)
+        return {"hidden_states": rng.standard_normal((batch_size, sequence_length, config.hidden_size), np.float32),
+                "attention_mask": np.zeros((batch_size, 1, 1, sequence_length), np.float32)}
+
+    def block_axes(self) -> dict[str, dict[int, str]]:
+        """The dynamic axes of `block_inputs` (batch and sequence) for export."""
+        return {"hidden_states": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 3: "sequence"}}
+
+    # --- pruning units as coupled groups -----------------------------------------------------------------------------
+    def attention_unit(self, layer: nn.Module, shape: ModelShape, unit: int) -> list[Slice]:
+        """Everything one attention unit (a KV group and its query heads) owns: rows of Q, K and V, columns of the
+        output projection. Families with a fused Q/K/V projection override this."""
+        q, k, v = self.attention_in_projs(layer)
+        q_rows, kv_rows = tuple(self.unit_columns(shape, unit)), tuple(self.kv_rows(shape, unit))
+        return [Slice(q, "out", q_rows), Slice(k, "out", kv_rows), Slice(v, "out", kv_rows),
+                Slice(self.attention_out_proj(layer), "in", q_rows)]
+
+    def ffn_unit(self, layer: nn.Module, neuron: int) -> list[Slice]:
+        """Everything one FFN neuron owns: a row of the up (and gate) projection, a column of the down projection."""
+        return [*(Slice(proj, "out", (neuron,)) for proj in self.ffn_in_projs(layer)),
+                Slice(self.ffn_out_proj(layer), "in", (neuron,))]
 
     # --- generic part --------------------------------------------------------------------------------------------
     def layer_linears(self, layer: nn.Module) -> list[nn.Linear]:
@@ -168,23 +230,15 @@ class FamilyAdapter(ABC):
         if len(keep_units) == 0:
             self.remove_attention(layer)
             return
-        q_rows = [c for u in keep_units for c in self.unit_columns(shape, u)]
-        kv_rows = [r for u in keep_units for r in self.kv_rows(shape, u)]
-        q, k, v = self.attention_in_projs(layer)
-        _keep_rows(q, q_rows)
-        _keep_rows(k, kv_rows)
-        _keep_rows(v, kv_rows)
-        _keep_columns(self.attention_out_proj(layer), q_rows)
+        keep_slices([self.attention_unit(layer, shape, unit) for unit in keep_units])
         self.set_attention_counts(layer, len(keep_units))
 
     def shrink_ffn(self, layer: nn.Module, keep_neurons: Sequence[int]) -> None:
-        """Keep only the given FFN neurons of one layer; none kept removes the module."""
+        """Keep only the given FFN neurons of one layer (in that order); none kept removes the module."""
         if len(keep_neurons) == 0:
             self.remove_ffn(layer)
             return
-        for proj in self.ffn_in_projs(layer):
-            _keep_rows(proj, list(keep_neurons))
-        _keep_columns(self.ffn_out_proj(layer), list(keep_neurons))
+        keep_slices([self.ffn_unit(layer, neuron) for neuron in keep_neurons])
 
     def apply_structure(self, model: PreTrainedModel, structure: ModelStructure) -> None:
         """Shrink every layer to the structure, keeping the first units/neurons, and record it in the config.
@@ -238,19 +292,39 @@ def shape_as_dict(shape: ModelShape) -> dict[str, int | str]:
     return asdict(shape)
 
 
-@torch.no_grad()
-def _keep_rows(linear: nn.Linear, rows: list[int]) -> None:
-    """Keep output features `rows` of a linear layer, in place."""
-    index = torch.tensor(rows, dtype=torch.long)
-    linear.weight = nn.Parameter(linear.weight.index_select(0, index).clone())
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.index_select(0, index).clone())
-    linear.out_features = len(rows)
+def keep_slices(units: Sequence[list[Slice]]) -> None:
+    """Shrink every module the units touch to the features the units keep, in the units' order."""
+    kept: dict[tuple[int, Side], tuple[nn.Module, list[int]]] = {}
+    for unit in units:
+        for part in unit:
+            kept.setdefault((id(part.module), part.side), (part.module, []))[1].extend(part.indices)
+    for (_, side), (module, indices) in kept.items():
+        keep_features(module, side, indices)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], whether an nn.Linear or a transformers Conv1D ([in, out])."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 @torch.no_grad()
-def _keep_columns(linear: nn.Linear, columns: list[int]) -> None:
-    """Keep input features `columns` of a linear layer, in place (the bias is untouched)."""
-    index = torch.tensor(columns, dtype=torch.long)
-    linear.weight = nn.Parameter(linear.weight.index_select(1, index).clone())
-    linear.in_features = len(columns)
+def set_weight_matrix(module: nn.Module, W: torch.Tensor) -> None:
+    """Copy W ([out, in]) into the module's weight, in its own layout and dtype."""
+    module.weight.copy_((W.T if isinstance(module, Conv1D) else W).to(module.weight.dtype))
+
+
+@torch.no_grad()
+def keep_features(module: nn.Module, side: Side, indices: list[int]) -> None:
+    """Keep output (`out`: weight rows of nn.Linear and the bias) or input (`in`) features of a linear or Conv1D."""
+    index = torch.tensor(indices, dtype=torch.long)
+    conv = isinstance(module, Conv1D)
+    if not (conv or isinstance(module, nn.Linear)):
+        raise TypeError(f"cannot shrink a {type(module).__name__}: pruning units slice nn.Linear or Conv1D modules")
+    dim = (1 if conv else 0) if side == "out" else (0 if conv else 1)
+    module.weight = nn.Parameter(module.weight.index_select(dim, index).clone())
+    if side == "out" and module.bias is not None:
+        module.bias = nn.Parameter(module.bias.index_select(0, index).clone())
+    if conv:
+        module.nx, module.nf = module.weight.shape
+    else:
+        module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]

@@ -93,8 +93,15 @@ class BertAdapter(FamilyAdapter):
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         return BertLayer(_eager(config))
 
-    def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return layer(hidden_states, attention_mask)
+    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
+        return layer(block_inputs["hidden_states"], block_inputs["attention_mask"])
+
+    def input_names(self, config: PretrainedConfig) -> tuple[str, ...]:
+        return ("input_ids", "attention_mask", "token_type_ids")
+
+    def tiny_config(self) -> PretrainedConfig:
+        return BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          intermediate_size=128, max_position_embeddings=160, num_labels=2)
 
 
 def _eager(config: PretrainedConfig) -> PretrainedConfig:

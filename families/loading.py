@@ -1,20 +1,29 @@
-"""Saving and loading models whose layers may have been shrunk (the per-layer shape lives in config.json)."""
+"""Saving and loading models whose layers may have been shrunk (the per-layer shape lives in config.json).
+
+Later stages may record a transformation of their own in config.json (INT8 fake-quant: `ziplm_quantization`); they
+load such a model through `load_model` with a `restore` for their key (ziplm.stages.quantize.load_model).
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, PretrainedConfig,
                           PreTrainedModel)
 
-from ziplm.families.base import STRUCTURE_KEY, ModelStructure, recorded_structure
-from ziplm.families.registry import adapter_for
 from ziplm.assets import load_pretrained, resolve_model
 from ziplm.errors import BadInputError
-from ziplm.stages.quantize import QUANTIZATION_KEY, recorded_quantization, restore_quantization
+from ziplm.families.base import STRUCTURE_KEY, FamilyAdapter, ModelStructure, recorded_structure
+from ziplm.families.registry import adapter_for
+
+RECORD_PREFIX = "ziplm_"  # config.json keys the pipeline writes
+# Re-applies one recorded transformation to a rebuilt model whose float weights are loaded: (model, adapter, record).
+Restore = Callable[[PreTrainedModel, FamilyAdapter, Any], None]
 
 _HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
 
@@ -36,15 +45,24 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     return load_pretrained(AutoConfig.from_pretrained, resolve_model(name_or_path))
 
 
-def load_model(name_or_path: str, head: str = "sequence-classification", **kwargs: object) -> PreTrainedModel:
-    """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk or INT8 skeleton first when recorded."""
+def load_model(name_or_path: str, head: str = "sequence-classification",
+               restore: Mapping[str, Restore] | None = None) -> PreTrainedModel:
+    """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk skeleton first when recorded, and
+    re-applying each recorded transformation that `restore` knows (by its config key)."""
     source = resolve_model(name_or_path)
     config = load_config(source)
     adapter_for(config)  # fail early, and clearly, on an unsupported family
-    if recorded_structure(config) is None and recorded_quantization(config) is None:
+    restore = dict(restore or {})
+    records = {key: value for key, value in config.to_dict().items()
+               if key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY}
+    unknown = sorted(set(records) - set(restore))
+    if unknown:
+        raise BadInputError(f"{source} records {unknown[0]} in its config.json, which this loader cannot rebuild: load "
+                            "it with ziplm.stages.quantize.load_model")
+    if recorded_structure(config) is None and not records:
         loader = model_class(head).from_pretrained
-        return load_pretrained(loader, source, attn_implementation="eager", **kwargs).eval()
-    return _load_rebuilt(Path(source), config, head)
+        return load_pretrained(loader, source, attn_implementation="eager").eval()
+    return _load_rebuilt(Path(source), config, head, {key: (restore[key], records[key]) for key in records})
 
 
 def build_model(config: PretrainedConfig, head: str = "sequence-classification",
@@ -63,21 +81,21 @@ def save_model(model: PreTrainedModel, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _load_rebuilt(model_dir: Path, config: PretrainedConfig, head: str) -> PreTrainedModel:
-    """Rebuild the recorded skeleton, load the float weights, re-apply INT8 fake-quant, then load its scales.
-
-    Quantization is applied after the float weights are in, because it keeps the zeros it finds (sparsity masks).
-    """
-    structure, quantization = recorded_structure(config), recorded_quantization(config)
-    for key in (STRUCTURE_KEY, QUANTIZATION_KEY):
+def _load_rebuilt(model_dir: Path, config: PretrainedConfig, head: str,
+                  records: Mapping[str, tuple[Restore, Any]]) -> PreTrainedModel:
+    """Rebuild the recorded skeleton and load the float weights; then re-apply each recorded transformation and load
+    the whole state (their own buffers, such as INT8 scales)."""
+    structure = recorded_structure(config)
+    for key in (STRUCTURE_KEY, *records):
         if hasattr(config, key):
             delattr(config, key)
     model = build_model(config, head, structure)
     state = _read_weights(model_dir)
     float_keys = set(model.state_dict())
-    _load_state(model, {k: v for k, v in state.items() if quantization is None or k in float_keys}, model_dir)
-    if quantization is not None:
-        restore_quantization(model, adapter_for(config), quantization)
+    _load_state(model, {k: v for k, v in state.items() if k in float_keys}, model_dir)
+    for restore, record in records.values():
+        restore(model, adapter_for(config), record)
+    if records:
         _load_state(model, state, model_dir)
     return model.eval()
 

@@ -20,21 +20,30 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ziplm.families.loading import load_config
 from ziplm import assets
 from ziplm.cache import write_json_atomic
 from ziplm.errors import BadInputError, ZipLMError
-from ziplm.pipeline.gate import DEFAULTS, environment, load_artifact, verify_artifact, write_junit
+from ziplm.families.loading import load_config
+from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
-from ziplm.runtimes.latency_table import LatencyTable, TableSettings, get_or_build_table
+from ziplm.runtimes.policy import policy
 from ziplm.stages.finetune import TeacherResult
+from ziplm.stages.latency_table import GROUP_SIZE, LatencyTable, get_or_build_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
 app.add_typer(assets_app, name="assets")
 console = Console(stderr=True, soft_wrap=True)  # long paths in messages stay whole
+
+
+class Effort(str, Enum):
+    """The measurement efforts (runtimes.policy.Effort)."""
+
+    quick = "quick"
+    standard = "standard"
+    thorough = "thorough"
 
 
 def stage_progress(stage: str) -> Callable[[str], None]:
@@ -86,8 +95,9 @@ def run(
         sla = member["sla"]
         holds = f", {sla['metric']} {sla['measured_ms']:.2f} ms vs SLA {sla['ms']:g} ms" if sla else ""
         console.print(f"{mark} {member['name']}: target {member['target_speedup']:.3g}x, measured "
-                      f"{member['measured_speedup']:.3f}x ({member['deviation']:+.1%}){holds}, accuracy "
-                      f"{member['metric']['value']:.4f} (dense {member['metric']['dense_value']:.4f})")
+                      f"{member['measured_speedup']:.3f}x ({member['deviation']:+.1%}){holds}, "
+                      f"{member['metric']['name']} {member['metric']['value']:.4f} "
+                      f"(dense {member['metric']['dense_value']:.4f})")
     console.print(f"wrote {out / 'report.md'} in {time.perf_counter() - start:.0f} s")
     if not all(member["passed"] for member in report["members"]):
         raise typer.Exit(1)
@@ -105,13 +115,7 @@ def verify(
     metric: Annotated[str | None, typer.Option(help="latency statistic the SLA bounds: p90 or median")] = None,
     min_speedup: Annotated[float | None, typer.Option(help="required speedup (default: target x (1 - tolerance))")]
     = None,
-    rounds: Annotated[int, typer.Option(help="interleaved dense/member pairs to time")] = DEFAULTS.timing_rounds,
-    repeats: Annotated[int, typer.Option(min=1, help="independent paired measurements; the verdict is on their "
-                                                     "median")] = DEFAULTS.finished_repeats,
-    max_repeats: Annotated[int, typer.Option(min=1, help="more measurements, two at a time, while their median's "
-                                                         "95% interval reaches further than "
-                                                         f"{DEFAULTS.verdict_width:.0%} from it, up to this many")]
-    = DEFAULTS.max_verdict_repeats,
+    effort: Annotated[Effort, typer.Option(help="how hard to measure (docs/measurement.md)")] = Effort.standard,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
@@ -119,7 +123,7 @@ def verify(
         raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
     loaded = load_artifact(artifact)
     env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
-    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, rounds, repeats, max_repeats)
+    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, Effort(effort).value)
     if junit is not None:
         write_junit(verdict, junit)
     print(verdict.line())
@@ -160,8 +164,8 @@ def prepare(
     summary = {"recipe": spec.model_dump(mode="json"), "teacher": teacher_summary(teacher),
                "latency_table": table_summary(table)}
     show_table(table)
-    console.print(f"teacher validation accuracy: [bold]{teacher.validation_accuracy:.4f}[/] "
-                  f"on {teacher.validation_size} examples")
+    console.print(f"teacher validation {teacher.metric.name}: [bold]{teacher.metric.value:.4f}[/] "
+                  f"on {teacher.metric.size} examples")
     if out is not None:
         write_json_atomic(out / "prepare.json", summary)
         console.print(f"wrote {out / 'prepare.json'}")
@@ -184,14 +188,15 @@ def latency_table(
     batch_size: int = 1,
     sequence_length: int = 128,
     precision: Annotated[TablePrecision, typer.Option(help="int8: QDQ INT8 blocks, as INT8 chains use")] = "fp32",
-    group_size: int = 32,
+    group_size: int = GROUP_SIZE,
+    effort: Annotated[Effort, typer.Option(help="how hard to measure (docs/measurement.md)")] = Effort.standard,
     rebuild: Annotated[bool, typer.Option(help="measure again even when a cached table exists")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table here")] = None,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
     env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
                        precision=TablePrecision(precision).value)
-    table, cached = get_or_build_table(load_config(model), env, TableSettings(group_size=group_size),
+    table, cached = get_or_build_table(load_config(model), env, group_size, policy(Effort(effort).value),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)
     console.print(f"{'cached' if cached else 'built'} table {table.fingerprint}")
@@ -200,8 +205,7 @@ def latency_table(
 
 
 def teacher_summary(teacher: TeacherResult) -> dict[str, object]:
-    return {"path": str(teacher.path), "validation_accuracy": teacher.validation_accuracy,
-            "validation_size": teacher.validation_size, "fingerprint": teacher.fingerprint,
+    return {"path": str(teacher.path), "metric": teacher.metric.to_json(), "fingerprint": teacher.fingerprint,
             "seconds": round(teacher.seconds, 1), "cached": teacher.cached}
 
 

@@ -4,9 +4,9 @@
     ziplm verify runs/demo/minilm-mr-2x --threads 4 --max-latency-ms 12 --min-speedup 1.9 --junit verify.xml
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
-timed interleaved in one run (the paired timing of `ziplm run`); the verdict is the median of at least --repeats (9)
-such measurements, two more at a time while their median is unsettled (its 95% interval reaches further than 2% from
-it), at most --max-repeats (27), as `ziplm run` judges a member. An INT8 member whose target is over FP32 is timed
+timed interleaved in one run (the paired timing of `ziplm run`); the verdict is taken as `ziplm run` takes one
+(runtimes.paired.PairedVerifier.verdict), with the measurement effort of --effort (default standard:
+runtimes.policy). An INT8 member whose target is over FP32 is timed
 directly beside the dense FP32 reference, as `ziplm run` judged it.
 Checks, each one JUnit test case:
 - speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ziplm.families.loading import load_config
 from ziplm.cache import file_digest
 from ziplm.errors import BadInputError
+from ziplm.families import adapter_for
+from ziplm.families.loading import load_config
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.verify import LatencyCheck, PairedVerifier, VerificationSettings, statistic
-
-DEFAULTS = VerificationSettings()  # the gate measures as `ziplm run` judges a fine-tuned file
+from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
+from ziplm.runtimes.policy import Effort, policy
 
 MANIFEST = "manifest.json"
 
@@ -130,17 +130,16 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
                     min_speedup: float | None = None, metric: str | None = None,
-                    rounds: int = DEFAULTS.timing_rounds, repeats: int = DEFAULTS.finished_repeats,
-                    max_repeats: int = DEFAULTS.max_verdict_repeats, warmup: int = DEFAULTS.warmup) -> Verdict:
+                    effort: Effort = "standard") -> Verdict:
     """Measure the member against its dense reference in `env` and check it (see the module docstring)."""
     manifest = artifact.manifest
     tolerance = manifest.get("tolerance", 0.03)
     runtime = get_runtime(env)
-    settings = VerificationSettings(tolerance=tolerance, timing_rounds=rounds, warmup=warmup, finished_repeats=repeats,
-                                    max_verdict_repeats=max(repeats, max_repeats))
-    vocab_size = load_config(str(artifact.folder)).vocab_size
+    config = load_config(str(artifact.folder))
+    example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
     start = time.perf_counter()
-    check = PairedVerifier(runtime, env, artifact.dense_onnx, vocab_size, settings).verdict(artifact.onnx)
+    verifier = PairedVerifier(runtime, env, artifact.dense_onnx, example, policy(effort), tolerance)
+    check = verifier.verdict(artifact.onnx)
     sla = manifest.get("sla")
     checks = []
     if min_speedup is not None or sla is None:

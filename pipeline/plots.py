@@ -1,4 +1,4 @@
-"""The report's figures: accuracy against measured speedup, and what each member keeps per layer.
+"""The report's figures: the task's metric against measured speedup, and what each member keeps per layer.
 
 Shared by `ziplm run` (report.md) and the benchmarks, so a family and a benchmark are drawn the same way.
 """
@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-Point = tuple[float, float]  # (measured speedup, accuracy)
+Point = tuple[float, float]  # (measured speedup, metric value)
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,15 @@ class KeptStructure:
     ffn: Sequence[int]
 
 
-def accuracy_vs_speedup(path: Path, series: Mapping[str, Sequence[Point]], dense_accuracy: float,
-                        title: str) -> Path:
-    """One line per method through its (measured speedup, accuracy) points, the dense model at 1x."""
+def metric_vs_speedup(path: Path, series: Mapping[str, Sequence[Point]], dense_value: float, metric: str,
+                      title: str) -> Path:
+    """One line per method through its (measured speedup, metric value) points, the dense model at 1x."""
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     for label, points in series.items():
         ordered = sorted(points)
         axes.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="o", label=label)
-    axes.axhline(dense_accuracy, color="grey", linestyle="--", linewidth=1, label=f"dense {dense_accuracy:.3f}")
-    axes.set(xlabel="measured speedup over dense (x)", ylabel="accuracy", title=title)
+    axes.axhline(dense_value, color="grey", linestyle="--", linewidth=1, label=f"dense {dense_value:.3f}")
+    axes.set(xlabel="measured speedup over dense (x)", ylabel=metric, title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _save(figure, path)

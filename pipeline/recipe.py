@@ -2,9 +2,10 @@
 
     name: minilm-mr
     model: minilm                    # short name, local HF directory, or hub id
-    task: {data: mr}                 # see TaskSpec
+    task: {data: mr}                 # see ziplm.tasks (type, data, columns, fractions, max_length, batch_size)
     teacher: {epochs: 3}             # see FinetuneConfig
     environment: {runtime: onnxruntime, threads: 2, batch_size: 1, sequence_length: 128}
+    effort: standard                 # how hard to measure: quick | standard | thorough (runtimes.policy)
     latency_table: {group_size: 32}  # see TableSettings
     calibration: {samples: 512}      # see CalibrationSettings
     ziplm: {damping_frac: 0.01}      # see ZipLMSettings
@@ -12,15 +13,16 @@
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
     slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
     quantization: {observer: minmax} # INT8 activation scales, when environment.precision is int8; see QuantSettings
-    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see pipeline/chain.py
+    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see stages/chain.py
 
 A latency SLA sets exactly one of `p90_ms` or `median_ms` (at most that many ms per call) and may repeat the
 environment's `batch_size` / `sequence_length` (another value is rejected: SLAs are measured at the latency table's
 shape, so run a recipe with that environment instead). Each SLA becomes a speedup target with the measured dense
-latency (see stages/verify.py), and its member's manifest records the SLA and whether it holds (`passed`).
+latency (see stages/closed_loop.py), and its member's manifest records the SLA and whether it holds (`passed`).
 `targets: []` with SLAs gives SLA members only.
 
-Unknown keys are rejected with the list of allowed ones; a recipe round-trips (load, dump, load gives the same).
+Unknown keys are rejected with the list of allowed ones, and a key an earlier version had names what replaced it; a
+recipe round-trips (load, dump, load gives the same).
 """
 
 from __future__ import annotations
@@ -32,18 +34,35 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ziplm.pipeline.chain import ChainSettings
 from ziplm.errors import BadInputError
-from ziplm.tasks.classification import TaskSpec
 from ziplm.runtimes.base import InferenceEnv, Precision
-from ziplm.runtimes.latency_table import TableSettings
+from ziplm.runtimes.policy import Effort
 from ziplm.stages.calibrate import CalibrationSettings
+from ziplm.stages.chain import ChainSettings
+from ziplm.stages.closed_loop import LatencySLA, VerificationSettings
 from ziplm.stages.finetune import FinetuneConfig
+from ziplm.stages.latency_table import TableSettings
 from ziplm.stages.quantize import QuantSettings
-from ziplm.stages.verify import LatencySLA, VerificationSettings
 from ziplm.stages.ziplm import ZipLMSettings
+from ziplm.tasks import TaskSpec
 
 DEFAULT_RECIPE = "minilm_mr"
+_EFFORT = "effort (quick | standard | thorough: how hard to measure)"
+# Keys of earlier versions, by section, and what replaced each.
+REMOVED_KEYS: dict[str, dict[str, str]] = {
+    "teacher": {"max_length": "task.max_length", "batch_size": "task.batch_size"},
+    "calibration": {"max_length": "task.max_length", "batch_size": "task.batch_size"},
+    "quantization": {"max_length": "task.max_length", "batch_size": "task.batch_size",
+                     "calibration_examples": "a constant (stages.quantize.CALIBRATION_EXAMPLES)",
+                     "ema_decay": "a constant (stages.quantize.EMA_DECAY)"},
+    "latency_table": {key: _EFFORT for key in ("block_rounds", "calibration_rounds", "warmup",
+                                               "random_calibration_models", "seed", "max_other_load", "retakes")},
+    "verification": {**{key: _EFFORT for key in ("timing_rounds", "round_repeats", "finished_repeats",
+                                                  "precision_blocks", "warmup", "max_other_load", "retakes",
+                                                  "verdict_width", "max_verdict_repeats")},
+                     "finish_rounds": "a constant (runtimes.policy.FINISH_ROUNDS)"},
+    "ziplm": {"buckets": "a constant (the dynamic program's 10,000 buckets)"},
+}
 
 
 class Recipe(BaseModel):
@@ -54,6 +73,7 @@ class Recipe(BaseModel):
     task: TaskSpec
     teacher: FinetuneConfig = Field(default_factory=FinetuneConfig)
     environment: InferenceEnv = Field(default_factory=InferenceEnv)
+    effort: Effort = "standard"
     latency_table: TableSettings = Field(default_factory=TableSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     ziplm: ZipLMSettings = Field(default_factory=ZipLMSettings)
@@ -133,10 +153,24 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         raise BadInputError(f"{source} is not valid YAML: {error}") from error
     if not isinstance(payload, dict):
         raise BadInputError(f"{source} must be a YAML mapping of keys ({', '.join(Recipe.model_fields)})")
+    removed = removed_keys(payload)
+    if removed:
+        raise BadInputError(f"{source} uses settings that were replaced:\n" + "\n".join(removed))
     try:
         return Recipe.model_validate(payload)
     except ValidationError as error:
         raise BadInputError(f"{source} is malformed:\n" + "\n".join(_explain(e) for e in error.errors())) from error
+
+
+def removed_keys(payload: dict[str, Any]) -> list[str]:
+    """One line per key of an earlier version that the recipe still sets, naming what replaced it."""
+    chain = payload.get("chain") if isinstance(payload.get("chain"), dict) else {}
+    places = [(section, payload.get(section), section) for section in REMOVED_KEYS]
+    places += [(f"chain.{key}", chain.get(key), "teacher")  # the chain's fine-tuning settings had the teacher's keys
+               for key in ("distillation", "structured_distillation", "obert")]
+    return [f"  '{place}.{key}' is no longer a setting: use {REMOVED_KEYS[section][key]}"
+            for place, mapping, section in places if isinstance(mapping, dict)
+            for key in sorted(set(mapping) & set(REMOVED_KEYS[section]))]
 
 
 def _explain(error: dict[str, Any]) -> str:

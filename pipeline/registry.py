@@ -3,7 +3,7 @@
     ziplm publish runs/demo --registry http://127.0.0.1:5000 [--experiment ziplm-deploy] [--force]
 
 Every member of DIR (a `ziplm run` output folder, or one member folder) becomes a new version of the registered
-model named after the member. Its run carries the measured speedup, latency, accuracy and sizes as metrics, the
+model named after the member. Its run carries the measured speedup, latency, the task's metric and sizes as metrics, the
 runtime (name, version, device, threads, batch, sequence, precision) and its fingerprint as tags, and the ONNX model
 and manifest as artifacts under `model/`; the model version carries the same figures as tags and points at those
 artifacts. A member whose manifest says `passed: false` is refused unless `force`: the others are published and
@@ -53,8 +53,8 @@ def metrics(manifest: dict[str, Any]) -> dict[str, float]:
         "latency_p90_ms": manifest["latency_ms"]["p90"],
         "dense_latency_median_ms": manifest["dense_latency_ms"]["median"],
         "dense_latency_p90_ms": manifest["dense_latency_ms"]["p90"],
-        "accuracy": manifest["metric"]["value"],
-        "dense_accuracy": manifest["metric"]["dense_value"],
+        manifest["metric"]["name"]: manifest["metric"]["value"],
+        f"dense_{manifest['metric']['name']}": manifest["metric"]["dense_value"],
         "parameters": manifest["parameters"],
         "file_bytes": manifest["file_bytes"],
     }

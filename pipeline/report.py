@@ -12,13 +12,14 @@ from transformers import PreTrainedModel
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
 from ziplm.cache import file_digest, fingerprint, write_json_atomic
-from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.stages.latency_table import LatencyTable
 from ziplm.runtimes.timing import MachineLoad, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.stages.verify import LatencyCheck, Member, PrecisionFactor
-    from ziplm.tasks.classification import TaskData
+    from ziplm.runtimes.paired import LatencyCheck, PrecisionFactor
+    from ziplm.stages.closed_loop import Member
+    from ziplm.tasks import Metric, Task
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
 DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
@@ -43,7 +44,7 @@ def environment_line(runtime: dict[str, Any]) -> str:
             f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}")
 
 
-def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, accuracy: float, validation_size: int,
+def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, metric: Metric,
                   latencies: list[TimingStats]) -> dict[str, Any]:
     """A dense model (in `precision`): its latency is the median over the paired runs that timed the members beside
     it (`latencies`)."""
@@ -52,7 +53,7 @@ def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, accu
     return {
         "precision": precision,
         "latency_ms": {"median": round(statistics.median(medians), 4), "p90": round(statistics.median(p90s), 4)},
-        "metric": {"name": "accuracy", "value": accuracy, "validation_size": validation_size},
+        "metric": metric.to_json(),
         "parameters": parameter_count(dense),
         "file_bytes": dense_onnx.stat().st_size,
         "structure": structure_json(dense, ModelStructure.dense(adapter_for(dense.config).shape(dense.config))),
@@ -65,7 +66,7 @@ def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_pat
 
 
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
-             onnx_path: Path, teacher_fingerprint: str, task: TaskData,
+             onnx_path: Path, teacher_fingerprint: str, task: Task,
              factor: PrecisionFactor | None) -> dict[str, Any]:
     check = member.final.check
     deviation = check.deviation(member.target)
@@ -87,9 +88,8 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "dense_reference": DENSE_REFERENCE,
         "dense_own_precision": OWN_REFERENCE if recipe.int8_over_fp32 else None,
         "precision_factor": factor.to_json() if factor else None,
-        "metric": {"name": "accuracy", "value": member.accuracy, "dense_value": dense_info["metric"]["value"],
-                   "onnx_value": member.onnx_accuracy,
-                   "validation_size": dense_info["metric"]["validation_size"]},
+        "metric": {**member.metric.to_json(), "dense_value": dense_info["metric"]["value"],
+                   "onnx_value": member.onnx_metric},
         "structure": structure_json(member.model, member.final.structure),
         "sparsity": weight_sparsity(member.model),
         "parameters": parameter_count(member.model),
@@ -187,15 +187,17 @@ def factor_drift_note(member: dict[str, Any], factor: dict[str, Any] | None) -> 
 
 
 def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
-    """accuracy_vs_speedup.png and structure.png beside report.md; returns their names."""
+    """<metric>_vs_speedup.png and structure.png beside report.md; returns their names."""
     members, dense = report["members"], report["dense"]
+    metric = dense["metric"]["name"]
     points = [(m["measured_speedup"], m["metric"]["value"]) for m in members]
-    plots.accuracy_vs_speedup(out / "accuracy_vs_speedup.png", {"family": [(1.0, dense["metric"]["value"]), *points]},
-                              dense["metric"]["value"], f"{report['recipe']['name']}: accuracy vs measured speedup")
+    figure = f"{metric}_vs_speedup.png"
+    plots.metric_vs_speedup(out / figure, {"family": [(1.0, dense["metric"]["value"]), *points]},
+                            dense["metric"]["value"], metric, f"{report['recipe']['name']}: {metric} vs measured speedup")
     kept = [plots.KeptStructure(m["name"], m["structure"]["heads"], m["structure"]["ffn"]) for m in members]
     dense_kept = plots.KeptStructure("dense", dense["structure"]["heads"], dense["structure"]["ffn"])
     plots.kept_per_layer(out / "structure.png", kept, dense_kept)
-    return ["accuracy_vs_speedup.png", "structure.png"]
+    return [figure, "structure.png"]
 
 
 def _table_load_lines(report: dict[str, Any]) -> list[str]:
@@ -222,10 +224,12 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         *_precision_factor_lines(report),
         *_table_load_lines(report),
         "",
-        f"Dense: {dense['latency_ms']['median']:.2f} ms median, accuracy {dense['metric']['value']:.4f} on "
+        f"Dense: {dense['latency_ms']['median']:.2f} ms median, {dense['metric']['name']} "
+        f"{dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
         "",
-        "| member | target | measured speedup | deviation | rounds | p90 ms | accuracy | kept heads | FFN width "
+        f"| member | target | measured speedup | deviation | rounds | p90 ms | {dense['metric']['name']} | kept heads "
+        "| FFN width "
         "| passed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

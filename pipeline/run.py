@@ -15,31 +15,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ziplm.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root, write_json_atomic
+from ziplm.errors import UnreachableTargetError
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
-from ziplm.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root
-from ziplm.cache import write_json_atomic
-from ziplm.pipeline.chain import finish
-from ziplm.errors import UnreachableTargetError
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
                                    write_report)
-from ziplm.tasks.classification import TaskData, load_task
-from ziplm.runtimes import get_runtime
+from ziplm.runtimes import SessionModule, get_runtime
 from ziplm.runtimes.base import Precision
-from ziplm.runtimes.latency_table import LatencyTable, get_or_build_table
+from ziplm.runtimes.paired import PairedVerifier, PrecisionFactor
+from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians
+from ziplm.stages.chain import finish
+from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.export import export_checked
-from ziplm.stages.finetune import TeacherResult, evaluate_accuracy, finetune_teacher
+from ziplm.stages.finetune import TeacherResult, finetune_teacher
+from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
-from ziplm.stages.search import max_speedup
-from ziplm.stages.verify import (LatencySLA, Member, PairedVerifier, PrecisionFactor, SessionClassifier, Stopwatch,
-                                 closed_loop)
+from ziplm.tasks import Metric, Task, load_task
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
 
@@ -48,7 +46,7 @@ Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, an
 class Inputs:
     """What every family is built from: the task, the dense model (keyed by `dense_key`) and the latency table."""
 
-    task: TaskData
+    task: Task
     dense: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     table: LatencyTable
@@ -64,9 +62,10 @@ def prepare_inputs(recipe: Recipe, stage: StageProgress) -> Inputs:
              f"{len(task.calibration)} calibration examples")
     teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress)
     progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
-    dense = load_model(str(teacher.path))
+    dense = load_model(str(teacher.path), task.head)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    table, cached = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=stage("table"))
+    table, cached = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
+                                       measurement(recipe), progress=stage("table"))
     if cached:
         stage("table")(f"cached ({table.fingerprint})")
     return Inputs(task, dense, tokenizer, table, teacher.fingerprint, teacher)
@@ -139,7 +138,7 @@ class References:
         return self.precision_factor.value if self.own and self.precision_factor else 1.0
 
     def reachable(self, table: LatencyTable) -> float:
-        return max_speedup(table) * self.table_scale
+        return table.max_speedup() * self.table_scale
 
 
 def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
@@ -156,40 +155,45 @@ def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References
 
 def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult[float], direct: PairedVerifier,
                      stages: StageCache) -> PrecisionFactor:
-    """Dense INT8 over dense FP32, the median of `verification.precision_blocks` paired measurements (cached)."""
-    settings = recipe.verification
+    """Dense INT8 over dense FP32, the median of the policy's `precision_blocks` paired measurements (cached)."""
+    blocks = measurement(recipe).precision_blocks
     measured: StageResult[PrecisionFactor] = stages.run(
-        "precision-factor", {"int8": int8.key, "fp32": fp32.key, "blocks": settings.precision_blocks,
-                             "rounds": settings.timing_rounds, "warmup": settings.warmup},
-        lambda _, progress: PrecisionFactor.measure(direct, int8.path / "model.onnx", settings.precision_blocks))
+        "precision-factor", {"int8": int8.key, "fp32": fp32.key, "effort": recipe.effort},
+        lambda _, progress: PrecisionFactor.measure(direct, int8.path / "model.onnx", blocks))
     factor = measured.value
     stages.stage("precision-factor")(f"dense int8 runs {factor.value:.3f}x dense fp32 (median of {len(factor.blocks)} "
                                      f"paired blocks, {min(factor.blocks):.3f}-{max(factor.blocks):.3f})")
     return factor
 
 
-def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: StageCache) -> StageResult[float]:
+def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: StageCache) -> StageResult[Metric]:
     env = recipe.environment
     return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
-                                "sequence_length": env.sequence_length, "max_length": recipe.teacher.max_length,
+                                "sequence_length": env.sequence_length, "task": inputs.task.fingerprint,
                                 **_precision(recipe, precision)},
                       lambda folder, progress: export_dense(inputs, recipe, precision, folder, progress),
                       label="dense" if precision == recipe.reference_precision else f"dense {precision}")
 
 
-def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[float]) -> PairedVerifier:
+def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[Metric]) -> PairedVerifier:
     """Measures members timed beside this dense model, paired, in the recipe's environment."""
-    env = recipe.environment
-    return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", inputs.dense.config.vocab_size,
-                          recipe.verification)
+    env, config = recipe.environment, inputs.dense.config
+    example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
+    return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", example, measurement(recipe),
+                          recipe.verification.tolerance)
+
+
+def measurement(recipe: Recipe) -> MeasurementPolicy:
+    """How hard the recipe's effort measures (runtimes.policy)."""
+    return policy(recipe.effort)
 
 
 def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCache) -> StageResult[zipl.Database]:
     adapter = adapter_for(start.model.config)
     hessians = stages.run("calibrate", {"model": start.key, "task": inputs.task.fingerprint,
                                         "settings": recipe.calibration.model_dump()},
-                          lambda _, progress: collect_hessians(start.model, inputs.tokenizer, adapter,
-                                                               inputs.task.calibration, recipe.calibration, progress))
+                          lambda _, progress: collect_hessians(start.model, inputs.tokenizer, adapter, inputs.task,
+                                                               recipe.calibration, progress))
     group_size = inputs.table.group_size
     return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(),
                                    "group_size": group_size},
@@ -198,15 +202,15 @@ def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCa
 
 
 def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: Path,
-                 progress: Callable[[str], None]) -> float:
-    """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense accuracy."""
+                 progress: Callable[[str], None]) -> Metric:
+    """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense model's metric."""
     env = recipe.environment
     deployed = deployer(recipe, inputs, precision)(inputs.dense)
     onnx = folder / "model.onnx"
     parity = export_checked(deployed, onnx, env.model_copy(update={"precision": precision}))
     progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
              f"parity {parity.max_abs_diff:.1e})")
-    return validation_accuracy(recipe, inputs)(inputs.dense)
+    return inputs.task.evaluate(inputs.dense, inputs.tokenizer)
 
 
 def _precision(recipe: Recipe, precision: Precision) -> dict[str, Any]:
@@ -217,8 +221,7 @@ def _precision(recipe: Recipe, precision: Precision) -> dict[str, Any]:
 def deployer(recipe: Recipe, inputs: Inputs, precision: Precision) -> Callable[[PreTrainedModel], PreTrainedModel]:
     """A model as it is deployed in `precision` (INT8: activation scales calibrated on the task's calibration split;
     ziplm.stages.quantize.deployable is the one place that decides)."""
-    batches = (example_batches(inputs.tokenizer, inputs.task.calibration, recipe.quantization)
-               if precision == "int8" else [])
+    batches = example_batches(inputs.tokenizer, inputs.task) if precision == "int8" else []
     adapter = adapter_for(inputs.dense.config)
     return lambda model: deployable(model, adapter.prunable_linears, precision, batches, recipe.quantization)
 
@@ -229,8 +232,7 @@ def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCac
         return []
     settings = recipe.verification
     latency: StageResult[TimingStats] = stages.run(
-        "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "rounds": settings.timing_rounds,
-                          "warmup": settings.warmup},
+        "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "effort": recipe.effort},
         lambda _, progress: refs.verifier.measure_dense())
     goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
     for target, sla in goals:
@@ -266,11 +268,13 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
-                               lambda structure: deploy(stitch(structure)), inputs.table, refs.verifier, folder,
-                               progress, sla, refs.table_scale, member, accept, confirm=True)
+                               lambda structure: deploy(stitch(structure)),
+                               lambda model, path: export_checked(model, path, env), inputs.table, refs.verifier,
+                               recipe.verification, folder, progress, sla, refs.table_scale, member, accept,
+                               confirm=True)
 
         member = loop()
-        for finishing in range(recipe.verification.finish_rounds if fine_tunes else 0):
+        for finishing in range(FINISH_ROUNDS if fine_tunes else 0):
             if finishing > 0:  # the fine-tuned file missed: measure on from every round so far, then fine-tune again
                 progress("the fine-tuned file missed the target: the closed loop goes on")
                 loop(member)
@@ -287,17 +291,12 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     result = stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
                                    "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
                                    "target": target, "sla": sla.model_dump() if sla else None,
-                                   "verification": recipe.verification.model_dump(),
+                                   "verification": recipe.verification.model_dump(), "effort": recipe.effort,
                                    **_precision(recipe, env.precision), "chain": recipe.chain.model_dump(),
-                                   "max_length": recipe.teacher.max_length},
+                                   "task": inputs.task.fingerprint},
                         build, label=sla.label if sla else f"{target:g}x")
     member = dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
     return dataclasses.replace(result, value=member)
-
-
-def validation_accuracy(recipe: Recipe, inputs: Inputs) -> Callable[[nn.Module], float]:
-    """A model's accuracy on the task's validation split: how the dense reference and every member are scored."""
-    return lambda model: evaluate_accuracy(model, inputs.tokenizer, inputs.task.validation, recipe.teacher.max_length)
 
 
 def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inputs: Inputs,
@@ -306,27 +305,27 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
     """The chain's fine-tuning of the structure the closed loop chose; the file is measured again (a finished round)."""
     clock = Stopwatch()
     finished = clock.time("fine-tune", finish, stitched, inputs.dense, inputs.tokenizer, inputs.task, recipe.chain,
-                          recipe.quantization, validation_accuracy(recipe, inputs), progress)
+                          recipe.quantization, progress)
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
     clock.time("export", export_checked, model, onnx, recipe.environment)
     check = clock.time("verify", verifier.verdict, onnx)
-    member.finish(model, finished.structured, onnx, check, clock.seconds, finished.accuracy_by_stage)
+    member.finish(model, finished.structured, onnx, check, clock.seconds, finished.metric_by_stage)
     progress(f"finished: measured {check.speedup.value:.3f}x ({check.interval_note()}){check.load_note()}")
 
 
 def score_member(member: Member, recipe: Recipe, inputs: Inputs, refs: References,
                  progress: Callable[[str], None]) -> None:
-    """Accuracy in torch; for INT8 also the file's own accuracy (integer kernels round differently) and its speedup
+    """The task's metric in torch; for INT8 also the file's own (integer kernels round differently) and its speedup
     over the dense model in the other precision."""
-    accuracy = validation_accuracy(recipe, inputs)
-    member.accuracy = accuracy(member.model)
+    task, tokenizer = inputs.task, inputs.tokenizer
+    member.metric = task.evaluate(member.model, tokenizer)
     if refs.cross:
         member.cross_check = refs.cross.verdict(member.onnx_path)
-        member.onnx_accuracy = accuracy(SessionClassifier(refs.verifier.runtime.load(member.onnx_path)))
+        member.onnx_metric = task.evaluate(SessionModule(refs.verifier.runtime.load(member.onnx_path)), tokenizer).value
         progress(f"timed beside the dense {recipe.cross_check_precision} model: "
-                 f"{member.cross_check.speedup.value:.3f}x; accuracy {member.accuracy:.4f} in torch, "
-                 f"{member.onnx_accuracy:.4f} as ONNX")
+                 f"{member.cross_check.speedup.value:.3f}x; {member.metric.name} {member.metric.value:.4f} in torch, "
+                 f"{member.onnx_metric:.4f} as ONNX")
 
 
 def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> dict[str, Any]:
@@ -344,11 +343,11 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
                         refs.table_scale, refs.precision_factor)
 
 
-def write_dense(folder_path: Path, dense: StageResult[float], precision: Precision, latencies: list[TimingStats],
+def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precision, latencies: list[TimingStats],
                 inputs: Inputs, runtime: dict[str, Any]) -> dict[str, Any]:
     """A dense model's folder (model.onnx, manifest.json); returns its summary."""
     dense_onnx = dense.path / "model.onnx"
-    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, len(inputs.task.validation), latencies)
+    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies)
     with atomic_directory(folder_path) as folder:
         (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
         write_json_atomic(folder / "manifest.json", dense_manifest(runtime, info, folder / "model.onnx"))

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from ziplm.errors import BadInputError
 
@@ -49,6 +51,19 @@ class Session(Protocol):
     input_names: tuple[str, ...]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class SessionModule(nn.Module):
+    """A loaded session called like a Hugging Face model (keyword int64 tensors in, its first output out), so that the
+    deployed file is scored by the same task code as the PyTorch model."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: inputs[name].cpu().numpy().astype(np.int64) for name in self.session.input_names}
+        return torch.from_numpy(self.session.run(feed)[0])
 
 
 class Runtime(ABC):

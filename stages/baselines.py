@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from ziplm.families import FamilyAdapter, ModelStructure
 from ziplm.families.base import record_structure
-from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.stages.latency_table import LatencyTable
 from ziplm.stages.masks import Masks, global_lowest_masks
 
 

@@ -1,15 +1,15 @@
 """Calibration: accumulate H = (2/n) sum x x^T of the inputs of every prunable projection (ALGORITHMS.md s. 1).
 
 Forward hooks on each layer's attention output projection and FFN down projection see their inputs while N
-calibration sequences run through the model; padded positions are left out, so n counts real tokens only. Sums are
-kept in float64.
+calibration sequences of the task (encoded as the task encodes) run through the model; padded positions are left
+out, so n counts real tokens only. Sums are kept in float64.
 
-    calibration: {samples: 512, batch_size: 32, max_length: 128}
+    calibration: {samples: 512}
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,18 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ziplm.families import FamilyAdapter
 from ziplm.errors import BadInputError
-from ziplm.tasks.classification import Example
-from ziplm.stages.finetune import batches, encode_batch
+from ziplm.families import FamilyAdapter
+from ziplm.families.base import weight_matrix
+from ziplm.tasks import Task, batches
 
 
 class CalibrationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     samples: int = Field(512, ge=1, description="calibration sequences (capped at the calibration split's size)")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
 
 
 @dataclass
@@ -60,25 +58,25 @@ class _HessianAccumulator:
         return 2.0 / max(self.tokens, 1) * self.sum  # H = (2/n) sum x x^T
 
 
-def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: FamilyAdapter,
-                     examples: Sequence[Example], settings: CalibrationSettings = CalibrationSettings(),
+def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: FamilyAdapter, task: Task,
+                     settings: CalibrationSettings = CalibrationSettings(),
                      progress: Callable[[str], None] = print) -> list[LayerHessians]:
-    """Run up to `settings.samples` examples through the model and return every layer's Hessians."""
-    examples = list(examples)[: settings.samples]
+    """Run up to `settings.samples` of the task's calibration examples through the model; every layer's Hessians."""
+    examples = list(task.calibration)[: settings.samples]
     if not examples:
         raise BadInputError("no calibration examples: give the task a calibration_fraction above 0")
     projections = [(adapter.attention_out_proj(layer) if kept.units else None,
                     adapter.ffn_out_proj(layer) if kept.ffn else None)
                    for layer, kept in zip(adapter.layers(model), adapter.structure(model.config).layers)]
-    accumulators = [tuple(_HessianAccumulator(proj.in_features) if proj else None for proj in pair)
+    accumulators = [tuple(_HessianAccumulator(weight_matrix(proj).shape[1]) if proj else None for proj in pair)
                     for pair in projections]
     live = [(proj, acc) for pairs in zip(projections, accumulators) for proj, acc in zip(*pairs) if proj]
     handles = [proj.register_forward_pre_hook(acc.hook) for proj, acc in live]
     model.eval()
     try:
         with torch.no_grad():
-            for batch in batches(examples, settings.batch_size):
-                encoded = encode_batch(tokenizer, batch, settings.max_length, torch.device("cpu"))
+            for batch in batches(examples, task.batch_size):
+                encoded = task.encode(tokenizer, batch)
                 for _, acc in live:
                     acc.token_mask = encoded["attention_mask"]
                 model(**encoded)

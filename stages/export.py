@@ -2,8 +2,10 @@
 
 The TorchScript exporter (dynamo=False) at opset 17 is used throughout: it handles the eager attention of
 transformers 5.x, and is the exporter that turns fake-quant into QuantizeLinear/DequantizeLinear pairs
-(ENVIRONMENT.md). Models are called through a small wrapper with keyword arguments, because positional calls trip
-over transformers' `use_cache` argument.
+(docs/measurement.md). Models are called through a small wrapper with keyword arguments, because positional calls
+trip over transformers' `use_cache` argument. What a model takes (input names, example inputs) comes from its family
+adapter; its exported output is the first field of what its head returns (`logits`, or `last_hidden_state` for a
+model without a head).
 """
 
 from __future__ import annotations
@@ -21,16 +23,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.errors import ZipLMError
+from ziplm.families import adapter_for
 from ziplm.runtimes.base import InferenceEnv, Precision
 
 OPSET = 17
-# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: the fake-quant rounds x / scale as ORT does, but
-# ORT accumulates in int32 and torch in float, so a value near a rounding tie can land one integer apart (1 LSB)
-# and the flips compound through the layers: on the MiniLM MR teacher the logits differ by up to 0.03
-# (benchmarks/int8_parity.py); torch's own logits move by up to 0.28 when its rounding changes. A wrong scale or a
-# float file is far off that.
+# How far ONNX Runtime's outputs may lie from PyTorch's. INT8: ORT accumulates in int32 and torch in float, so a value
+# near a rounding tie can land one integer apart and the flips compound through the layers
+# (benchmarks/results/int8_parity.md); a wrong scale or a float file is far off this.
 PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 0.3}
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class ExportParityError(ZipLMError):
@@ -52,17 +52,6 @@ class _KeywordCall(nn.Module):
         if isinstance(output, torch.Tensor):
             return output
         return output.logits if hasattr(output, "logits") else output[0]
-
-
-def encoder_inputs(vocab_size: int, batch_size: int, sequence_length: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Dummy encoder inputs: random token ids, a full attention mask, zero token types (int64, as exported)."""
-    rng = np.random.default_rng(seed)
-    shape = (batch_size, sequence_length)
-    return {
-        "input_ids": rng.integers(0, vocab_size, size=shape, dtype=np.int64),
-        "attention_mask": np.ones(shape, dtype=np.int64),
-        "token_type_ids": np.zeros(shape, dtype=np.int64),
-    }
 
 
 def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
@@ -91,10 +80,10 @@ def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
 
 
 def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int = 128) -> Path:
-    """Export an encoder (classifier or base model) with dynamic batch and sequence axes."""
-    example = encoder_inputs(model.config.vocab_size, batch_size, sequence_length)
+    """Export a model of a registered family (with its head, or without) with dynamic batch and sequence axes."""
+    example = adapter_for(model.config).example_inputs(model.config, batch_size, sequence_length)
     axes = {name: {0: "batch", 1: "sequence"} for name in example}
-    return export_module(model, path, example, axes, output_name=_output_name(model))
+    return export_module(model, path, example, axes, output_name=output_name(model, example))
 
 
 def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> ParityReport:
@@ -104,8 +93,11 @@ def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Par
                          atol=parity_atol(env.precision))
 
 
-def _output_name(model: nn.Module) -> str:
-    return "logits" if hasattr(model, "classifier") else "last_hidden_state"
+def output_name(model: nn.Module, example: dict[str, np.ndarray]) -> str:
+    """The name of the first field of the model's output on `example` (what `_KeywordCall` returns)."""
+    with torch.no_grad():
+        output = model.eval()(**{name: torch.from_numpy(value) for name, value in example.items()})
+    return "output" if isinstance(output, torch.Tensor) else next(iter(output.keys()))
 
 
 @dataclass
@@ -129,12 +121,13 @@ def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_
 
     longest = min(128, getattr(model.config, "max_position_embeddings", 128))
     shapes = shapes or ((1, longest), (2, min(17, longest)))
+    adapter = adapter_for(model.config)
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     session_inputs = {i.name for i in session.get_inputs()}
     report = ParityReport(max_abs_diff=0.0, checked_shapes=list(shapes))
     for batch, sequence in shapes:
-        example = encoder_inputs(model.config.vocab_size, batch, sequence, seed=batch * 1000 + sequence)
+        example = adapter.example_inputs(model.config, batch, sequence, seed=batch * 1000 + sequence)
         if batch > 1:
             example["attention_mask"][-1, sequence * 3 // 4:] = 0  # one padded row, so masking is checked too
         feed = {name: value for name, value in example.items() if name in session_inputs}

@@ -17,16 +17,11 @@ Recipe snippet::
       chunk: 16                 # gradients folded into Finv at once
       recomputations: 1         # k, one-shot only
       pruning_steps: 4          # gradual only, distillation after each
-      max_length: 128
       seed: 0
 
-Defaults for MiniLM (6 layers, 10.6M prunable weights) on 2 CPU cores. Memory does not grow with m: Finv holds
-d * B float64 values (4.2 GB; float32 went indefinite, see `initial_fisher_inverse`) and a chunk of c gradients
-c * d float32 values (0.7 GB at c=16). Time grows linearly with m; profiled on the shared machine with one thread,
-one gradient (forward and backward over 8 MR sentences) took about 1.3 s and folding it into Finv about 2 s (a
-chunk of 16 through Woodbury; one at a time, each Sherman-Morrison step reads and writes all 4.2 GB). m=256, the
-low end of the paper's 256..2048 range, is therefore about a quarter of an hour per Fisher there (k recomputations
-cost k times that); the paper's m=1024 would take about an hour, too slow for a CPU default.
+Memory does not grow with m: Finv holds d * B float64 values per linear (see `initial_fisher_inverse` for why not
+float32) and a chunk of c gradients c * d float32 values; time grows linearly with m and with k. The defaults (m=256,
+the low end of the paper's 256..2048) keep one Fisher at minutes on a CPU for MiniLM-sized models.
 """
 
 from __future__ import annotations
@@ -42,9 +37,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
 from ziplm.errors import BadInputError, ZipLMError
-from ziplm.tasks.classification import Example
 from ziplm.stages.distill import DistillSettings, distill
-from ziplm.stages.finetune import batches, encode_batch, model_device, task_loss
+from ziplm.tasks import Example, Task, batches
+from ziplm.tasks.base import model_device
 from ziplm.stages.masks import Masks, global_lowest_masks, masks_sparsity
 
 
@@ -65,7 +60,6 @@ class OBertSettings(BaseModel):
     chunk: int = Field(16, ge=1, description="gradients folded into Finv at once (held as chunk x weights floats)")
     recomputations: int = Field(1, ge=1, description="k: one-shot steps, each with a fresh Fisher")
     pruning_steps: int = Field(4, ge=1, description="gradual: pruning steps, distillation after each")
-    max_length: int = Field(128, ge=8)
     seed: int = 0
 
 
@@ -134,40 +128,40 @@ def cubic_sparsity(x: float, s_i: float, s_f: float) -> float:
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
-def oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
+def oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
             settings: OBertSettings, progress: Callable[[str], None] = print, masks: Masks | None = None) -> Masks:
     """Prune `model` in place to `settings.sparsity` of its prunable weights; returns the masks.
 
     The sparsity ramps along the cubic schedule over k = `recomputations` steps, each with a Fisher computed on the
-    current weights from `examples` (task loss with labels). Given `masks` are kept pruned (masks only grow).
+    current weights from the task's training examples (the task's loss). Given `masks` are kept pruned (masks only grow).
     """
     masks = _start_masks(model, settings, masks)
     for sparsity in _schedule(settings.recomputations, masks_sparsity(masks), settings.sparsity):
-        masks = prune_step(model, tokenizer, examples, settings, sparsity, masks, progress)
+        masks = prune_step(model, tokenizer, task, settings, sparsity, masks, progress)
     return masks
 
 
 def gradual(student: PreTrainedModel, teacher: nn.Module, tokenizer: PreTrainedTokenizerBase,
-            examples: Sequence[Example], settings: OBertSettings, distill_settings: DistillSettings,
+            task: Task, settings: OBertSettings, distill_settings: DistillSettings,
             progress: Callable[[str], None] = print, masks: Masks | None = None) -> Masks:
     """Gradual oBERT: `pruning_steps` steps along the cubic schedule to `settings.sparsity`, each an oBERT step
     followed by distillation from `teacher` with the masks held fixed (a fresh learning-rate schedule per step, as
     the paper fine-tunes between steps). Prunes and trains `student` in place; returns the final masks."""
     masks = _start_masks(student, settings, masks)
     for step, sparsity in enumerate(_schedule(settings.pruning_steps, masks_sparsity(masks), settings.sparsity), 1):
-        masks = prune_step(student, tokenizer, examples, settings, sparsity, masks, progress)
+        masks = prune_step(student, tokenizer, task, settings, sparsity, masks, progress)
         progress(f"gradual step {step}/{settings.pruning_steps}: distillation at sparsity {sparsity:.4f}")
-        distill(student, teacher, tokenizer, examples, distill_settings, progress, masks)
+        distill(student, teacher, tokenizer, task, task.train, distill_settings, progress, masks)
     return masks
 
 
-def prune_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
+def prune_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
                settings: OBertSettings, sparsity: float, masks: Masks,
                progress: Callable[[str], None] = print) -> Masks:
     """One oBERT step: Fisher on the current weights, global lowest-rho selection to `sparsity`, OBS update."""
     start = time.perf_counter()
     linears = adapter_for(model.config).prunable_linears(model)
-    Finvs = empirical_fisher_inverses(model, linears, tokenizer, examples, settings, masks)
+    Finvs = empirical_fisher_inverses(model, linears, tokenizer, task, settings, masks)
     B = settings.block_size
     with torch.no_grad():
         blocks = {name: as_blocks(linear.weight.reshape(-1), B) for name, linear in linears.items()}
@@ -185,7 +179,7 @@ def prune_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
 
 
 def empirical_fisher_inverses(model: PreTrainedModel, linears: dict[str, nn.Linear],
-                              tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
+                              tokenizer: PreTrainedTokenizerBase, task: Task,
                               settings: OBertSettings, masks: Masks) -> dict[str, torch.Tensor]:
     """Finv per prunable linear from `settings.gradients` mini-batch gradients of the task loss (model in eval mode,
     gradients of pruned weights masked out so their Fisher stays lambda I), folded in `settings.chunk` at a time."""
@@ -195,13 +189,12 @@ def empirical_fisher_inverses(model: PreTrainedModel, linears: dict[str, nn.Line
     weights = [linear.weight for linear in linears.values()]
     was_training, device = model.training, model_device(model)
     model.eval()
-    batches_of_examples = _gradient_batches(examples, settings)
+    batches_of_examples = _gradient_batches(task.train, settings)
     for start in range(0, m, settings.chunk):
         chunk = [next(batches_of_examples) for _ in range(min(settings.chunk, m - start))]
         G = [torch.empty(len(chunk), w.numel()) for w in weights]
         for row, batch in enumerate(chunk):
-            labels = torch.tensor([e.label for e in batch], device=device)
-            loss = task_loss(model, encode_batch(tokenizer, batch, settings.max_length, device), labels)
+            loss = task.batch_loss(model, task.encode(tokenizer, batch, device), task.targets(batch, device))
             for g_all, g, name in zip(G, torch.autograd.grad(loss, weights), linears):
                 g_all[row] = (g * masks[name]).reshape(-1).cpu()
         for name, g_all in zip(linears, G):

@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ziplm.errors import ZipLMError
 
 
-class HessianNotPositiveDefinite(ZipLMError):
-    """Cholesky of the damped Hessian failed."""
+class HessianNotPositiveDefinite(ArithmeticError):
+    """Cholesky of the damped Hessian failed (the stage turns this into a message for the user)."""
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,20 @@ DequantizeLinear pair, which ONNX Runtime fuses into integer kernels (MatMulInte
 
 Recipe snippet::
 
-    quantize:
+    quantization:
       observer: minmax          # running min/max of each matmul input; or `ema`
-      ema_decay: 0.99           # only for observer: ema
-      calibration_examples: 256
-      batch_size: 32
-      max_length: 128
       weight_bits: 8            # or 7; by default 7 where the CPU's integer kernels saturate (x86 without VNNI)
 
-Typical use: `prepare_qat(model, adapter, settings)`, `calibrate_activations(model, tokenizer, examples, settings)`
-(observes, then freezes the scales), optionally fine-tune (distillation), then `export_model`. A saved member records
-`ziplm_quantization` in its config.json and its scales as buffers, so `ziplm.families.loading.load_model` rebuilds it.
+Typical use: `prepare_qat(model, adapter, settings)`, `calibrate_activations(model, tokenizer, task, settings)`
+(observes the task's calibration examples, then freezes the scales), optionally fine-tune (distillation), then
+`export_model`. A saved member records `ziplm_quantization` in its config.json and its scales as buffers, so
+`load_model` here rebuilds it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -39,17 +36,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ziplm.families import FamilyAdapter
 from ziplm.errors import BadInputError, ZipLMError
-from ziplm.tasks.classification import Example
+from ziplm.families import FamilyAdapter
+from ziplm.families import loading
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.onnxruntime_cpu import int8_pair_sums_saturate
-from ziplm.stages.finetune import batches, encode_batch
+from ziplm.tasks import Task, batches
 
 QUANTIZATION_KEY = "ziplm_quantization"
 INT8_MIN, INT8_MAX = -128, 127  # the range ONNX's QuantizeLinear writes weights in, whatever `weight_bits` uses
 ACTIVATION_QMIN, ACTIVATION_QMAX = 0, 255  # uint8 activations: ONNX Runtime's fastest CPU kernels are u8 x s8
 _TINY = 1e-8  # scale floor: an all-zero row or a constant activation still gets a valid (positive) scale
+EMA_DECAY = 0.99  # the `ema` observer's weight of the running extremes against one batch's
+CALIBRATION_EXAMPLES = 256  # task calibration examples that set the activation scales: a few batches cover the range
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -68,10 +67,6 @@ class QuantSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     observer: Literal["minmax", "ema"] = "minmax"
-    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    calibration_examples: int = Field(256, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
     weight_bits: Literal[7, 8] = Field(default_factory=default_weight_bits, description=(
         "weights within -127..127 (8) or -63..63 (7); by default 7 on x86 CPUs without VNNI, where ONNX Runtime's "
         "u8 x s8 kernels add pairs of products in 16 bits and saturate, so the file would not compute what was "
@@ -150,7 +145,7 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, settings: QuantSettings) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.observer, self.ema_decay, self.weight_qmax = settings.observer, settings.ema_decay, settings.weight_qmax
+        self.observer, self.weight_qmax = settings.observer, settings.weight_qmax
         self.observing = False
         self.register_buffer("input_min", torch.tensor(0.0))
         self.register_buffer("input_max", torch.tensor(0.0))
@@ -182,7 +177,7 @@ class QuantLinear(nn.Linear):
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         x_min, x_max = observe(self.input_min, self.input_max, x, int(self.observed_batches), self.observer,
-                               self.ema_decay)
+                               EMA_DECAY)
         self.input_min.copy_(x_min)
         self.input_max.copy_(x_max)
         self.observed_batches += 1
@@ -253,20 +248,18 @@ def calibrate(module: nn.Module, inputs: Iterable[Batch]) -> None:
     freeze_observers(module)
 
 
-def example_batches(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], settings: QuantSettings,
-                    device: torch.device | str = "cpu") -> list[Batch]:
-    """The first `calibration_examples` examples, tokenized in batches (a list: it can be replayed)."""
-    if not examples:
-        raise BadInputError("cannot calibrate activations on an empty set of examples")
-    chosen = examples[: settings.calibration_examples]
-    return [encode_batch(tokenizer, batch, settings.max_length, torch.device(device))
-            for batch in batches(chosen, settings.batch_size)]
+def example_batches(tokenizer: PreTrainedTokenizerBase, task: Task, device: torch.device | str = "cpu") -> list[Batch]:
+    """The task's first CALIBRATION_EXAMPLES calibration examples, encoded in batches (a list: it can be replayed)."""
+    if not task.calibration:
+        raise BadInputError("cannot calibrate activations without calibration examples: give the task a "
+                            "calibration_fraction above 0")
+    chosen = task.calibration[:CALIBRATION_EXAMPLES]
+    return [task.encode(tokenizer, batch, device) for batch in batches(chosen, task.batch_size)]
 
 
-def calibrate_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example],
-                          settings: QuantSettings = QuantSettings()) -> None:
-    """Post-training calibration of a prepared model's activation scales on data; freezes them."""
-    calibrate(model, example_batches(tokenizer, examples, settings, model.device))
+def calibrate_activations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task) -> None:
+    """Post-training calibration of a prepared model's activation scales on the task's data; freezes them."""
+    calibrate(model, example_batches(tokenizer, task, model.device))
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -321,4 +314,11 @@ def restore_quantization(model: PreTrainedModel, adapter: FamilyAdapter, record:
         raise BadInputError(f"the recorded {QUANTIZATION_KEY} lists modules {record['modules'][:3]}..., the model has "
                             f"{sorted(linears)[:3]}...: the config does not belong to these weights")
     # members saved before `weight_bits` existed were trained with 8-bit weights, whatever this CPU's default is
-    prepare_qat(model, adapter, QuantSettings(**{"weight_bits": 8, **record["settings"]}))
+    recorded = {key: value for key, value in record["settings"].items() if key in QuantSettings.model_fields}
+    prepare_qat(model, adapter, QuantSettings(**{"weight_bits": 8, **recorded}))
+
+
+def load_model(name_or_path: str, head: str = "sequence-classification") -> PreTrainedModel:
+    """Load any model the pipeline writes: dense, ZipLM-shrunk, or INT8 fake-quant (whose recorded quantization is
+    re-applied after the float weights are in, because it keeps the zeros it finds, then its scales are loaded)."""
+    return loading.load_model(name_or_path, head, {QUANTIZATION_KEY: restore_quantization})

@@ -15,10 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ziplm.families import ModelStructure
-from ziplm.errors import UnreachableTargetError
-from ziplm.runtimes.latency_table import LatencyTable
-
 
 def dp_solve(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: float,
              buckets: int = 10_000) -> list[int]:
@@ -49,22 +45,3 @@ def dp_solve(times: Sequence[np.ndarray], errors: Sequence[np.ndarray], budget: 
         levels.append(k)
         b -= int(cost[k])
     return levels[::-1]
-
-
-def max_speedup(table: LatencyTable) -> float:
-    """The predicted speedup with every module removed: nothing faster can be built from this table."""
-    shape = table.model_shape
-    return table.dense_ms() / table.predict_ms(ModelStructure.uniform(shape, 0, 0))
-
-
-def module_budget(table: LatencyTable, speedup: float) -> float:
-    """Raw table ms the modules may take so that the corrected prediction is dense / speedup."""
-    target_ms = table.dense_ms() / speedup
-    budget = table.correction.invert(target_ms) - table.base_ms
-    reachable = max_speedup(table)
-    if budget <= 0 or speedup > reachable:
-        raise UnreachableTargetError(
-            f"speedup {speedup:g}x cannot be reached in this environment: the latency table's largest reachable "
-            f"speedup is {reachable:.2f}x (every module removed); lower the target"
-        )
-    return budget

@@ -7,7 +7,7 @@ Orchestration around the pure math in obs.py and search.py:
 2. `solve`: the DP over all modules for one speedup target, with the time budget from the corrected table.
 3. `stitch`: the teacher with each module shrunk to its chosen level, with that level's OBS-updated weights.
 
-    ziplm: {damping_frac: 0.01, error: reconstruction, buckets: 10000}
+    ziplm: {damping_frac: 0.01, error: reconstruction}
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel
 
+from ziplm.errors import BadInputError
 from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
-from ziplm.families.base import record_structure
-from ziplm.runtimes.latency_table import LatencyTable
+from ziplm.families.base import record_structure, set_weight_matrix, weight_matrix
 from ziplm.stages import obs
 from ziplm.stages.calibrate import LayerHessians
-from ziplm.stages.search import dp_solve, module_budget
+from ziplm.stages.latency_table import LatencyTable
+from ziplm.stages.search import dp_solve
 
 Progress = Callable[[str], None]
 
@@ -39,7 +40,6 @@ class ZipLMSettings(BaseModel):
     damping_frac: float = Field(0.01, gt=0.0, description="lambda = damping_frac * mean(diag H)")
     error: Literal["reconstruction", "saliency"] = Field(
         "reconstruction", description="layer error the search minimises: measured output error, or summed rho")
-    buckets: int = Field(10_000, ge=100, description="time buckets of the dynamic program")
 
 
 @dataclass
@@ -105,7 +105,7 @@ def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: lis
         attention_groups = obs.column_groups(kept.units, unit_width)
         modules.append(_module_database(index, "attention", adapter.attention_out_proj(layer) if kept.units else None,
                                         H.attention, attention_groups, settings))
-        W_ffn = adapter.ffn_out_proj(layer).weight.detach() if kept.ffn else None
+        W_ffn = weight_matrix(adapter.ffn_out_proj(layer)).detach() if kept.ffn else None
         ffn_groups = (obs.saliency_groups(W_ffn, H.ffn, group_size, settings.damping_frac) if kept.ffn
                       else torch.zeros(0, group_size, dtype=torch.long))
         modules.append(_module_database(index, "ffn", adapter.ffn_out_proj(layer) if kept.ffn else None, H.ffn,
@@ -119,14 +119,16 @@ def _module_database(layer: int, kind: Literal["attention", "ffn"], projection: 
                      H: torch.Tensor | None, groups: torch.Tensor, settings: ZipLMSettings) -> ModuleDatabase:
     if projection is None:
         return ModuleDatabase(layer, kind, groups, None)
-    return ModuleDatabase(layer, kind, groups,
-                          obs.greedy_path(projection.weight.detach(), H, groups, settings.damping_frac))
+    try:
+        path = obs.greedy_path(weight_matrix(projection).detach(), H, groups, settings.damping_frac)
+    except obs.HessianNotPositiveDefinite as error:
+        raise BadInputError(f"layer {layer} {kind}: {error}") from error
+    return ModuleDatabase(layer, kind, groups, path)
 
 
 def solve(database: Database, table: LatencyTable, speedup: float) -> ModelStructure:
     """Levels of every module for one speedup target (raises UnreachableTargetError beyond the table's reach)."""
-    levels = dp_solve(database.times(table), database.errors(), module_budget(table, speedup),
-                      database.settings.buckets)
+    levels = dp_solve(database.times(table), database.errors(), table.module_budget(speedup))
     return structure_from_levels(database, levels)
 
 
@@ -164,7 +166,6 @@ def stitch(teacher: PreTrainedModel, adapter: FamilyAdapter, database: Database,
         if kept and obs_update:  # a removed module has no projection left to update
             attention = module.kind == "attention"
             projection = adapter.attention_out_proj(layer) if attention else adapter.ffn_out_proj(layer)
-            with torch.no_grad():
-                projection.weight.copy_(module.weights(level)[:, columns].to(projection.weight.dtype))
+            set_weight_matrix(projection, module.weights(level)[:, columns])
     record_structure(model.config, structure)
     return model.eval()

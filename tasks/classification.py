@@ -1,19 +1,25 @@
-"""Sequence-classification tasks: read a CSV/JSONL file, map labels to ids, split it reproducibly.
+"""Sequence classification: read a CSV/JSONL file, map labels to ids, split it reproducibly; cross-entropy loss,
+accuracy metric.
 
 Recipe snippet::
 
     task:
+      type: classification      # the default
       data: mr                  # or rotten_tomatoes, or a path to a .csv / .tsv / .jsonl file
       text_column: text
+      text_pair_column: null    # a second text segment (sentence pairs), optional
       label_column: label
       validation_fraction: 0.125
       calibration_fraction: 0.125
+      max_examples: null        # keep only the first N of the stratified order
+      max_length: 128           # tokens per example, everywhere (training, calibration, scoring)
+      batch_size: 32            # examples per batch, everywhere
       seed: 0
 
 Rules, applied in this order:
 
 1. Rows whose text, text pair (when a pair column is set) or label is empty or blank are dropped and counted in
-   ``TaskData.dropped_rows``; every other value is kept verbatim (labels as strings, so ``1`` and ``"1"`` agree).
+   ``ClassificationTask.dropped_rows``; every other value is kept verbatim (labels as strings, so ``1`` and ``"1"`` agree).
 2. Label ids follow the sorted unique label strings (``["negative", "positive"]`` gives negative=0, positive=1).
 3. The split is stratified by label and seeded: each class is shuffled with ``random.Random(seed)``, and the
    classes are interleaved by each example's relative position within its class, so that every contiguous run
@@ -28,15 +34,19 @@ import csv
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from ziplm.assets import TASK_FILES, resolve_task_file
+from ziplm.assets import TASK_FILES, load_pretrained, resolve_model, resolve_task_file
 from ziplm.cache import file_digest, fingerprint
 from ziplm.errors import BadInputError
+from ziplm.tasks.base import Example, Task
 
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -47,6 +57,7 @@ class TaskSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    type: Literal["classification"] = "classification"
     data: str
     text_column: str = "text"
     text_pair_column: str | None = None
@@ -55,6 +66,8 @@ class TaskSpec(BaseModel):
     calibration_fraction: float = Field(0.125, ge=0.0, lt=1.0)
     seed: int = 0
     max_examples: int | None = Field(None, ge=2)
+    max_length: int = Field(128, ge=8, description="tokens per example wherever the task encodes")
+    batch_size: int = Field(32, ge=1, description="examples per batch wherever the task encodes")
 
     @model_validator(mode="after")
     def _leave_room_for_training(self) -> TaskSpec:
@@ -65,27 +78,38 @@ class TaskSpec(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class Example:
-    text: str
-    text_pair: str | None
-    label: int
+class ClassificationTask(Task):
+    """Sequence classification: cross-entropy against label ids, scored by accuracy."""
+
+    metric_name = "accuracy"
+    higher_is_better = True
+    head = "sequence-classification"
+
+    def __init__(self, label_names: list[str], dropped_rows: int, **splits: Any) -> None:
+        super().__init__(**splits)
+        self.label_names = label_names
+        self.dropped_rows = dropped_rows
+
+    def new_model(self, source: str) -> PreTrainedModel:
+        """The checkpoint with a classification head of this task's labels; a head of another size is replaced by a
+        fresh one (it is trained by the fine-tune that follows)."""
+        return load_pretrained(
+            AutoModelForSequenceClassification.from_pretrained, resolve_model(source),
+            num_labels=len(self.label_names), id2label=dict(enumerate(self.label_names)),
+            label2id={name: i for i, name in enumerate(self.label_names)}, ignore_mismatched_sizes=True,
+            attn_implementation="eager")  # ONNX Runtime fuses Attention only for eagerly exported models
+
+    def targets(self, batch: Sequence[Example], device: torch.device) -> torch.Tensor:
+        return torch.tensor([e.label for e in batch], device=device)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        return float((outputs.argmax(dim=-1) == targets).sum())
 
 
-@dataclass
-class TaskData:
-    """A loaded task. ``fingerprint`` covers the file's contents and the spec, so it names the split exactly."""
-
-    name: str
-    label_names: list[str]
-    train: list[Example]
-    validation: list[Example]
-    calibration: list[Example]
-    fingerprint: str
-    dropped_rows: int
-
-
-def load_task(spec: TaskSpec) -> TaskData:
+def load_classification(spec: TaskSpec) -> ClassificationTask:
     """Read, label and split the task described by ``spec``; BadInputError says what is wrong with the data."""
     path = resolve_task_file(spec.data)
     records = _read_records(path)
@@ -100,14 +124,16 @@ def load_task(spec: TaskSpec) -> TaskData:
     examples = [Example(text, pair, label_ids[label]) for text, pair, label in rows]
     ordered = _stratified_order(examples, spec.seed)[: spec.max_examples]
     validation, calibration, train = _split(ordered, spec, path)
-    return TaskData(
+    return ClassificationTask(
         name=spec.data if spec.data in TASK_FILES else path.stem,
         label_names=label_names,
+        dropped_rows=dropped,
         train=train,
         validation=validation,
         calibration=calibration,
         fingerprint=fingerprint({"file": file_digest(path), "spec": spec.model_dump()}),
-        dropped_rows=dropped,
+        max_length=spec.max_length,
+        batch_size=spec.batch_size,
     )
 
 

@@ -174,7 +174,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_table():
     from ziplm.runtimes import InferenceEnv
-    from ziplm.runtimes.latency_table import TableSettings, build_table
+    from ziplm.stages.latency_table import TableSettings, build_table
 
     settings = TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
                              random_calibration_models=1, retakes=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ziplm.families import ModelStructure
-from ziplm.runtimes.flops import attention_unit_flops, ffn_neuron_flops, flops_table
+from ziplm.stages.flops_table import attention_unit_flops, ffn_neuron_flops, flops_table
 from ziplm.stages.search import max_speedup
 
 

@@ -13,7 +13,7 @@ from ziplm.errors import BadInputError
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes import base
 from ziplm.runtimes import latency_table as lt
-from ziplm.runtimes.latency_table import anchored_fit
+from ziplm.stages.latency_table import anchored_fit
 from ziplm.runtimes.timing import BusyMachineWarning
 
 QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1,

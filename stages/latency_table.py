@@ -14,8 +14,11 @@ calibration models end to end (interleaved, in one run) and fits `measured = sca
 the all-removed model (measured directly, so left exact).
 
 Both timings run in chunks of about a second, and a chunk during which other work kept cores busy is timed again
-(`TableSettings.max_other_load`, `retakes`; runtimes.timing.LoadGuard): the table aims every member solved from it,
-so a build measured under load mis-aims them all. What other work did is recorded in `machine_load`.
+(the measurement policy's LoadGuard): the table aims every member solved from it, so a build measured under load
+mis-aims them all. What other work did is recorded in `machine_load`.
+
+The table is cached per (CPU, runtime and its settings, batch, sequence, precision, model shape, group size):
+`get_or_build_table`. How hard it is measured follows the recipe's `effort` (runtimes.policy).
 """
 
 from __future__ import annotations
@@ -35,40 +38,29 @@ from torch import nn
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PretrainedConfig
 
+from ziplm.cache import cache_root, fingerprint, write_json_atomic
+from ziplm.errors import BadInputError, UnreachableTargetError
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
 from ziplm.families.loading import build_model
-from ziplm.cache import cache_root, fingerprint, write_json_atomic
-from ziplm.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
+from ziplm.runtimes.policy import TABLE_SEED, TABLE_WARMUP, MeasurementPolicy, policy
 from ziplm.runtimes.timing import BusyMachineWarning, LoadGuard, MachineLoad, TimingStats, time_interleaved_guarded
-from ziplm.stages.export import encoder_inputs, export_model, export_module
+from ziplm.stages.export import export_model, export_module
 from ziplm.stages.quantize import deployable
 
 SCHEMA_VERSION = 1
 Progress = Callable[[str], None]
 
 
+GROUP_SIZE = 32  # FFN neurons per level step (G) unless the recipe says otherwise: kernel-friendly shapes
+
+
 class TableSettings(BaseModel):
-    """How a table is built. Only `group_size` changes what the table is; the rest is how hard to measure."""
+    """The recipe's `latency_table:` section: what the table is (how hard it is measured is the recipe's `effort`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    group_size: int = Field(32, ge=1, description="FFN neurons per level step (G)")
-    block_rounds: int = Field(30, ge=1)
-    calibration_rounds: int = Field(20, ge=1)
-    warmup: int = Field(3, ge=0)
-    random_calibration_models: int = Field(3, ge=0)
-    seed: int = 0
-    max_other_load: float = Field(0.1, ge=0.0, description="a chunk (about a second) of the interleaved timing during "
-                                                           "which other work kept more than this many cores busy is "
-                                                           "timed again: a table measured under load mis-aims every "
-                                                           "member solved from it")
-    retakes: int = Field(3, ge=0, description="times a disturbed chunk is timed again (after a pause); then the least "
-                                              "disturbed one counts and the table records it as disturbed")
-
-    @property
-    def guard(self) -> LoadGuard:
-        return LoadGuard(self.max_other_load, self.retakes)
+    group_size: int = Field(GROUP_SIZE, ge=1, description="FFN neurons per level step (G)")
 
 
 @dataclass(frozen=True)
@@ -121,6 +113,20 @@ class LatencyTable:
         raw = self.base_ms + sum(self.attention_cost(l.units) + self.ffn_cost(l.ffn) for l in structure.layers)
         return self.correction.apply(raw) if corrected else raw
 
+    def max_speedup(self) -> float:
+        """The predicted speedup with every module removed: nothing faster can be built from this table."""
+        return self.dense_ms() / self.predict_ms(ModelStructure.uniform(self.model_shape, 0, 0))
+
+    def module_budget(self, speedup: float) -> float:
+        """Raw table ms the modules may take so that the corrected prediction is dense / speedup."""
+        budget = self.correction.invert(self.dense_ms() / speedup) - self.base_ms
+        reachable = self.max_speedup()
+        if budget <= 0 or speedup > reachable:
+            raise UnreachableTargetError(
+                f"speedup {speedup:g}x cannot be reached in this environment: the latency table's largest reachable "
+                f"speedup is {reachable:.2f}x (every module removed); lower the target")
+        return budget
+
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["schema_version"] = SCHEMA_VERSION
@@ -158,41 +164,43 @@ def table_path(key: str) -> Path:
     return cache_root() / "latency_tables" / f"{key}.json"
 
 
-def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSettings = TableSettings(),
-                       progress: Progress = print, rebuild: bool = False) -> tuple[LatencyTable, bool]:
+def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = GROUP_SIZE,
+                       measure: MeasurementPolicy = policy(), progress: Progress = print,
+                       rebuild: bool = False) -> tuple[LatencyTable, bool]:
     """The cached table for (shape, environment), building it first if needed. Returns (table, was_cached)."""
     adapter = adapter_for(config)
     runtime = get_runtime(env)
-    identity = table_fingerprint(adapter.shape(config), env, runtime, settings.group_size)
+    identity = table_fingerprint(adapter.shape(config), env, runtime, group_size)
     path = table_path(fingerprint(identity))
     if path.exists() and not rebuild:
         return LatencyTable.from_json(json.loads(path.read_text())), True
-    table = build_table(config, env, settings, progress)
+    table = build_table(config, env, group_size, measure, progress)
     write_json_atomic(path, table.to_json())
     return table, False
 
 
-def build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSettings = TableSettings(),
-                progress: Progress = print) -> LatencyTable:
-    group_size = settings.group_size
+def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = GROUP_SIZE,
+                measure: MeasurementPolicy = policy(), progress: Progress = print) -> LatencyTable:
+    """Time every attention and FFN level of one layer, and the calibration models end to end (module docstring)."""
     adapter = adapter_for(config)
     shape = adapter.shape(config)
     runtime = get_runtime(env)
     identity = table_fingerprint(shape, env, runtime, group_size)
     widths = ffn_levels(shape.ffn_size, group_size)
     units = list(range(shape.num_units + 1))
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(TABLE_SEED)
     with tempfile.TemporaryDirectory(prefix="ziplm-table-") as workdir:
         progress(f"latency table: exporting {len(units)} attention and {len(widths)} FFN blocks")
-        blocks = {f"attention/{k}": _export_block(adapter, config, shape, LayerStructure(k, 0), env, Path(workdir))
+        blocks = {f"attention/{k}": export_block(adapter, config, LayerStructure(k, 0), env, Path(workdir))
                   for k in units}
-        blocks |= {f"ffn/{w}": _export_block(adapter, config, shape, LayerStructure(0, w), env, Path(workdir))
+        blocks |= {f"ffn/{w}": export_block(adapter, config, LayerStructure(0, w), env, Path(workdir))
                    for w in widths}
-        progress(f"latency table: timing {len(blocks)} blocks x {settings.block_rounds} rounds, interleaved")
+        progress(f"latency table: timing {len(blocks)} blocks x {measure.block_rounds} rounds, interleaved")
         sessions = {name: runtime.load(path) for name, path in blocks.items()}
-        block_stats, block_load = time_sessions(sessions, _block_inputs(shape, env), settings.block_rounds,
-                                                settings.warmup, settings.guard)
-        _report_load("blocks", block_load, settings, progress)
+        block_inputs = adapter.block_inputs(config, env.batch_size, env.sequence_length)
+        block_stats, block_load = time_sessions(sessions, block_inputs, measure.block_rounds, TABLE_WARMUP,
+                                                measure.guard)
+        _report_load("blocks", block_load, measure, progress)
         attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
         ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
         table = LatencyTable(
@@ -204,42 +212,35 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, settings: TableSett
             machine_load={"blocks": block_load.to_json()},
         )
         progress("latency table: measuring calibration models end to end")
-        _calibrate(table, config, shape, env, runtime, settings, Path(workdir), progress)
+        _calibrate(table, config, shape, env, runtime, measure, Path(workdir), progress)
     progress(f"latency table: base {table.base_ms:.2f} ms, correction x{table.correction.scale:.3f} "
              f"{table.correction.offset:+.2f} ms")
     return table
 
 
 class LayerBlock(nn.Module):
-    """One layer of a family, callable as (hidden_states, attention_mask) -> hidden_states for export."""
+    """One layer of a family, called with its adapter's block inputs (keyword tensors) for export."""
 
     def __init__(self, adapter: FamilyAdapter, layer: nn.Module) -> None:
         super().__init__()
         self.adapter = adapter
         self.layer = layer
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.adapter.run_layer(self.layer, hidden_states, attention_mask)
+    def forward(self, **block_inputs: torch.Tensor) -> torch.Tensor:
+        output = self.adapter.run_layer(self.layer, **block_inputs)
+        return output[0] if isinstance(output, tuple) else output
 
 
-def _block_inputs(shape: ModelShape, env: InferenceEnv) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {
-        "hidden_states": rng.standard_normal((env.batch_size, env.sequence_length, shape.hidden_size), np.float32),
-        "attention_mask": np.zeros((env.batch_size, 1, 1, env.sequence_length), np.float32),
-    }
-
-
-def _export_block(adapter: FamilyAdapter, config: PretrainedConfig, shape: ModelShape, structure: LayerStructure,
-                  env: InferenceEnv, workdir: Path) -> Path:
+def export_block(adapter: FamilyAdapter, config: PretrainedConfig, structure: LayerStructure, env: InferenceEnv,
+                 workdir: Path) -> Path:
+    """One freshly initialised layer shrunk to `structure`, deployed in the environment's precision, as ONNX."""
     layer = adapter.new_layer(config).eval()
-    adapter.shrink_layer(layer, shape, structure)
-    axes = {"hidden_states": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 3: "sequence"}}
+    adapter.shrink_layer(layer, adapter.shape(config), structure)
     path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
-    inputs = _block_inputs(shape, env)
+    inputs = adapter.block_inputs(config, env.batch_size, env.sequence_length)
     block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
                        [_as_tensors(inputs)])
-    return export_module(block, path, inputs, axes, "hidden_states_out")
+    return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out")
 
 
 def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -254,7 +255,7 @@ def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], r
     return time_interleaved_guarded(runners, rounds, warmup, guard)
 
 
-def _report_load(timing: str, load: MachineLoad, settings: TableSettings, progress: Progress) -> None:
+def _report_load(timing: str, load: MachineLoad, measure: MeasurementPolicy, progress: Progress) -> None:
     """Say what other work on the machine did to one of the table's timings, and warn when it stayed busy."""
     note = load.note("chunks")
     if note:
@@ -262,8 +263,8 @@ def _report_load(timing: str, load: MachineLoad, settings: TableSettings, progre
     if load.disturbed:
         worst = max(value for value in load.other_loads if value is not None)
         warnings.warn(f"latency table ({timing}): {load.disturbed} of {len(load.other_loads)} timing chunks were "
-                      f"taken while other work kept {worst:.2f} cores busy (limit {settings.max_other_load:g}), after "
-                      f"{settings.retakes} retakes each; every member is solved from this table: rebuild it with "
+                      f"taken while other work kept {worst:.2f} cores busy (limit {measure.max_other_load:g}), after "
+                      f"{measure.retakes} retakes each; every member is solved from this table: rebuild it with "
                       "nothing else running (`ziplm latency-table --rebuild`, same environment)", BusyMachineWarning,
                       stacklevel=2)
 
@@ -288,12 +289,12 @@ def random_structure(shape: ModelShape, widths: list[int], rng: random.Random) -
 
 
 def _calibrate(table: LatencyTable, config: PretrainedConfig, shape: ModelShape, env: InferenceEnv,
-               runtime: Runtime, settings: TableSettings, workdir: Path, progress: Progress) -> None:
+               runtime: Runtime, measure: MeasurementPolicy, workdir: Path, progress: Progress) -> None:
     """Measure calibration models end to end in one interleaved run; set base and fit the correction."""
-    structures = calibration_structures(shape, table.ffn_levels, settings.random_calibration_models, settings.seed)
-    stats, load = measure_structures(config, structures, env, runtime, settings.calibration_rounds, settings.warmup,
-                                     workdir, settings.guard)
-    _report_load("calibration", load, settings, progress)
+    structures = calibration_structures(shape, table.ffn_levels, measure.random_calibration_models, TABLE_SEED)
+    stats, load = measure_structures(config, structures, env, runtime, measure.calibration_rounds, TABLE_WARMUP,
+                                     workdir, measure.guard)
+    _report_load("calibration", load, measure, progress)
     table.machine_load["calibration"] = load.to_json()
     table.base_ms = stats["uniform-0"].median_ms
     predicted = np.array([table.predict_ms(s, corrected=False) for s in structures.values()])
@@ -319,10 +320,10 @@ def anchored_fit(predicted: np.ndarray, measured: np.ndarray, base_ms: float) ->
 def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
                        runtime: Runtime, rounds: int, warmup: int, workdir: Path,
                        guard: LoadGuard = LoadGuard()) -> tuple[dict[str, TimingStats], MachineLoad]:
-    """Export a random-weight classifier per structure (in the environment's precision; INT8 scales from random
+    """Export a random-weight model (with the config's head) per structure (in the environment's precision; INT8 scales from random
     tokens) and time them all interleaved in one run (guarded: time_sessions)."""
     adapter = adapter_for(config)
-    inputs = encoder_inputs(config.vocab_size, env.batch_size, env.sequence_length)
+    inputs = adapter.example_inputs(config, env.batch_size, env.sequence_length)
     sessions = {}
     for name, structure in structures.items():
         model = deployable(build_model(config, structure=structure), adapter.prunable_linears, env.precision,

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import adapter_for
-from ziplm.tasks.classification import TaskData
 from ziplm.runtimes.base import Precision
+from ziplm.tasks import Task
 from ziplm.stages import obert
 from ziplm.stages.distill import DistillSettings, distill
 from ziplm.stages.obert import OBertSettings
@@ -91,42 +90,41 @@ class ChainSettings(BaseModel):
 @dataclass
 class Finished:
     """A member after the chain: the model to deploy, the structured model before oBERT and QAT (the point gradual
-    ZipLM prunes the next target from), and the validation accuracy after each fine-tuning stage (where a compound
-    member's accuracy went)."""
+    ZipLM prunes the next target from), and the task's validation metric after each fine-tuning stage."""
 
     model: PreTrainedModel
     structured: PreTrainedModel
-    accuracy_by_stage: dict[str, float]
+    metric_by_stage: dict[str, float]
 
 
-def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: TaskData,
-           chain: ChainSettings, quantization: QuantSettings, accuracy: Callable[[nn.Module], float],
-           progress: Callable[[str], None]) -> Finished:
-    """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says; measure
-    `accuracy` after each (reported only: nothing is chosen by it)."""
+def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+           chain: ChainSettings, quantization: QuantSettings, progress: Callable[[str], None]) -> Finished:
+    """Fine-tune a stitched member in place: distillation, then gradual oBERT, then QAT, as the chain says; score it
+    on the task after each (reported only: nothing is chosen by it)."""
     first = chain.first_distillation
     if chain.distillation is None or first is None:
         raise ValueError("the chain fine-tunes nothing without chain.distillation")
-    accuracy_by_stage: dict[str, float] = {}
+    metric_by_stage: dict[str, float] = {}
 
     def done(stage: str) -> None:
-        accuracy_by_stage[stage] = accuracy(model)
-        progress(f"{stage}: accuracy {accuracy_by_stage[stage]:.4f}")
+        metric = task.evaluate(model, tokenizer)
+        metric_by_stage[stage] = metric.value
+        progress(f"{stage}: {metric.name} {metric.value:.4f}")
 
     progress(f"distillation: {first.epochs} epochs on {len(task.train)} examples")
-    distill(model, teacher, tokenizer, task.train, first, progress)
+    distill(model, teacher, tokenizer, task, task.train, first, progress)
     done("distillation")
     structured = copy.deepcopy(model).eval()
     masks = None
     if chain.obert:
         progress(f"oBERT: gradual to {chain.obert.sparsity:.0%} sparsity in {chain.obert.pruning_steps} steps")
-        masks = obert.gradual(model, teacher, tokenizer, task.train, chain.obert, chain.distillation, progress)
+        masks = obert.gradual(model, teacher, tokenizer, task, chain.obert, chain.distillation, progress)
         done("obert-gradual")
     if chain.qat:
         progress("INT8 QAT: calibrate the activation scales, then distill through the fake-quant model")
         prepare_qat(model, adapter_for(model.config), quantization)
-        calibrate_activations(model, tokenizer, task.calibration, quantization)
+        calibrate_activations(model, tokenizer, task)
         done("int8-calibration")
-        distill(model, teacher, tokenizer, task.train, chain.distillation, progress, masks)
+        distill(model, teacher, tokenizer, task, task.train, chain.distillation, progress, masks)
         done("int8-qat")
-    return Finished(model.eval(), structured, accuracy_by_stage)
+    return Finished(model.eval(), structured, metric_by_stage)

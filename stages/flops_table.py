@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from ziplm.families import ModelShape
-from ziplm.runtimes.latency_table import Correction, LatencyTable
+from ziplm.stages.latency_table import Correction, LatencyTable
 
 
 def attention_unit_flops(shape: ModelShape, tokens: int, sequence: int) -> float:

@@ -1,0 +1,128 @@
+"""The task contract: what a model is trained, distilled, calibrated and scored on, so that stages never know which
+task they serve.
+
+A Task holds its three splits (train, validation, calibration), encodes a batch of examples for a model (with the
+task's `max_length`), names the model head it needs, computes its loss from a model's outputs, and scores a model
+as a `Metric` that knows which direction is better. `load_task` builds the task a recipe's `task:` section names.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example: a text (and an optional second segment) and its label id (None where the task has none)."""
+
+    text: str
+    text_pair: str | None
+    label: int | None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A model's score on a task's validation split."""
+
+    name: str
+    value: float
+    higher_is_better: bool
+    size: int  # examples scored
+
+    def loss_from(self, reference: float) -> float:
+        """How much worse than `reference` this value is (positive = worse), whichever direction is better."""
+        return reference - self.value if self.higher_is_better else self.value - reference
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "higher_is_better": self.higher_is_better,
+                "validation_size": self.size}
+
+
+class Task(ABC):
+    """A loaded task: its splits, how it encodes, trains and scores (see the module docstring)."""
+
+    metric_name: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    head: ClassVar[str]  # the model head it trains and scores (a key of families.loading.HEADS)
+
+    def __init__(self, name: str, train: list[Example], validation: list[Example], calibration: list[Example],
+                 fingerprint: str, max_length: int, batch_size: int) -> None:
+        self.name = name
+        self.train, self.validation, self.calibration = train, validation, calibration
+        self.fingerprint = fingerprint
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @abstractmethod
+    def new_model(self, source: str) -> PreTrainedModel:
+        """The pretrained model at `source` with this task's head (new where the checkpoint has none), to fine-tune."""
+
+    @abstractmethod
+    def targets(self, batch: Sequence[Example], device: torch.device) -> torch.Tensor:
+        """What the loss compares a batch's outputs with (label ids for classification)."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The task loss of one batch's outputs (see `outputs`)."""
+
+    @abstractmethod
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The metric's sum over one batch (e.g. the number of correct predictions)."""
+
+    def outputs(self, model_output: object) -> torch.Tensor:
+        """The tensor a model's output is scored and distilled on: its logits (or the tensor a session returns)."""
+        return model_output if isinstance(model_output, torch.Tensor) else model_output.logits
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Example],
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Tokenize one batch, padded to its longest member (pairs as the tokenizer's second segment)."""
+        pairs = [e.text_pair for e in batch] if batch[0].text_pair is not None else None
+        encoded = tokenizer([e.text for e in batch], pairs, truncation=True, max_length=self.max_length, padding=True,
+                            return_tensors="pt")
+        return {name: tensor.to(device) for name, tensor in encoded.items()}
+
+    def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """The task loss of `model` on one encoded batch."""
+        return self.loss(self.outputs(model(**inputs)), targets)
+
+    def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                 examples: Sequence[Example] | None = None) -> Metric:
+        """The metric on `examples` (default: the validation split). Works for any module called with the
+        tokenizer's outputs as keyword tensors (a PyTorch model, or an ONNX session as runtimes.SessionModule);
+        batches are formed from examples of similar length, and the module's train/eval mode is restored."""
+        examples = self.validation if examples is None else examples
+        if not examples:
+            raise ValueError("cannot score a model on an empty set of examples")
+        order = sorted(examples, key=lambda e: len(e.text) + len(e.text_pair or ""))
+        was_training, device = model.training, model_device(model)
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for batch in batches(order, self.batch_size):
+                outputs = self.outputs(model(**self.encode(tokenizer, batch, device)))
+                total += self.score(outputs, self.targets(batch, outputs.device))
+        model.train(was_training)
+        return Metric(self.metric_name, total / len(examples), self.higher_is_better, len(examples))
+
+
+def batches(examples: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
+    """Consecutive slices of `size` examples (the last one may be shorter), in the given order."""
+    for i in range(0, len(examples), size):
+        yield examples[i: i + size]
+
+
+def batch_count(examples: Sequence[Example], size: int) -> int:
+    return math.ceil(len(examples) / size)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
