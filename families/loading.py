@@ -25,13 +25,13 @@ RECORD_PREFIX = "ziplm_"  # config.json keys the pipeline writes
 # Re-applies one recorded transformation to a rebuilt model whose float weights are loaded: (model, adapter, record).
 Restore = Callable[[PreTrainedModel, FamilyAdapter, Any], None]
 
-_HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
+HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
 
 
 def model_class(head: str) -> type:
-    if head not in _HEADS:
-        raise BadInputError(f"unknown model head {head!r}; choose one of {', '.join(_HEADS)}")
-    return _HEADS[head]
+    if head not in HEADS:
+        raise BadInputError(f"unknown model head {head!r}; choose one of {', '.join(HEADS)}")
+    return HEADS[head]
 
 
 # Shapes by name, for latency work where weights do not matter (ASSETS.md: a random bert-base serves).

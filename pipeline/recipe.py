@@ -8,12 +8,12 @@
     effort: standard                 # how hard to measure: quick | standard | thorough (runtimes.policy)
     latency_table: {group_size: 32}  # see TableSettings
     calibration: {samples: 512}      # see CalibrationSettings
-    ziplm: {damping_frac: 0.01}      # see ZipLMSettings
+    ziplm: {damping_frac: 0.01}      # see ZipLMSettings (`gradual: true`: each target pruned from the previous member)
     verification: {tolerance: 0.03}  # see VerificationSettings (`reference: fp32`: INT8 speedups over dense FP32)
     targets: [1.5, 2.0, 2.5, 3.0]    # speedups over the dense model, measured in the environment
     slas: [{p90_ms: 12.0}]           # latency SLAs, one member each; see LatencySLA
     quantization: {observer: minmax} # INT8 activation scales, when environment.precision is int8; see QuantSettings
-    chain: {gradual: true, distillation: {epochs: 2}}  # fine-tuning stages after ZipLM; see stages/chain.py
+    chain: [{distill: {epochs: 2}}, {qat: {}}]  # fine-tuning stages after ZipLM, in order; see stages/chain.py
 
 A latency SLA sets exactly one of `p90_ms` or `median_ms` (at most that many ms per call) and may repeat the
 environment's `batch_size` / `sequence_length` (another value is rejected: SLAs are measured at the latency table's
@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from ziplm.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Precision
 from ziplm.runtimes.policy import Effort
 from ziplm.stages.calibrate import CalibrationSettings
-from ziplm.stages.chain import ChainSettings
+from ziplm.stages.chain import ChainStage, parse_stage, stage_names
 from ziplm.stages.closed_loop import LatencySLA, VerificationSettings
 from ziplm.stages.finetune import FinetuneConfig
 from ziplm.stages.latency_table import TableSettings
@@ -47,6 +47,7 @@ from ziplm.stages.ziplm import ZipLMSettings
 from ziplm.tasks import TaskSpec
 
 DEFAULT_RECIPE = "minilm_mr"
+CHAIN_EXAMPLE = "chain: [{distill: {epochs: 6}}, {obert: {sparsity: 0.8, distillation: {epochs: 2}}}, {qat: {}}]"
 _EFFORT = "effort (quick | standard | thorough: how hard to measure)"
 # Keys of earlier versions, by section, and what replaced each.
 REMOVED_KEYS: dict[str, dict[str, str]] = {
@@ -79,9 +80,26 @@ class Recipe(BaseModel):
     ziplm: ZipLMSettings = Field(default_factory=ZipLMSettings)
     verification: VerificationSettings = Field(default_factory=VerificationSettings)
     quantization: QuantSettings = Field(default_factory=QuantSettings)  # used when environment.precision is int8
-    chain: ChainSettings = Field(default_factory=ChainSettings)
+    chain: list[ChainStage] = Field(default_factory=list)
     targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])
     slas: list[LatencySLA] = Field(default_factory=list)
+
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _registered_stages(cls, chain: Any) -> list[ChainStage]:
+        if not isinstance(chain, list):
+            raise ValueError("the chain is an ordered list of stages, e.g. [{distill: {epochs: 2}}, {qat: {}}]")
+        stages = []
+        for index, entry in enumerate(chain):
+            try:
+                stages.append(parse_stage(entry))
+            except ValueError as error:
+                raise ValueError(f"chain entry {index}: {error}") from None
+        return stages
+
+    @field_serializer("chain")
+    def _dump_chain(self, chain: list[ChainStage]) -> list[dict[str, Any]]:
+        return [stage.cache_key() for stage in chain]
 
     @field_validator("targets")
     @classmethod
@@ -95,10 +113,11 @@ class Recipe(BaseModel):
         if not self.targets and not self.slas:
             raise ValueError("give at least one speedup target (targets: [2.0]) or latency SLA (slas: [{p90_ms: 12}])")
         env = self.environment
-        if self.chain.qat and env.precision != "int8":
-            raise ValueError("chain.qat trains the INT8 model, but environment.precision is "
-                             f"{env.precision}: set environment.precision: int8 (the latency table is then "
-                             "measured on INT8 blocks, so the targets hold for the INT8 file)")
+        for stage in self.chain:
+            if stage.needs_int8 and env.precision != "int8":
+                raise ValueError(f"chain stage {stage.name} trains the INT8 model, but environment.precision is "
+                                 f"{env.precision}: set environment.precision: int8 (the latency table is then "
+                                 "measured on INT8 blocks, so the targets hold for the INT8 file)")
         for sla in self.slas:
             for key in ("batch_size", "sequence_length"):
                 if getattr(sla, key) not in (None, getattr(env, key)):
@@ -123,6 +142,11 @@ class Recipe(BaseModel):
         """An INT8 family whose targets are over FP32: its members are timed beside the dense FP32 model, and its
         INT8 latency table's speedups are scaled by the precision factor (stages/verify.py: PrecisionFactor)."""
         return self.environment.precision == "int8" and self.reference_precision == "fp32"
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages a member of this recipe goes through, in order (its manifest's `stages`)."""
+        return stage_names(self.chain, self.ziplm.gradual, self.environment.precision == "int8")
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -164,13 +188,14 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
 
 def removed_keys(payload: dict[str, Any]) -> list[str]:
     """One line per key of an earlier version that the recipe still sets, naming what replaced it."""
-    chain = payload.get("chain") if isinstance(payload.get("chain"), dict) else {}
     places = [(section, payload.get(section), section) for section in REMOVED_KEYS]
-    places += [(f"chain.{key}", chain.get(key), "teacher")  # the chain's fine-tuning settings had the teacher's keys
-               for key in ("distillation", "structured_distillation", "obert")]
-    return [f"  '{place}.{key}' is no longer a setting: use {REMOVED_KEYS[section][key]}"
-            for place, mapping, section in places if isinstance(mapping, dict)
-            for key in sorted(set(mapping) & set(REMOVED_KEYS[section]))]
+    lines = [f"  '{place}.{key}' is no longer a setting: use {REMOVED_KEYS[section][key]}"
+             for place, mapping, section in places if isinstance(mapping, dict)
+             for key in sorted(set(mapping) & set(REMOVED_KEYS[section]))]
+    if isinstance(payload.get("chain"), dict):
+        lines.append(f"  'chain' is now an ordered list of stages: {CHAIN_EXAMPLE}; 'chain.gradual' is "
+                     "'ziplm: {gradual: true}', 'structured_distillation' is the first distill stage's own settings")
+    return lines
 
 
 def _explain(error: dict[str, Any]) -> str:

@@ -96,11 +96,11 @@ def build_family(recipe: Recipe, inputs: Inputs, stages: StageCache) -> Family:
                    key=lambda goal: goal[0])
     start, members, database = Start(inputs.dense, inputs.dense_key), [], None
     for goal in goals:
-        if database is None or recipe.chain.gradual:
+        if database is None or recipe.ziplm.gradual:
             database = database_stage(recipe, inputs, start, stages)
         member = member_stage(recipe, inputs, start, goal, database, refs, stages)
         members.append(member.value)
-        if recipe.chain.gradual:
+        if recipe.ziplm.gradual:
             start = Start(member.value.structured, member.key)
     return Family(refs, members, database.value)
 
@@ -195,7 +195,7 @@ def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCa
                           lambda _, progress: collect_hessians(start.model, inputs.tokenizer, adapter, inputs.task,
                                                                recipe.calibration, progress))
     group_size = inputs.table.group_size
-    return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(),
+    return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(exclude={"gradual"}),
                                    "group_size": group_size},
                       lambda _, progress: zipl.build_database(start.model, adapter, hessians.value, group_size,
                                                               recipe.ziplm, progress))
@@ -262,7 +262,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     # reading near the target, so that reading is biased toward it); a structure the chain fine-tunes is accepted when
     # that verdict is within half the tolerance: its fine-tuned file is measured again and has the whole tolerance to
     # land in
-    fine_tunes = recipe.chain.fine_tunes
+    fine_tunes = bool(recipe.chain)
     accept = recipe.verification.tolerance / (2 if fine_tunes else 1)
 
     def build(folder: Path, progress: Callable[[str], None]) -> Member:
@@ -292,7 +292,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
                                    "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
                                    "target": target, "sla": sla.model_dump() if sla else None,
                                    "verification": recipe.verification.model_dump(), "effort": recipe.effort,
-                                   **_precision(recipe, env.precision), "chain": recipe.chain.model_dump(),
+                                   **_precision(recipe, env.precision), "chain": [stage.cache_key() for stage in recipe.chain],
                                    "task": inputs.task.fingerprint},
                         build, label=sla.label if sla else f"{target:g}x")
     member = dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])

@@ -98,8 +98,8 @@ class PairedVerifier:
             warnings.warn(f"the {len(checks)} paired measurements of {member_onnx.name} disagree: their median "
                           f"{verdict.speedup.value:.3f}x has the 95% interval [{verdict.speedup.ci_low:.3f}, "
                           f"{verdict.speedup.ci_high:.3f}], wider than +-{policy.verdict_width:.0%}: the "
-                          "machine's speed shifts while it measures; verify on a quieter machine, or raise "
-                          "max_verdict_repeats", WideIntervalWarning, stacklevel=2)
+                          "machine's speed shifts while it measures; verify on a quieter machine, or with effort: "
+                          "thorough", WideIntervalWarning, stacklevel=2)
         return verdict
 
     def settled(self, checks: list[LatencyCheck]) -> bool:

@@ -6,7 +6,7 @@ consecutive weights from (1/lambda) I by Sherman-Morrison, `rho` is the saliency
 follows the cubic schedule with distillation (ziplm.stages.distill) between pruning steps. Both prune the family
 adapter's `prunable_linears` with one global threshold and return masks (ziplm.stages.masks) that only grow.
 
-Recipe snippet::
+Settings (the chain's `obert` stage adds `pruning_steps` and `distillation`, stages/chain.py)::
 
     obert:
       sparsity: 0.8             # of the prunable weights (attention Q/K/V/O and FFN of every layer)
@@ -15,8 +15,6 @@ Recipe snippet::
       gradient_batch_size: 8
       damping: 1.0e-7           # lambda
       chunk: 16                 # gradients folded into Finv at once
-      recomputations: 1         # k, one-shot only
-      pruning_steps: 4          # gradual only, distillation after each
       seed: 0
 
 Memory does not grow with m: Finv holds d * B float64 values per linear (see `initial_fisher_inverse` for why not
@@ -58,8 +56,6 @@ class OBertSettings(BaseModel):
     gradient_batch_size: int = Field(8, ge=1, description="examples per gradient")
     damping: float = Field(1e-7, gt=0.0, description="lambda in F = lambda I + (1/m) sum g g^T")
     chunk: int = Field(16, ge=1, description="gradients folded into Finv at once (held as chunk x weights floats)")
-    recomputations: int = Field(1, ge=1, description="k: one-shot steps, each with a fresh Fisher")
-    pruning_steps: int = Field(4, ge=1, description="gradual: pruning steps, distillation after each")
     seed: int = 0
 
 
@@ -129,28 +125,29 @@ def cubic_sparsity(x: float, s_i: float, s_f: float) -> float:
 
 
 def oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
-            settings: OBertSettings, progress: Callable[[str], None] = print, masks: Masks | None = None) -> Masks:
+            settings: OBertSettings, progress: Callable[[str], None] = print, masks: Masks | None = None,
+            recomputations: int = 1) -> Masks:
     """Prune `model` in place to `settings.sparsity` of its prunable weights; returns the masks.
 
     The sparsity ramps along the cubic schedule over k = `recomputations` steps, each with a Fisher computed on the
     current weights from the task's training examples (the task's loss). Given `masks` are kept pruned (masks only grow).
     """
     masks = _start_masks(model, settings, masks)
-    for sparsity in _schedule(settings.recomputations, masks_sparsity(masks), settings.sparsity):
+    for sparsity in _schedule(recomputations, masks_sparsity(masks), settings.sparsity):
         masks = prune_step(model, tokenizer, task, settings, sparsity, masks, progress)
     return masks
 
 
 def gradual(student: PreTrainedModel, teacher: nn.Module, tokenizer: PreTrainedTokenizerBase,
             task: Task, settings: OBertSettings, distill_settings: DistillSettings,
-            progress: Callable[[str], None] = print, masks: Masks | None = None) -> Masks:
+            progress: Callable[[str], None] = print, masks: Masks | None = None, pruning_steps: int = 4) -> Masks:
     """Gradual oBERT: `pruning_steps` steps along the cubic schedule to `settings.sparsity`, each an oBERT step
     followed by distillation from `teacher` with the masks held fixed (a fresh learning-rate schedule per step, as
     the paper fine-tunes between steps). Prunes and trains `student` in place; returns the final masks."""
     masks = _start_masks(student, settings, masks)
-    for step, sparsity in enumerate(_schedule(settings.pruning_steps, masks_sparsity(masks), settings.sparsity), 1):
+    for step, sparsity in enumerate(_schedule(pruning_steps, masks_sparsity(masks), settings.sparsity), 1):
         masks = prune_step(student, tokenizer, task, settings, sparsity, masks, progress)
-        progress(f"gradual step {step}/{settings.pruning_steps}: distillation at sparsity {sparsity:.4f}")
+        progress(f"gradual step {step}/{pruning_steps}: distillation at sparsity {sparsity:.4f}")
         distill(student, teacher, tokenizer, task, task.train, distill_settings, progress, masks)
     return masks
 

@@ -7,7 +7,7 @@ Orchestration around the pure math in obs.py and search.py:
 2. `solve`: the DP over all modules for one speedup target, with the time budget from the corrected table.
 3. `stitch`: the teacher with each module shrunk to its chosen level, with that level's OBS-updated weights.
 
-    ziplm: {damping_frac: 0.01, error: reconstruction}
+    ziplm: {damping_frac: 0.01, error: reconstruction, gradual: false}
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class ZipLMSettings(BaseModel):
     damping_frac: float = Field(0.01, gt=0.0, description="lambda = damping_frac * mean(diag H)")
     error: Literal["reconstruction", "saliency"] = Field(
         "reconstruction", description="layer error the search minimises: measured output error, or summed rho")
+    gradual: bool = Field(False, description="targets in increasing order, each pruned from the previous member "
+                                             "(after its chain's fine-tuning), calibrated and searched again")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -14,7 +15,9 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from ziplm.tasks.classification import Example
+from ziplm.runtimes.policy import policy
+from ziplm.tasks import Example
+from ziplm.tasks.classification import ClassificationTask
 
 POSITIVE_WORDS = ["good", "great", "fine", "nice"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "dull"]
@@ -44,6 +47,15 @@ def toy_sentiment_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 def toy_examples(n: int, seed: int = 0) -> list[Example]:
     """toy_sentiment_rows as task examples (negative=0, positive=1), for stages that take examples directly."""
     return [Example(row["text"], None, int(row["label"] == "positive")) for row in toy_sentiment_rows(n, seed)]
+
+
+def toy_task(n: int = 96, seed: int = 0, max_length: int = 32, batch_size: int = 16) -> ClassificationTask:
+    """A classification task over toy examples: half train, a quarter validation, a quarter calibration."""
+    examples = toy_examples(n, seed)
+    train, validation, calibration = examples[: n // 2], examples[n // 2: 3 * n // 4], examples[3 * n // 4:]
+    return ClassificationTask(label_names=["negative", "positive"], dropped_rows=0, name="toy", train=train,
+                              validation=validation, calibration=calibration, fingerprint=f"toy-{n}-{seed}",
+                              max_length=max_length, batch_size=batch_size)
 
 
 @pytest.fixture
@@ -97,23 +109,18 @@ def write_tiny_bert(out: Path) -> Path:
     return out
 
 
-# verdicts of 5 paired measurements, then 7 and 9 while unsettled (a tiny model's timings always are): few, so that
-# the suite stays fast, and enough to take the settling path
-TINY_VERDICTS = {"finished_repeats": 5, "max_verdict_repeats": 9}
-
-
 def tiny_recipe(model_dir: Path, data: Path, **overrides: Any) -> dict[str, Any]:
     """A recipe for the tiny BERT and toy task whose whole `ziplm run` takes seconds (one target, 1.3x)."""
     return {
         "name": "tiny",
         "model": str(model_dir),
-        "task": {"data": str(data), "calibration_fraction": 0.25},
-        "teacher": {"epochs": 1, "batch_size": 16, "max_length": 32},
+        "task": {"data": str(data), "calibration_fraction": 0.25, "max_length": 32, "batch_size": 16},
+        "teacher": {"epochs": 1},
         "environment": {"threads": 1, "sequence_length": 32},
-        "latency_table": {"group_size": 16, "block_rounds": 5, "calibration_rounds": 5, "warmup": 1,
-                          "random_calibration_models": 1},
+        "effort": "quick",  # verdicts of 5 to 9 measurements: few, and enough to take the settling path
+        "latency_table": {"group_size": 16},
         "calibration": {"samples": 32},
-        "verification": {"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1, **TINY_VERDICTS},
+        "verification": {"tolerance": 0.5, "max_rounds": 2},
         "targets": [1.3],
     } | overrides
 
@@ -141,14 +148,23 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- shapes for structure, export, runtime and latency-table tests ----------------------------------------------
 
 
-def tiny_bert_config(hidden: int = 64, layers: int = 3, heads: int = 4, ffn: int = 128) -> BertConfig:
-    return BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      intermediate_size=ffn, max_position_embeddings=160, num_labels=2)
+SIZES = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+         "ffn": "intermediate_size"}
+
+
+def tiny_bert_config(**sizes: int) -> BertConfig:
+    """The BERT adapter's tiny config (3 layers, hidden 64, 4 heads of 16, FFN 128: small enough for CI, big enough to
+    shrink unevenly), with any of `SIZES` changed."""
+    from ziplm.families.bert import BertAdapter
+
+    config = BertAdapter().tiny_config()
+    for size, value in sizes.items():
+        setattr(config, SIZES[size], value)
+    return config
 
 
 @pytest.fixture
 def tiny_config() -> BertConfig:
-    """3 layers, hidden 64, 4 heads of 16, FFN 128: small enough for CI, big enough to shrink unevenly."""
     return tiny_bert_config()
 
 
@@ -174,9 +190,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_table():
     from ziplm.runtimes import InferenceEnv
-    from ziplm.stages.latency_table import TableSettings, build_table
+    from ziplm.stages.latency_table import build_table
 
-    settings = TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
-                             random_calibration_models=1, retakes=0)
-    return build_table(tiny_bert_config(), InferenceEnv(threads=1, sequence_length=16), settings,
+    return build_table(tiny_bert_config(), InferenceEnv(threads=1, sequence_length=16), 32, QUICK_UNGUARDED,
                        progress=lambda _: None)
+
+
+# the quick policy without retakes: the guard has its own tests; here a loaded machine must not slow the build
+QUICK_UNGUARDED = dataclasses.replace(policy("quick"), retakes=0)
+
+
+# --- a real PairedVerifier whose paired timings are scripted -------------------------------------------------
+
+
+@pytest.fixture
+def tiny_verifier(tmp_path, monkeypatch):
+    """A real PairedVerifier beside a tiny exported model, whose paired timings report the other loads it is given."""
+    import ziplm.runtimes.paired as paired
+    import ziplm.runtimes.timing as timing
+    from ziplm.families import adapter_for
+    from ziplm.families.loading import build_model
+    from ziplm.runtimes import InferenceEnv, get_runtime
+    from ziplm.runtimes.timing import Speedup, TimingStats
+    from ziplm.stages.export import export_model
+
+    env = InferenceEnv(threads=1, sequence_length=16)
+    config = tiny_bert_config()
+    onnx = export_model(build_model(config), tmp_path / "model.onnx", 1, 16)
+    loads: list[float | None] = []
+
+    def time_paired(*_, **__):
+        load = loads.pop(0) if loads else 0.0
+        value = SCRIPTED.pop(0) if SCRIPTED else 2.0 + (load or 0.0)
+        return Speedup(value, 1.9, 2.1, 0.95, 60, load), TimingStats((10.0,)), TimingStats((5.0,))
+
+    monkeypatch.setattr(paired, "time_paired", time_paired)
+    monkeypatch.setattr(timing, "RETAKE_PAUSE_S", 0.0)
+    inputs = adapter_for(config).example_inputs(config, 1, 16)
+    standard = policy("standard")  # verdicts of 9 to 27 measurements, 3 retakes above 0.1 cores of other load
+    assert (standard.verdict_repeats, standard.max_verdict_repeats, standard.retakes) == (9, 27, 3)
+    return paired.PairedVerifier(get_runtime(env), env, onnx, inputs, standard, 0.03), onnx, loads
+
+
+SCRIPTED: list[float] = []  # tiny_verifier's scripted speedups (after them: 2 + the load)
+
+
+@pytest.fixture
+def speedups() -> list[float]:
+    """The speedups tiny_verifier's paired timings return, in order; emptied after each test."""
+    yield SCRIPTED
+    SCRIPTED.clear()

@@ -9,17 +9,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import TINY_VERDICTS, tiny_recipe
+from tests.conftest import tiny_recipe
 from ziplm.families import adapter_for
-from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
 from ziplm.pipeline.report import factor_drift_note
-from ziplm.stages.quantize import is_quantized
+from ziplm.stages.quantize import is_quantized, load_model
 
-TINY_DISTILLATION = {"epochs": 1, "batch_size": 16, "max_length": 32}
-VERDICT_COUNTS = (5, 7, 9)  # finished_repeats, then two more at a time up to max_verdict_repeats (TINY_VERDICTS)
+TINY_DISTILLATION = {"epochs": 1}
+VERDICT_COUNTS = (5, 7, 9)  # the quick effort's verdicts: 5 measurements, then two more at a time up to 9
+ROUND_READINGS = (1,)  # the quick effort reads a closed-loop round once
 TINY_OBERT = {"sparsity": 0.5, "block_size": 8, "gradients": 4, "gradient_batch_size": 4, "chunk": 2,
-              "pruning_steps": 2, "max_length": 32}
+              "pruning_steps": 2, "distillation": TINY_DISTILLATION}
 
 
 def run(tmp_path, tiny_bert_dir, toy_sentiment_csv, **overrides):
@@ -30,22 +30,21 @@ def run(tmp_path, tiny_bert_dir, toy_sentiment_csv, **overrides):
 
 def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
-    chain = {"gradual": True, "distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 2},
-             "obert": TINY_OBERT, "qat": True}
+    chain = [{"distill": {"epochs": 2}}, {"obert": TINY_OBERT}, {"qat": {"distillation": TINY_DISTILLATION}}]
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain, targets=[1.3, 1.6],
-                 environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
+                 ziplm={"gradual": True}, environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
     assert result.exit_code in (0, 1), result.output
     output = " ".join(result.output.split())
-    # 2 epochs for the distillation after structured pruning; distillation.epochs (1) for oBERT and QAT
+    # 2 epochs for the distill stage; oBERT's and QAT's own distillation settings (1 epoch) for theirs
     assert "distillation: 2 epochs on" in output and "epoch 2/2" in output and "epoch 2/1" not in output
     out = tmp_path / "out"
     first, second = json.loads((out / "report.json").read_text())["members"]
     for member in (first, second):
-        assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distillation", "obert-gradual", "int8-qat",
-                                    "onnx-export", "paired-verification"]
+        assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distill", "obert", "qat", "onnx-export",
+                                    "paired-verification"]
         assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
-        by_stage = member["rounds"][-1]["accuracy_by_stage"]  # where the accuracy went, stage by stage
-        assert list(by_stage) == ["distillation", "obert-gradual", "int8-calibration", "int8-qat"]
+        by_stage = member["rounds"][-1]["metric_by_stage"]  # where the accuracy went, stage by stage
+        assert list(by_stage) == ["distill", "obert", "int8-calibration", "qat"]
         assert all(0.0 <= value <= 1.0 for value in by_stage.values())
         assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"] is not None
         assert member["speedup_vs_dense_int8"]["measured_speedup"] == member["measured_speedup"]  # over the reference
@@ -57,7 +56,7 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
     for units_1, units_2, ffn_1, ffn_2 in zip(first["structure"]["units"], second["structure"]["units"],
                                               first["structure"]["ffn"], second["structure"]["ffn"]):
         assert units_2 <= units_1 and ffn_2 <= ffn_1
-    reloaded = load_model(str(out / second["name"]))
+    reloaded = load_model(str(out / second["name"]))  # the stages' loader rebuilds the INT8 member
     assert is_quantized(reloaded)
     linears = adapter_for(reloaded.config).prunable_linears(reloaded)
     zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
@@ -65,14 +64,12 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
 
 
 @pytest.mark.parametrize("chain, environment, message", [
-    ({"qat": True, "distillation": TINY_DISTILLATION}, {"precision": "fp32"}, "set environment.precision: int8"),
-    ({"obert": TINY_OBERT}, {}, "chain.obert fine-tunes with distillation"),
-    ({"gradual": True}, {}, "chain.gradual fine-tunes with distillation"),
-    ({"structured_distillation": {"epochs": 4}}, {}, "chain.structured_distillation fine-tunes with distillation"),
-    ({"distillation": TINY_DISTILLATION, "structured_distillation": {"epoch": 4}}, {},
-     "chain.structured_distillation replaces keys of chain.distillation; unknown: ['epoch']"),
-    ({"distillation": TINY_DISTILLATION, "structured_distillation": {"epochs": 0}}, {},
-     "chain.structured_distillation: epochs: Input should be greater than or equal to 1"),
+    ([{"qat": {}}], {"precision": "fp32"}, "chain stage qat trains the INT8 model"),
+    ([{"prune": {}}], {}, "unknown chain stage 'prune'; registered stages: distill, obert, qat"),
+    ([{"distill": {}, "qat": {}}], {}, "each chain entry names one stage and its settings"),
+    ([{"distill": {"epoch": 4}}], {}, "chain entry 0: chain stage distill: unknown key 'epoch' (allowed: epochs, learning_rate"),
+    ([{"obert": {"distillation": {"epochs": 0}}}], {}, "distillation.epochs: Input should be greater than or equal to 1"),
+    ({"gradual": True, "distillation": TINY_DISTILLATION}, {}, "'chain' is now an ordered list of stages"),
 ])
 def test_a_chain_that_cannot_work_is_refused(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv, chain,
                                              environment, message):
@@ -91,13 +88,12 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, targets=[1.3],
                  environment={"threads": 1, "sequence_length": 32, "precision": "int8"},
-                 verification={"tolerance": 0.5, "max_rounds": 2, "timing_rounds": 10, "warmup": 1, **TINY_VERDICTS,
-                               "precision_blocks": 3, "reference": "fp32"})
+                 verification={"tolerance": 0.5, "max_rounds": 2, "reference": "fp32"})
     assert result.exit_code in (0, 1), result.output
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     factor = report["precision_factor"]
-    assert report["speedup_reference"] == "fp32" and factor["blocks"] == 3
+    assert report["speedup_reference"] == "fp32" and factor["blocks"] == 5  # the quick effort's precision blocks
     assert factor["min"] <= factor["value"] <= factor["max"] and report["table_scale"] == factor["value"]
     for folder, precision in (("dense", "fp32"), ("dense-int8", "int8")):
         assert json.loads((out / folder / "manifest.json").read_text())["precision"] == precision
@@ -107,11 +103,11 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
     assert member["dense_own_precision"] == "../dense-int8/model.onnx"
     over_fp32, over_int8 = member["speedup_vs_dense_fp32"], member["speedup_vs_dense_int8"]
     assert over_fp32["measured_speedup"] == member["measured_speedup"] and over_int8["measured_speedup"] > 0
-    # verdicts: finished_repeats measurements, two more at a time while unsettled (VERDICT_COUNTS); the verdict over
+    # verdicts: 5 measurements, two more at a time while unsettled (VERDICT_COUNTS); the verdict over
     # FP32 is the chosen round's reading (confirmed by a verdict when it came within the tolerance)
     final = member["rounds"][member["chosen_round"]]
     assert len(over_fp32["measurements"]) == len(final["measurements"])
-    assert len(over_fp32["measurements"]) in (VERDICT_COUNTS if "screening_measurements" in final else (3,))
+    assert len(over_fp32["measurements"]) in (VERDICT_COUNTS if "screening_measurements" in final else ROUND_READINGS)
     assert len(over_int8["measurements"]) in VERDICT_COUNTS
     # the verdict's dense latencies are dense FP32's (OUT/dense), the cross-check's dense INT8's (OUT/dense-int8)
     dense_fp32, dense_int8 = (json.loads((out / folder / "manifest.json").read_text())["latency_ms"]["median"]
@@ -124,7 +120,7 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
     assert first["solved_for"] == 1.3  # in the target's terms; the table was asked for 1.3 / table_scale
     graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)
-    verified = CliRunner().invoke(app, ["verify", str(out / member["name"]), "--rounds", "10", "--max-repeats", "9"],
+    verified = CliRunner().invoke(app, ["verify", str(out / member["name"]), "--effort", "quick"],
                                   catch_exceptions=False)
     assert verified.exit_code in (0, 1), verified.output
     assert f"{member['name']}: speedup" in " ".join(verified.output.split())
@@ -133,11 +129,10 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
 def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp_path, monkeypatch, tiny_bert_dir,
                                                                             toy_sentiment_csv):
     """A tolerance nothing meets: the finished file misses, so the closed loop goes on and the chain fine-tunes the
-    structure it then chooses, at most verification.finish_rounds times, never the same structure twice."""
+    structure it then chooses, at most FINISH_ROUNDS (2) times, never the same structure twice."""
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
-    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain={"distillation": TINY_DISTILLATION},
-                 verification={"tolerance": 1e-9, "max_rounds": 1, "finish_rounds": 2, "timing_rounds": 5,
-                               "warmup": 0, **TINY_VERDICTS})
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=[{"distill": TINY_DISTILLATION}],
+                 verification={"tolerance": 1e-9, "max_rounds": 1})
     assert result.exit_code == 1, result.output
     (member,) = json.loads((tmp_path / "out" / "report.json").read_text())["members"]
     stages = [r["stage"] for r in member["rounds"]]
@@ -148,35 +143,33 @@ def test_a_fine_tuned_member_that_misses_is_measured_on_and_fine_tuned_again(tmp
         assert member["rounds"][1]["structure"] != member["rounds"][3]["structure"]
     deviations = {i: abs(member["rounds"][i]["deviation"]) for i in finished}
     assert member["chosen_round"] == min(deviations, key=deviations.get)
-    for round_ in member["rounds"]:  # each reading is the median of round_repeats (3) or of a verdict
+    for round_ in member["rounds"]:  # each reading is a closed-loop round's or the median of a verdict
         measurements = sorted(round_["measurements"])
-        assert len(measurements) in (VERDICT_COUNTS if round_["stage"] == "finished" else (3,))
+        assert len(measurements) in (VERDICT_COUNTS if round_["stage"] == "finished" else ROUND_READINGS)
         assert round_["measured_speedup"] == measurements[len(measurements) // 2]
         assert "screening_measurements" not in round_  # no reading came within the tolerance: nothing to confirm
-        assert list(round_.get("accuracy_by_stage", {})) == (["distillation"] if round_["stage"] == "finished" else [])
+        assert list(round_.get("metric_by_stage", {})) == (["distill"] if round_["stage"] == "finished" else [])
     assert "the fine-tuned file missed the target" in result.output
 
 
 def test_a_round_the_chain_will_fine_tune_is_confirmed_by_fresh_measurements(tmp_path, monkeypatch, tiny_bert_dir,
                                                                              toy_sentiment_csv):
-    """A closed-loop round read within the tolerance is measured again (a verdict: finished_repeats times, and more
-    while unsettled); that fresh reading decides whether the loop stops (within half the tolerance, as the chain
+    """A closed-loop round read within the tolerance is measured again (a verdict: 5 times at the quick effort, and
+    more while unsettled); that fresh reading decides whether the loop stops (within half the tolerance, as the chain
     fine-tunes), and the reading it screened at is kept beside it."""
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     tolerance = 0.9
-    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain={"distillation": TINY_DISTILLATION},
-                 verification={"tolerance": tolerance, "max_rounds": 3, "finished_repeats": 4, "max_verdict_repeats": 9,
-                               "timing_rounds": 5,
-                               "warmup": 0})
+    result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=[{"distill": TINY_DISTILLATION}],
+                 verification={"tolerance": tolerance, "max_rounds": 3})
     assert result.exit_code in (0, 1), result.output
     (member,) = json.loads((tmp_path / "out" / "report.json").read_text())["members"]
     stages = [r["stage"] for r in member["rounds"]]
     closed_loop = member["rounds"][:stages.index("finished")]  # the loop up to the first fine-tuning
     for round_ in closed_loop:
         screened = sorted(round_.get("screening_measurements", round_["measurements"]))
-        within = abs(screened[1] / member["target_speedup"] - 1) <= tolerance  # median of round_repeats (3)
+        within = abs(screened[len(screened) // 2] / member["target_speedup"] - 1) <= tolerance
         assert ("screening_measurements" in round_) == within
-        assert len(round_["measurements"]) in ((4, 6, 8, 9) if within else (3,))
+        assert len(round_["measurements"]) in (VERDICT_COUNTS if within else ROUND_READINGS)
     confirmed = [abs(r["deviation"]) <= tolerance / 2 for r in closed_loop]
     assert not any(confirmed[:-1])  # the loop stops on the first confirmed reading within half the tolerance
     assert "screening_measurements" in closed_loop[0]  # a 45% window: the tiny model's first round lands in it

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from tests.conftest import toy_examples
+from tests.conftest import toy_examples, toy_task
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model
 from ziplm.errors import BadInputError
 from ziplm.stages.baselines import global_magnitude_masks
 from ziplm.stages.distill import DistillSettings, distill, distillation_loss
-from ziplm.stages.finetune import encode_batch
 
-QUICK = DistillSettings(epochs=1, batch_size=16, max_length=32, learning_rate=1e-3)
+QUICK = DistillSettings(epochs=1, learning_rate=1e-3)
+TASK = toy_task()
 
 
 def _outputs(model, tokenizer, texts):
@@ -30,20 +31,20 @@ def test_loss_is_zero_when_the_student_is_the_teacher(tiny_bert_dir: Path) -> No
     model = load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     inputs, out = _outputs(model, tokenizer, ["a good film", "the plot was very dull and the actor poor"])
-    labels = torch.tensor([1, 0])
+    task_loss = F.cross_entropy(out.logits, torch.tensor([1, 0]))
     loss = distillation_loss(out.logits, out.logits, out.hidden_states[1:], out.hidden_states[1:],
-                             inputs["attention_mask"], labels, DistillSettings())
+                             inputs["attention_mask"], task_loss, DistillSettings())
     assert float(loss) == pytest.approx(0.0, abs=1e-6)
     with_task = DistillSettings(task_weight=1.0)
     assert float(distillation_loss(out.logits, out.logits, out.hidden_states[1:], out.hidden_states[1:],
-                                   inputs["attention_mask"], labels, with_task)) > 0.1
+                                   inputs["attention_mask"], task_loss, with_task)) > 0.1
 
 
 def test_token_loss_ignores_padded_tokens(tiny_bert_dir: Path) -> None:
     model = load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     inputs, out = _outputs(model, tokenizer, ["a good film", "the plot was very dull and the actor poor"])
-    mask, labels = inputs["attention_mask"], torch.tensor([1, 0])
+    mask, labels = inputs["attention_mask"], torch.tensor(0.0)  # L_task is weighted 0 here
     assert not mask.all()  # the short sentence is padded
     teacher_hidden = out.hidden_states[1:]
     student_hidden = [h + 0.1 for h in teacher_hidden]
@@ -65,7 +66,7 @@ def test_masks_stay_exactly_zero_on_a_structurally_pruned_student(tiny_bert_dir:
     masks = global_magnitude_masks(student, adapter, 0.6)
     before = {name: linear.weight.detach().clone() for name, linear in adapter.prunable_linears(student).items()}
     lines: list[str] = []
-    losses = distill(student, teacher, tokenizer, toy_examples(64), QUICK.model_copy(update={"epochs": 2}),
+    losses = distill(student, teacher, tokenizer, TASK, toy_examples(64), QUICK.model_copy(update={"epochs": 2}),
                      lines.append, masks)
     assert len(losses) == 2 and lines[-1].startswith("epoch 2/2")
     for name, linear in adapter.prunable_linears(student).items():
@@ -78,7 +79,7 @@ def test_distill_rejects_a_teacher_of_another_depth(tiny_bert_dir: Path, tiny_co
     student = load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     with pytest.raises(BadInputError, match="layer l"):
-        distill(student, build_model(tiny_config), tokenizer, toy_examples(16), QUICK, lambda _: None)
+        distill(student, build_model(tiny_config), tokenizer, TASK, toy_examples(16), QUICK, lambda _: None)
 
 
 def test_distillation_reduces_the_loss_towards_the_teacher(tiny_bert_dir: Path) -> None:
@@ -90,18 +91,18 @@ def test_distillation_reduces_the_loss_towards_the_teacher(tiny_bert_dir: Path) 
         for parameter in student.bert.encoder.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     examples = toy_examples(64)
-    batch = encode_batch(tokenizer, examples, 32, torch.device("cpu"))
-    labels = torch.tensor([e.label for e in examples])
+    batch = TASK.encode(tokenizer, examples)
+    labels = TASK.targets(examples, torch.device("cpu"))
 
     def loss() -> float:
         with torch.no_grad():
             s = student(**batch, output_hidden_states=True)
             t = teacher(**batch, output_hidden_states=True)
         return float(distillation_loss(s.logits, t.logits, s.hidden_states[1:], t.hidden_states[1:],
-                                       batch["attention_mask"], labels, QUICK))
+                                       batch["attention_mask"], TASK.loss(s.logits, labels), QUICK))
 
     before = loss()
-    distill(student, teacher, tokenizer, examples, QUICK.model_copy(update={"epochs": 3}), lambda _: None)
+    distill(student, teacher, tokenizer, TASK, examples, QUICK.model_copy(update={"epochs": 3}), lambda _: None)
     student.eval()  # training leaves dropout on
     assert loss() < 0.7 * before
 
@@ -113,7 +114,8 @@ def test_distillation_repeats_exactly_with_the_same_seed(tiny_bert_dir: Path) ->
 
     def distilled(seed: int) -> torch.Tensor:
         student = copy.deepcopy(teacher)
-        distill(student, teacher, tokenizer, toy_examples(32), QUICK.model_copy(update={"seed": seed}), lambda _: None)
+        distill(student, teacher, tokenizer, TASK, toy_examples(32), QUICK.model_copy(update={"seed": seed}),
+                lambda _: None)
         return torch.cat([p.detach().flatten() for p in student.parameters()])
 
     torch.manual_seed(123)

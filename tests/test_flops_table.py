@@ -6,7 +6,6 @@ import pytest
 
 from ziplm.families import ModelStructure
 from ziplm.stages.flops_table import attention_unit_flops, ffn_neuron_flops, flops_table
-from ziplm.stages.search import max_speedup
 
 
 def test_flops_table_matches_dense_and_scales_linearly(tiny_table):
@@ -18,7 +17,7 @@ def test_flops_table_matches_dense_and_scales_linearly(tiny_table):
     # costs are linear in what is kept: half the FFN width costs half
     half = table.ffn_levels.index(shape.ffn_size // 2)
     assert table.ffn_ms[half] == pytest.approx(table.ffn_ms[-1] / 2)
-    assert 1.0 < max_speedup(table) < float("inf")
+    assert 1.0 < table.max_speedup() < float("inf")
     one_unit_each = ModelStructure.uniform(shape, 1, 0)
     tokens = table.environment["batch_size"] * table.environment["sequence_length"]
     ratio = attention_unit_flops(shape, tokens, table.environment["sequence_length"]) / ffn_neuron_flops(shape, tokens)

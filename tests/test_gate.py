@@ -14,7 +14,7 @@ from ziplm.pipeline.cli import app
 from ziplm.errors import BadInputError
 from ziplm.pipeline.recipe import parse_recipe
 from ziplm.runtimes.timing import TimingStats
-from ziplm.stages.verify import LatencySLA
+from ziplm.stages.closed_loop import LatencySLA
 
 
 def invoke(*args: str):
@@ -47,7 +47,7 @@ def test_the_family_has_a_dense_reference_and_an_sla_member(tiny_family):
 def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
     result = invoke("verify", speedup_member(tiny_family), "--min-speedup", "0.2", "--max-latency-ms", "1000",
-                    "--rounds", "10", "--repeats", "5", "--max-repeats", "9", "--junit", junit)
+                    "--effort", "quick", "--junit", junit)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("PASS tiny-1.3x: speedup") and "p90 latency" in result.output
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -63,11 +63,11 @@ def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tm
     family = copy_family(tiny_family, tmp_path)
     path = speedup_member(family) / "manifest.json"
     manifest = json.loads(path.read_text())
-    assert "another CPU" not in invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--rounds", "5",
-                                       "--repeats", "1").output
+    assert "another CPU" not in invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--effort",
+                                       "quick").output
     manifest["runtime"]["device"] = "CPU (AMD EPYC (cpu family 25, model 17; avx avx2 avx512f avx512_vnni))"
     path.write_text(json.dumps(manifest))
-    result = invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--rounds", "5", "--repeats", "1")
+    result = invoke("verify", speedup_member(family), "--min-speedup", "0.2", "--effort", "quick")
     assert result.exit_code == 0, result.output
     assert result.output.rstrip().endswith("[the manifest was measured on another CPU: CPU (AMD EPYC (cpu family 25, "
                                            "model 17; avx avx2 avx512f avx512_vnni))]")
@@ -76,7 +76,7 @@ def test_verify_says_when_the_member_was_measured_on_another_cpu(tiny_family, tm
 def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
     result = invoke("verify", speedup_member(tiny_family), "--max-latency-ms", "0.0001", "--min-speedup", "0.2",
-                    "--rounds", "10", "--repeats", "3", "--max-repeats", "3", "--junit", junit)
+                    "--effort", "quick", "--junit", junit)
     assert result.exit_code == 1
     assert result.output.startswith("FAIL tiny-1.3x") and "0.0001 ms required" in result.output
     suite = ET.parse(junit).getroot().find("testsuite")
@@ -86,7 +86,7 @@ def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_
 
 
 def test_verify_gates_an_sla_member_on_its_own_sla(tiny_family):
-    result = invoke("verify", tiny_family / "tiny-p90-1000ms", "--rounds", "10", "--threads", "1", "--max-repeats", "9")
+    result = invoke("verify", tiny_family / "tiny-p90-1000ms", "--effort", "quick", "--threads", "1")
     assert "p90 latency" in result.output and "1000 ms" in result.output and "speedup" not in result.output
     assert result.exit_code == (0 if result.output.startswith("PASS") else 1)
 

@@ -7,18 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_bert_config
-from ziplm.families import LayerStructure, ModelStructure, adapter_for
-from ziplm.errors import BadInputError
-from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes import base
-from ziplm.runtimes import latency_table as lt
-from ziplm.stages.latency_table import anchored_fit
-from ziplm.runtimes.timing import BusyMachineWarning
+import dataclasses
 
-QUICK = lt.TableSettings(group_size=32, block_rounds=3, calibration_rounds=3, warmup=1, random_calibration_models=1,
-                         retakes=0)  # the guard has its own tests; here a loaded machine must not slow the build
-QUICK_64 = QUICK.model_copy(update={"group_size": 64})
+from tests.conftest import QUICK_UNGUARDED as QUICK
+from tests.conftest import tiny_bert_config
+from ziplm.errors import BadInputError
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.runtimes import InferenceEnv, base, get_runtime
+from ziplm.runtimes.timing import BusyMachineWarning
+from ziplm.stages import latency_table as lt
+from ziplm.stages.latency_table import anchored_fit
+
 ENV = InferenceEnv(threads=1, sequence_length=16)
 
 
@@ -35,7 +34,7 @@ def test_ffn_levels_include_zero_and_full_width():
 
 def test_table_is_built_cached_and_predicts(cache, tiny_config):
     messages: list[str] = []
-    table, cached = lt.get_or_build_table(tiny_config, ENV, QUICK, progress=messages.append)
+    table, cached = lt.get_or_build_table(tiny_config, ENV, 32, QUICK, progress=messages.append)
     assert not cached and any("timing" in m for m in messages)
     assert table.unit_levels == [0, 1, 2, 3, 4] and table.ffn_levels == [0, 32, 64, 96, 128]
     assert table.attention_ms[0] == 0.0 and table.ffn_ms[0] == 0.0 and table.base_ms > 0
@@ -49,14 +48,14 @@ def test_table_is_built_cached_and_predicts(cache, tiny_config):
         table.base_ms + 3 * (table.attention_ms[-1] + table.ffn_ms[-1]))
     assert table.predict_ms(dense) == pytest.approx(table.correction.apply(table.predict_ms(dense, corrected=False)))
 
-    again, cached = lt.get_or_build_table(tiny_config, ENV, QUICK, progress=messages.append)
+    again, cached = lt.get_or_build_table(tiny_config, ENV, 32, QUICK, progress=messages.append)
     assert cached and again == table
     stored = json.loads(next((cache / "latency_tables").glob("*.json")).read_text())
     assert stored["fingerprint"] == table.fingerprint and stored["schema_version"] == lt.SCHEMA_VERSION
 
 
 def test_a_level_off_the_grid_is_rejected(cache, tiny_config):
-    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    table, _ = lt.get_or_build_table(tiny_config, ENV, 64, QUICK, progress=lambda _: None)
     off_grid = ModelStructure((LayerStructure(4, 100),) * 3)
     with pytest.raises(BadInputError, match="FFN width 100 is not a level"):
         table.predict_ms(off_grid)
@@ -83,12 +82,12 @@ def test_fingerprint_changes_with_shape_and_group(tiny_config):
 
 
 def test_table_json_round_trips(cache, tiny_config):
-    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    table, _ = lt.get_or_build_table(tiny_config, ENV, 64, QUICK, progress=lambda _: None)
     assert lt.LatencyTable.from_json(json.loads(json.dumps(table.to_json()))) == table
 
 
 def test_a_stale_schema_asks_for_a_rebuild(tiny_config, cache):
-    table, _ = lt.get_or_build_table(tiny_config, ENV, QUICK_64, progress=lambda _: None)
+    table, _ = lt.get_or_build_table(tiny_config, ENV, 64, QUICK, progress=lambda _: None)
     payload = table.to_json() | {"schema_version": 0}
     with pytest.raises(BadInputError, match="rebuild"):
         lt.LatencyTable.from_json(payload)
@@ -105,9 +104,7 @@ def test_int8_table_builds_and_predicts_like_the_fp32_one(tiny_table, tiny_confi
     """Every block and calibration model is timed as its QDQ-quantized version; predictions stay positive and the
     dense model costs more than the empty one. (Not the steps between: the tiny model's blocks take 0.05-0.7 ms, and
     on a shared 2-core VM neighbouring steps of the ladder swap places within one build, in FP32 as well.)"""
-    settings = lt.TableSettings(group_size=32, block_rounds=5, calibration_rounds=5, warmup=1,
-                                random_calibration_models=1)
-    table = lt.build_table(tiny_config, ENV.model_copy(update={"precision": "int8"}), settings,
+    table = lt.build_table(tiny_config, ENV.model_copy(update={"precision": "int8"}), 32, QUICK,
                            progress=lambda _: None)
     assert table.environment["precision"] == "int8" and table.fingerprint != tiny_table.fingerprint
     shape = adapter_for(tiny_config).shape(tiny_config)
@@ -123,7 +120,7 @@ def test_timed_blocks_are_exported_in_the_environments_precision(tiny_config, tm
 
     adapter = adapter_for(tiny_config)
     env = ENV.model_copy(update={"precision": precision})
-    path = lt._export_block(adapter, tiny_config, adapter.shape(tiny_config), LayerStructure(2, 64), env, tmp_path)
+    path = lt.export_block(adapter, tiny_config, LayerStructure(2, 64), env, tmp_path)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ("QuantizeLinear" in ops and "DequantizeLinear" in ops) == (precision == "int8")
 
@@ -171,7 +168,7 @@ def test_a_table_timed_while_other_work_kept_cores_busy_records_it_and_warns(tin
     messages: list[str] = []
     with pytest.warns(BusyMachineWarning, match=r"latency table \(blocks\): 1 of 1 timing chunks .* 0.90 cores busy "
                                                 r".*rebuild it"):
-        table = lt.build_table(tiny_config, ENV, QUICK.model_copy(update={"retakes": 1}), progress=messages.append)
+        table = lt.build_table(tiny_config, ENV, 32, dataclasses.replace(QUICK, retakes=1), progress=messages.append)
     assert table.machine_load["blocks"] == {"other_load": [0.9], "retaken": 1, "disturbed": 1}
     assert table.machine_load["calibration"]["disturbed"] == 1
     assert "latency table (blocks): 1 chunk taken again: the machine was busy; 1 of 1 measured while other work " \

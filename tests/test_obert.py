@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from tests.conftest import TINY_VOCAB, toy_examples
+from tests.conftest import TINY_VOCAB, toy_task
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model
 from ziplm.errors import BadInputError
@@ -20,7 +20,8 @@ from ziplm.stages.masks import masks_sparsity
 from ziplm.stages.obert import (OBertSettings, as_blocks, cubic_sparsity, fisher_inverse, gradual, obs_update,
                                 oneshot, rho)
 
-QUICK = OBertSettings(sparsity=0.5, gradients=12, gradient_batch_size=4, chunk=5, max_length=32, damping=1e-4)
+QUICK = OBertSettings(sparsity=0.5, gradients=12, gradient_batch_size=4, chunk=5, damping=1e-4)
+TASK = toy_task(96)  # 48 training examples
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7])
@@ -87,8 +88,8 @@ def test_oneshot_reaches_the_exact_sparsity_and_touches_only_prunable_weights(ti
         assert not any(name.startswith("bert.encoder.layer.0.attention") for name in linears)
         assert not any(name.startswith("bert.encoder.layer.1.output") for name in linears)
     before_prunable, before_rest = _prunable_and_rest(model)
-    settings = QUICK.model_copy(update={"recomputations": recomputations, "sparsity": 0.6})
-    masks = oneshot(model, tokenizer, toy_examples(48), settings, progress=lambda _: None)
+    settings = QUICK.model_copy(update={"sparsity": 0.6})
+    masks = oneshot(model, tokenizer, TASK, settings, progress=lambda _: None, recomputations=recomputations)
     total = sum(mask.numel() for mask in masks.values())
     assert sum(int((~mask).sum()) for mask in masks.values()) == round(0.6 * total)
     after_prunable, after_rest = _prunable_and_rest(model)
@@ -104,12 +105,12 @@ def test_oneshot_reaches_the_exact_sparsity_and_touches_only_prunable_weights(ti
 def test_oneshot_keeps_given_masks_and_rejects_shrinking_them(tiny_bert_dir: Path) -> None:
     model = load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    first = oneshot(model, tokenizer, toy_examples(48), QUICK.model_copy(update={"sparsity": 0.3}), lambda _: None)
-    second = oneshot(model, tokenizer, toy_examples(48), QUICK, lambda _: None, masks=first)
+    first = oneshot(model, tokenizer, TASK, QUICK.model_copy(update={"sparsity": 0.3}), lambda _: None)
+    second = oneshot(model, tokenizer, TASK, QUICK, lambda _: None, masks=first)
     assert all(torch.all(second[name][~first[name]] == False) for name in first)  # noqa: E712
     assert masks_sparsity(second) == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(BadInputError, match="only grow"):
-        oneshot(model, tokenizer, toy_examples(48), QUICK.model_copy(update={"sparsity": 0.2}), lambda _: None,
+        oneshot(model, tokenizer, TASK, QUICK.model_copy(update={"sparsity": 0.2}), lambda _: None,
                 masks=second)
 
 
@@ -130,10 +131,10 @@ def test_global_magnitude_masks_prune_the_smallest_weights_across_layers(tiny_co
 def test_gradual_reaches_the_final_sparsity_with_masks_that_only_grow(tiny_bert_dir: Path) -> None:
     student, teacher = load_model(str(tiny_bert_dir)), load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    settings = QUICK.model_copy(update={"sparsity": 0.7, "pruning_steps": 3})
+    settings = QUICK.model_copy(update={"sparsity": 0.7})
     lines: list[str] = []
-    masks = gradual(student, teacher, tokenizer, toy_examples(48), settings,
-                    DistillSettings(epochs=1, batch_size=16, max_length=32), lines.append)
+    masks = gradual(student, teacher, tokenizer, TASK, settings, DistillSettings(epochs=1), lines.append,
+                    pruning_steps=3)
     assert masks_sparsity(masks) == pytest.approx(0.7, abs=1e-3)
     assert sum(line.startswith("gradual step") for line in lines) == 3
     linears = adapter_for(student.config).prunable_linears(student)

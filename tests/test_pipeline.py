@@ -9,10 +9,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from transformers import AutoTokenizer
+
 from tests.conftest import tiny_recipe
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
 from ziplm.stages.export import verify_export
+from ziplm.tasks import TaskSpec, load_task
 
 MANIFEST_KEYS = {"name", "target_speedup", "measured_speedup", "latency_ms", "dense_latency_ms", "runtime", "metric",
                  "structure", "sparsity", "parameters", "file_bytes", "sha256", "passed", "stages", "rounds"}
@@ -46,7 +49,6 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
     assert MANIFEST_KEYS <= set(member)
     assert result.exit_code == (0 if member["passed"] else 1)
     assert member["runtime"]["threads"] == 1 and member["runtime"]["sequence_length"] == 32
-    assert member["metric"]["name"] == "accuracy" and 0.0 <= member["metric"]["value"] <= 1.0
     assert len(member["structure"]["heads"]) == 2 and 1 <= len(member["rounds"]) <= 2
 
     folder = out / member["name"]
@@ -64,10 +66,14 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
     reloaded = load_model(str(folder))  # a member reloads in PyTorch from its folder ...
     verify_export(reloaded, folder / "model.onnx")  # ... and its ONNX outputs match
     assert reloaded.config.ziplm_structure["ffn"] == member["structure"]["ffn"]
+    task = load_task(TaskSpec(**report["recipe"]["task"]))  # the manifest's metric is the member's, re-scored
+    metric = task.evaluate(reloaded, AutoTokenizer.from_pretrained(folder))
+    assert member["metric"] | {"value": metric.value} == member["metric"]
+    assert (member["metric"]["name"], member["metric"]["validation_size"]) == ("accuracy", len(task.validation))
 
 
 def test_a_missed_target_exits_1(recipe, tmp_path):
-    strict = {"tolerance": 1e-9, "max_rounds": 1, "timing_rounds": 5, "warmup": 0}
+    strict = {"tolerance": 1e-9, "max_rounds": 1}
     result = invoke("run", str(recipe(verification=strict)), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1
     assert "MISS" in result.output
@@ -145,7 +151,11 @@ def test_prepare_builds_the_cached_stages_and_summarises_them(recipe, tmp_path):
     result = invoke("prepare", str(recipe()), "--out", str(tmp_path / "prep"))
     assert result.exit_code == 0
     summary = json.loads((tmp_path / "prep" / "prepare.json").read_text())
-    assert 0.0 <= summary["teacher"]["validation_accuracy"] <= 1.0 and not summary["teacher"]["cached"]
+    assert not summary["teacher"]["cached"]
+    teacher = summary["teacher"]["path"]  # the summary's metric is the teacher's, re-scored
+    task = load_task(TaskSpec(**summary["recipe"]["task"]))
+    assert task.evaluate(load_model(teacher), AutoTokenizer.from_pretrained(teacher)).to_json() == \
+        summary["teacher"]["metric"]
     assert summary["latency_table"]["dense_predicted_ms"] > summary["latency_table"]["base_ms"] > 0
     assert invoke("prepare", str(recipe()), "--out", str(tmp_path / "again")).exit_code == 0
     again = json.loads((tmp_path / "again" / "prepare.json").read_text())

@@ -11,21 +11,23 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.conftest import toy_sentiment_rows
-from ziplm.families import LayerStructure, ModelStructure, adapter_for
-from ziplm.families.loading import build_model, load_model, save_model
+from tests.conftest import toy_task
 from ziplm.errors import BadInputError
-from ziplm.tasks.classification import Example
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.families import loading
+from ziplm.families.loading import build_model, save_model
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.stages import quantize as q
-from ziplm.stages.export import encoder_inputs, export_model, parity_atol, verify_export
+from ziplm.stages.export import export_model, parity_atol, verify_export
+from ziplm.stages.quantize import load_model
 
 UNEVEN = ModelStructure((LayerStructure(2, 64), LayerStructure(0, 32), LayerStructure(4, 0)))
 INTEGER_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul"}
 
 
-def random_batches(vocab_size: int, count: int = 3) -> list[dict[str, torch.Tensor]]:
-    return [{k: torch.from_numpy(v) for k, v in encoder_inputs(vocab_size, 4, 24, seed=i).items()}
+def random_batches(config, count: int = 3) -> list[dict[str, torch.Tensor]]:
+    adapter = adapter_for(config)
+    return [{k: torch.from_numpy(v) for k, v in adapter.example_inputs(config, 4, 24, seed=i).items()}
             for i in range(count)]
 
 
@@ -33,7 +35,7 @@ def quantized_model(config, structure: ModelStructure | None = None):
     torch.manual_seed(0)
     model = build_model(config, structure=structure)
     q.prepare_qat(model, adapter_for(config))
-    q.calibrate(model, random_batches(config.vocab_size))
+    q.calibrate(model, random_batches(config))
     return model
 
 
@@ -119,12 +121,12 @@ def test_one_optimizer_step_trains_through_fake_quant_and_keeps_sparsity(tiny_co
     with torch.no_grad():
         query.weight[::2] = 0.0  # an oBERT-style mask: every other row pruned
     q.prepare_qat(model, adapter)
-    q.calibrate(model, random_batches(tiny_config.vocab_size))
+    q.calibrate(model, random_batches(tiny_config))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    batch = random_batches(tiny_config.vocab_size, 1)[0]
+    batch = random_batches(tiny_config, 1)[0]
     loss = model(**batch, labels=torch.tensor([0, 1, 0, 1])).loss
     loss.backward()
     optimizer.step()
@@ -140,24 +142,25 @@ def test_one_optimizer_step_trains_through_fake_quant_and_keeps_sparsity(tiny_co
 def test_calibration_on_data_sets_frozen_scales(tiny_bert_dir):
     model = load_model(str(tiny_bert_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
-    examples = [Example(r["text"], None, int(r["label"] == "positive")) for r in toy_sentiment_rows(40)]
-    q.prepare_qat(model, adapter_for(model.config), q.QuantSettings(calibration_examples=24, batch_size=8))
+    task = toy_task(96, batch_size=8)  # 24 calibration examples: 3 batches
+    q.prepare_qat(model, adapter_for(model.config))
     for quant in q.quant_linears(model).values():
         assert not quant.calibrated
-    q.calibrate_activations(model, tokenizer, examples, q.QuantSettings(calibration_examples=24, batch_size=8))
+    q.calibrate_activations(model, tokenizer, task)
     for quant in q.quant_linears(model).values():
         assert int(quant.observed_batches) == 3 and not quant.observing
         assert float(quant.input_min) < 0 < float(quant.input_max)
         assert float(quant.input_scale) == pytest.approx(float(quant.input_max - quant.input_min) / 255, rel=1e-5)
-    with pytest.raises(BadInputError, match="empty"):
-        q.calibrate_activations(model, tokenizer, [])
+    task.calibration = []
+    with pytest.raises(BadInputError, match="without calibration examples"):
+        q.calibrate_activations(model, tokenizer, task)
 
 
 def test_deployable_is_precision_aware(tiny_config):
     model = build_model(tiny_config)
     adapter = adapter_for(tiny_config)
     assert q.deployable(model, adapter.prunable_linears, "fp32", []) is model
-    deployed = q.deployable(model, adapter.prunable_linears, "int8", random_batches(tiny_config.vocab_size))
+    deployed = q.deployable(model, adapter.prunable_linears, "int8", random_batches(tiny_config))
     assert deployed is not model and not q.is_quantized(model)  # the float model is left alone
     assert len(q.quant_linears(deployed)) == 18 and all(m.calibrated for m in q.quant_linears(deployed).values())
     assert q.deployable(deployed, adapter.prunable_linears, "int8", []) is deployed
@@ -236,11 +239,17 @@ def test_reload_keeps_the_sparsity_mask(tiny_config, tmp_path):
     with torch.no_grad():
         adapter.ffn_out_proj(adapter.layers(model)[1]).weight[:, :50] = 0.0
     q.prepare_qat(model, adapter)
-    q.calibrate(model, random_batches(tiny_config.vocab_size))
+    q.calibrate(model, random_batches(tiny_config))
     save_model(model, tmp_path / "member")
     reloaded = load_model(str(tmp_path / "member"))
     mask = adapter.ffn_out_proj(adapter.layers(reloaded)[1]).weight_mask
     assert mask is not None and not bool(mask[:, :50].any()) and bool(mask[:, 50:].all())
+
+
+def test_the_family_loader_refuses_a_quantized_member_and_names_the_loader(tiny_config, tmp_path):
+    save_model(quantized_model(tiny_config), tmp_path / "member")
+    with pytest.raises(BadInputError, match=r"records ziplm_quantization .* ziplm.stages.quantize.load_model"):
+        loading.load_model(str(tmp_path / "member"))
 
 
 def test_reload_rejects_a_quantization_record_for_other_modules(tiny_config, tmp_path):
@@ -258,7 +267,7 @@ def test_int8_outputs_differ_from_float_by_quantization_noise_only(tiny_config):
     torch.manual_seed(0)
     float_model = build_model(tiny_config)
     model = q.deployable(float_model, adapter_for(tiny_config).prunable_linears, "int8",
-                         random_batches(tiny_config.vocab_size))
+                         random_batches(tiny_config))
     ids = torch.randint(0, tiny_config.vocab_size, (4, 24))
     with torch.no_grad():
         reference, quantized = float_model(input_ids=ids).logits, model(input_ids=ids).logits

@@ -17,7 +17,8 @@ from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
                                    median_ci, median_ci_coverage, median_half_width, other_load, speedup_of,
                                    time_interleaved, time_interleaved_guarded, time_paired, warn_if_wide)
-from ziplm.stages.export import encoder_inputs, export_model
+from ziplm.families import adapter_for
+from ziplm.stages.export import export_model
 
 
 def test_unknown_runtime_lists_the_available_ones():
@@ -74,7 +75,8 @@ def test_paired_timing_finds_the_smaller_model_faster(tmp_path):
     torch.manual_seed(0)
     large = export_model(build_model(tiny_bert_config(hidden=256, layers=4, heads=4, ffn=1024)), tmp_path / "l.onnx")
     small = export_model(build_model(tiny_bert_config(hidden=32, layers=1, heads=2, ffn=64)), tmp_path / "s.onnx")
-    inputs = encoder_inputs(100, env.batch_size, env.sequence_length)
+    config = tiny_bert_config()
+    inputs = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
     large_session, small_session = runtime.load(large), runtime.load(small)
     speedup, large_stats, small_stats = time_paired(lambda: large_session.run(inputs),
                                                     lambda: small_session.run(inputs), rounds=15,

@@ -31,8 +31,7 @@ def test_dp_rejects_an_infeasible_budget():
 
 
 def test_unreachable_target_names_the_largest_reachable(tiny_table):
-    from ziplm.stages.search import max_speedup, module_budget
 
-    with pytest.raises(UnreachableTargetError, match=rf"largest reachable speedup is {max_speedup(tiny_table):.2f}x"):
-        module_budget(tiny_table, 1000.0)
-    assert module_budget(tiny_table, 1.2) > 0
+    with pytest.raises(UnreachableTargetError, match=rf"largest reachable speedup is {tiny_table.max_speedup():.2f}x"):
+        tiny_table.module_budget(1000.0)
+    assert tiny_table.module_budget(1.2) > 0

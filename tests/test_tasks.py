@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from ziplm.errors import BadInputError
-from ziplm.tasks.classification import Example, TaskSpec, load_task
+from ziplm.tasks import Example, TaskSpec, load_task
 
 
 def texts(examples: list[Example]) -> list[str]:

@@ -11,11 +11,10 @@ from transformers import BertForSequenceClassification, BertTokenizerFast
 from tests.conftest import TINY_VOCAB, tiny_bert_config, toy_sentiment_rows
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import load_model, save_model
-from ziplm.tasks.classification import TaskSpec, load_task
+from ziplm.tasks import TaskSpec, load_task
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import CalibrationSettings, collect_hessians
 from ziplm.stages.export import export_model, verify_export
-from ziplm.stages.search import module_budget
 
 
 def _toy_tokenizer(root: Path) -> BertTokenizerFast:
@@ -40,7 +39,7 @@ def pruning_setup(tmp_path_factory):
     model = BertForSequenceClassification(config).eval()
     task = load_task(TaskSpec(data=_toy_csv(root), calibration_fraction=0.5))
     adapter = adapter_for(model.config)
-    hessians = collect_hessians(model, tokenizer, adapter, task.calibration, CalibrationSettings(samples=64),
+    hessians = collect_hessians(model, tokenizer, adapter, task, CalibrationSettings(samples=64),
                                 progress=lambda _: None)
     database = zipl.build_database(model, adapter, hessians, group_size=32, progress=lambda _: None)
     return model, adapter, hessians, database
@@ -67,7 +66,7 @@ def test_solution_fits_the_budget_and_stitches_to_a_matching_onnx(pruning_setup,
     model, adapter, _, database = pruning_setup
     structure = zipl.solve(database, tiny_table, 1.6)
     raw_modules = tiny_table.predict_ms(structure, corrected=False) - tiny_table.base_ms
-    assert raw_modules <= module_budget(tiny_table, 1.6) + 1e-9
+    assert raw_modules <= tiny_table.module_budget(1.6) + 1e-9
     assert structure != ModelStructure.dense(adapter.shape(model.config))
 
     member = zipl.stitch(model, adapter, database, structure)
@@ -109,8 +108,8 @@ def test_a_pruned_model_is_pruned_further_from_what_it_keeps(pruning_setup, tiny
     shape = adapter.shape(model.config)
     first = ModelStructure((LayerStructure(0, 64), LayerStructure(2, 128), LayerStructure(4, 0)))
     member = zipl.stitch(model, adapter, database, first)
-    examples = load_task(TaskSpec(data=_toy_csv(tmp_path), calibration_fraction=0.5)).calibration
-    hessians = collect_hessians(member, _toy_tokenizer(tmp_path), adapter, examples, CalibrationSettings(samples=32),
+    task = load_task(TaskSpec(data=_toy_csv(tmp_path), calibration_fraction=0.5))
+    hessians = collect_hessians(member, _toy_tokenizer(tmp_path), adapter, task, CalibrationSettings(samples=32),
                                 progress=lambda _: None)
     assert hessians[0].attention is None and hessians[2].ffn is None and hessians[1].ffn.shape == (128, 128)
     again = zipl.build_database(member, adapter, hessians, group_size=32, progress=lambda _: None)
