@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ziplm import assets
-from ziplm.cache import write_json_atomic
+from ziplm.cache import StageCache, cache_root, write_json_atomic
 from ziplm.errors import BadInputError, ZipLMError
 from ziplm.families.loading import load_config
 from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
@@ -159,7 +159,7 @@ def prepare(
 ) -> None:
     """Run the cached stages of a recipe: the dense teacher fine-tune and the latency table."""
     spec = load_recipe(recipe)
-    inputs = prepare_inputs(spec, stage_progress)
+    inputs = prepare_inputs(spec, StageCache(cache_root() / "stages", stage_progress))
     teacher, table = inputs.teacher, inputs.table
     summary = {"recipe": spec.model_dump(mode="json"), "teacher": teacher_summary(teacher),
                "latency_table": table_summary(table)}

@@ -51,7 +51,8 @@ CHAIN_EXAMPLE = "chain: [{distill: {epochs: 6}}, {obert: {sparsity: 0.8, distill
 _EFFORT = "effort (quick | standard | thorough: how hard to measure)"
 # Keys of earlier versions, by section, and what replaced each.
 REMOVED_KEYS: dict[str, dict[str, str]] = {
-    "teacher": {"max_length": "task.max_length", "batch_size": "task.batch_size"},
+    "teacher": {"max_length": "task.max_length", "batch_size": "task.batch_size",
+                "weight_decay": "a constant (stages.finetune.WEIGHT_DECAY)"},
     "calibration": {"max_length": "task.max_length", "batch_size": "task.batch_size"},
     "quantization": {"max_length": "task.max_length", "batch_size": "task.batch_size",
                      "calibration_examples": "a constant (stages.quantize.CALIBRATION_EXAMPLES)",
@@ -62,7 +63,8 @@ REMOVED_KEYS: dict[str, dict[str, str]] = {
                                                   "precision_blocks", "warmup", "max_other_load", "retakes",
                                                   "verdict_width", "max_verdict_repeats")},
                      "finish_rounds": "a constant (runtimes.policy.FINISH_ROUNDS)"},
-    "ziplm": {"buckets": "a constant (the dynamic program's 10,000 buckets)"},
+    "ziplm": {"buckets": "a constant (the dynamic program's 10,000 buckets)",
+              "error": "nothing: the search minimises the measured reconstruction error"},
 }
 
 

@@ -192,8 +192,9 @@ def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
     metric = dense["metric"]["name"]
     points = [(m["measured_speedup"], m["metric"]["value"]) for m in members]
     figure = f"{metric}_vs_speedup.png"
+    title = f"{report['recipe']['name']}: {metric} vs measured speedup"
     plots.metric_vs_speedup(out / figure, {"family": [(1.0, dense["metric"]["value"]), *points]},
-                            dense["metric"]["value"], metric, f"{report['recipe']['name']}: {metric} vs measured speedup")
+                            dense["metric"]["value"], metric, title)
     kept = [plots.KeptStructure(m["name"], m["structure"]["heads"], m["structure"]["ffn"]) for m in members]
     dense_kept = plots.KeptStructure("dense", dense["structure"]["heads"], dense["structure"]["ffn"])
     plots.kept_per_layer(out / "structure.png", kept, dense_kept)

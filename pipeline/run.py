@@ -1,15 +1,16 @@
 """The chain behind `ziplm run`: teacher -> latency table -> dense reference -> calibration -> database -> per goal
 (a speedup target or a latency SLA): search, stitch, export, verify (closed loop) -> member folders and the report.
 
-Each stage after the teacher and the table (which keep their own caches) is one `StageCache.run` call keyed by a
-fingerprint of exactly its inputs (ziplm/cache.py): a killed run resumes where it stopped, and a changed
-recipe rebuilds only the stages that depend on the change. The output folder gets the dense reference (`dense/`),
-one folder per member (each written under a temporary name and renamed when complete) and the report.
+Every stage (teacher, table, dense references, calibration, database, each member) is one `StageCache.run` call
+keyed by a fingerprint of exactly its inputs, whose folder holds files only (ziplm/cache.py): a killed run resumes
+where it stopped, and a changed recipe rebuilds only the stages that depend on the change. The output folder gets
+the dense reference (`dense/`), one folder per member (each written under a temporary name and renamed when
+complete) and the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,14 @@ from ziplm.runtimes.paired import PairedVerifier, PrecisionFactor
 from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
-from ziplm.stages.calibrate import collect_hessians
+from ziplm.stages.calibrate import collect_hessians, load_hessians, save_hessians
 from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, finetune_teacher
 from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
+from ziplm.stages.quantize import load_model as load_deployed
 from ziplm.tasks import Metric, Task, load_task
 
 Goal = tuple[float, LatencySLA | None]  # the speedup a member is solved for, and the SLA it serves (if any)
@@ -54,28 +56,26 @@ class Inputs:
     teacher: TeacherResult | None = None
 
 
-def prepare_inputs(recipe: Recipe, stage: StageProgress) -> Inputs:
-    progress = stage("teacher")
+def prepare_inputs(recipe: Recipe, stages: StageCache) -> Inputs:
+    """The task, the dense teacher and the latency table (the stages every family of the recipe shares)."""
+    progress = stages.stage("task")
     adapter_for(load_config(recipe.model))  # an unsupported architecture fails before anything is trained
     task = load_task(recipe.task)
-    progress(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / "
+    progress(f"{task.name}: {len(task.train)} train / {len(task.validation)} validation / "
              f"{len(task.calibration)} calibration examples")
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress)
-    progress(f"{'cached' if teacher.cached else 'trained'}: {teacher.path}")
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stages)
     dense = load_model(str(teacher.path), task.head)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    table, cached = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
-                                       measurement(recipe), progress=stage("table"))
-    if cached:
-        stage("table")(f"cached ({table.fingerprint})")
+    table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
+                                  measurement(recipe), stages=stages)
     return Inputs(task, dense, tokenizer, table, teacher.fingerprint, teacher)
 
 
 def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any]:
     """Run the whole chain; write out/dense, one folder per member, out/report.json and out/report.md."""
-    inputs = prepare_inputs(recipe, stage)
-    family = build_family(recipe, inputs, StageCache(cache_root() / "stages", stage))
-    return write_family(recipe, inputs, family, out)
+    stages = StageCache(cache_root() / "stages", stage)
+    inputs = prepare_inputs(recipe, stages)
+    return write_family(recipe, inputs, build_family(recipe, inputs, stages), out)
 
 
 @dataclass
@@ -159,7 +159,9 @@ def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult
     blocks = measurement(recipe).precision_blocks
     measured: StageResult[PrecisionFactor] = stages.run(
         "precision-factor", {"int8": int8.key, "fp32": fp32.key, "effort": recipe.effort},
-        lambda _, progress: PrecisionFactor.measure(direct, int8.path / "model.onnx", blocks))
+        lambda folder, progress: write_json_atomic(folder / RECORD, PrecisionFactor.measure(
+            direct, int8.path / "model.onnx", blocks).to_record()),
+        lambda folder: PrecisionFactor.from_record(read_record(folder)))
     factor = measured.value
     stages.stage("precision-factor")(f"dense int8 runs {factor.value:.3f}x dense fp32 (median of {len(factor.blocks)} "
                                      f"paired blocks, {min(factor.blocks):.3f}-{max(factor.blocks):.3f})")
@@ -171,7 +173,9 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
     return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
                                 "sequence_length": env.sequence_length, "task": inputs.task.fingerprint,
                                 **_precision(recipe, precision)},
-                      lambda folder, progress: export_dense(inputs, recipe, precision, folder, progress),
+                      lambda folder, progress: write_json_atomic(
+                          folder / RECORD, export_dense(inputs, recipe, precision, folder, progress).to_json()),
+                      lambda folder: Metric.from_json(read_record(folder)),
                       label="dense" if precision == recipe.reference_precision else f"dense {precision}")
 
 
@@ -192,13 +196,15 @@ def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCa
     adapter = adapter_for(start.model.config)
     hessians = stages.run("calibrate", {"model": start.key, "task": inputs.task.fingerprint,
                                         "settings": recipe.calibration.model_dump()},
-                          lambda _, progress: collect_hessians(start.model, inputs.tokenizer, adapter, inputs.task,
-                                                               recipe.calibration, progress))
+                          lambda folder, progress: save_hessians(collect_hessians(
+                              start.model, inputs.tokenizer, adapter, inputs.task, recipe.calibration, progress),
+                              folder), load_hessians)
     group_size = inputs.table.group_size
     return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(exclude={"gradual"}),
                                    "group_size": group_size},
-                      lambda _, progress: zipl.build_database(start.model, adapter, hessians.value, group_size,
-                                                              recipe.ziplm, progress))
+                      lambda folder, progress: zipl.save_database(zipl.build_database(
+                          start.model, adapter, hessians.value, group_size, recipe.ziplm, progress), folder),
+                      zipl.load_database)
 
 
 def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: Path,
@@ -233,7 +239,8 @@ def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCac
     settings = recipe.verification
     latency: StageResult[TimingStats] = stages.run(
         "dense-latency", {"dense": refs.dense.key, "table": inputs.table.fingerprint, "effort": recipe.effort},
-        lambda _, progress: refs.verifier.measure_dense())
+        lambda folder, progress: write_json_atomic(folder / RECORD, refs.verifier.measure_dense().to_record()),
+        lambda folder: TimingStats(tuple(read_record(folder))))
     goals = [(max(sla.speedup_target(latency.value, settings.tolerance), 1.0), sla) for sla in recipe.slas]
     for target, sla in goals:
         check_reachable(f"SLA {sla.label} needs a {target:.2f}x speedup over the dense model (measured {sla.metric} "
@@ -265,7 +272,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     fine_tunes = bool(recipe.chain)
     accept = recipe.verification.tolerance / (2 if fine_tunes else 1)
 
-    def build(folder: Path, progress: Callable[[str], None]) -> Member:
+    def build(folder: Path, progress: Callable[[str], None]) -> None:
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
                                lambda structure: deploy(stitch(structure)),
@@ -285,18 +292,46 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
             if member.passed(recipe.verification.tolerance):
                 break
         score_member(member, recipe, inputs, refs, progress)
-        member.onnx_paths = [path.relative_to(folder) for path in member.onnx_paths]  # the folder gets renamed
-        return member
+        save_member(member, folder)
 
-    result = stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
+    return stages.run("member", {"database": database.key, "start": start.key, "dense": refs.dense.key,
                                    "table": inputs.table.fingerprint, "table_scale": refs.table_scale,
                                    "target": target, "sla": sla.model_dump() if sla else None,
                                    "verification": recipe.verification.model_dump(), "effort": recipe.effort,
-                                   **_precision(recipe, env.precision), "chain": [stage.cache_key() for stage in recipe.chain],
-                                   "task": inputs.task.fingerprint},
-                        build, label=sla.label if sla else f"{target:g}x")
-    member = dataclasses.replace(result.value, onnx_paths=[result.path / p for p in result.value.onnx_paths])
-    return dataclasses.replace(result, value=member)
+                                   **_precision(recipe, env.precision), "task": inputs.task.fingerprint,
+                                   "chain": [stage.cache_key() for stage in recipe.chain]},
+                        build, lambda folder: load_member(folder, inputs.task.head),
+                        label=sla.label if sla else f"{target:g}x")
+
+
+MEMBER_RECORD, MEMBER_MODEL, MEMBER_STRUCTURED, MEMBER_ONNX = "member.json", "model", "structured", "model.onnx"
+
+
+def save_member(member: Member, folder: Path) -> None:
+    """A member stage's files: its record, the chosen model (and the structured one gradual ZipLM goes on from) as
+    saved models, and the chosen ONNX file; the other rounds' files are dropped."""
+    write_json_atomic(folder / MEMBER_RECORD, member.to_record())
+    save_model(member.model, folder / MEMBER_MODEL)
+    if member.structured is not None:
+        save_model(member.structured, folder / MEMBER_STRUCTURED)
+    member.onnx_path.replace(folder / MEMBER_ONNX)
+    for scratch in folder.glob("*.onnx"):
+        if scratch.name != MEMBER_ONNX:
+            scratch.unlink()
+
+
+def load_member(folder: Path, head: str) -> Member:
+    structured = folder / MEMBER_STRUCTURED
+    return Member.from_record(read_record(folder, MEMBER_RECORD), load_deployed(str(folder / MEMBER_MODEL), head),
+                              load_deployed(str(structured), head) if structured.is_dir() else None,
+                              folder / MEMBER_ONNX)
+
+
+RECORD = "record.json"  # a stage's value, where it is one JSON document
+
+
+def read_record(folder: Path, name: str = RECORD) -> Any:
+    return json.loads((folder / name).read_text())
 
 
 def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inputs: Inputs,

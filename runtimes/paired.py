@@ -46,6 +46,18 @@ class LatencyCheck:
     def deviation(self, target: float) -> float:
         return self.speedup.value / target - 1.0
 
+    def to_record(self) -> dict[str, Any]:
+        """Everything the check holds, for a cache entry (`from_record` reads it back)."""
+        return {"speedup": dataclasses.asdict(self.speedup), "dense": self.dense.to_record(),
+                "member": self.member.to_record(), "blocks": list(self.blocks), "other_loads": list(self.other_loads),
+                "retaken": self.retaken, "disturbed": self.disturbed}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> LatencyCheck:
+        return cls(Speedup(**record["speedup"]), TimingStats(tuple(record["dense"])),
+                   TimingStats(tuple(record["member"])), tuple(record["blocks"]), tuple(record["other_loads"]),
+                   record["retaken"], record["disturbed"])
+
     @property
     def load(self) -> MachineLoad:
         return MachineLoad(self.other_loads, self.retaken, self.disturbed)
@@ -171,3 +183,10 @@ class PrecisionFactor:
     def to_json(self) -> dict[str, Any]:
         return {"value": round(self.value, 4), "blocks": len(self.blocks), "min": round(min(self.blocks), 4),
                 "max": round(max(self.blocks), 4)}
+
+    def to_record(self) -> dict[str, Any]:
+        return {"value": self.value, "blocks": list(self.blocks)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> PrecisionFactor:
+        return cls(record["value"], tuple(record["blocks"]))

@@ -40,6 +40,10 @@ class TimingStats:
     def to_json(self) -> dict[str, float]:
         return {"median": round(self.median_ms, 4), "p90": round(self.p90_ms, 4), "runs": len(self.samples_ms)}
 
+    def to_record(self) -> list[float]:
+        """Every sample, for a cache entry (to_json summarises)."""
+        return list(self.samples_ms)
+
 
 @dataclass(frozen=True)
 class Speedup:

@@ -10,10 +10,13 @@ out, so n counts real tokens only. Sums are kept in float64.
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -86,3 +89,17 @@ def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         for handle in handles:
             handle.remove()
     return [LayerHessians(*(acc.hessian() if acc else None for acc in pair), tokens) for pair in accumulators]
+
+
+def save_hessians(hessians: list[LayerHessians], folder: Path) -> None:
+    """folder/hessians.safetensors (one tensor per module still present) and folder/hessians.json (the layout)."""
+    tensors = {f"{i}.{kind}": H.contiguous() for i, layer in enumerate(hessians)
+               for kind, H in (("attention", layer.attention), ("ffn", layer.ffn)) if H is not None}
+    save_file(tensors, str(folder / "hessians.safetensors"))
+    (folder / "hessians.json").write_text(json.dumps({"tokens": [layer.tokens for layer in hessians]}))
+
+
+def load_hessians(folder: Path) -> list[LayerHessians]:
+    tensors = load_file(str(folder / "hessians.safetensors"))
+    tokens = json.loads((folder / "hessians.json").read_text())["tokens"]
+    return [LayerHessians(tensors.get(f"{i}.attention"), tensors.get(f"{i}.ffn"), n) for i, n in enumerate(tokens)]

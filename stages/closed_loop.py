@@ -106,6 +106,20 @@ class Round:
     screening: LatencyCheck | None = None  # a confirmed round: the reading that stopped the loop (`check` confirms it)
     metric_by_stage: dict[str, float] = field(default_factory=dict)  # a finished round: after each fine-tuning stage
 
+    def to_record(self) -> dict[str, Any]:
+        """Everything the round holds, for a cache entry (`from_record` reads it back)."""
+        return {"solved_for": self.solved_for, "structure": self.structure.to_json(),
+                "predicted_speedup": self.predicted_speedup, "check": self.check.to_record(), "seconds": self.seconds,
+                "stage": self.stage, "screening": self.screening.to_record() if self.screening else None,
+                "metric_by_stage": self.metric_by_stage}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Round:
+        screening = record["screening"]
+        return cls(record["solved_for"], ModelStructure.from_json(record["structure"]), record["predicted_speedup"],
+                   LatencyCheck.from_record(record["check"]), record["seconds"], record["stage"],
+                   LatencyCheck.from_record(screening) if screening else None, record["metric_by_stage"])
+
     def to_json(self, target: float) -> dict[str, Any]:
         screening = {"screening_measurements": [round(v, 4) for v in self.screening.blocks]} if self.screening else {}
         by_stage = {"metric_by_stage": self.metric_by_stage} if self.metric_by_stage else {}
@@ -120,13 +134,16 @@ class Round:
 
 @dataclass
 class Member:
-    """A target's model: every round of its closed loop and of the chain's fine-tuning, and the chosen one."""
+    """A target's model: every round of its closed loop and of the chain's fine-tuning, and the chosen one.
+
+    While it is built it holds every round's model and file; read back from the cache (`from_record`) it holds the
+    chosen round's only (the others' entries are None)."""
 
     target: float
     sla: LatencySLA | None = None
     rounds: list[Round] = field(default_factory=list)
-    models: list[PreTrainedModel] = field(default_factory=list)
-    onnx_paths: list[Path] = field(default_factory=list)
+    models: list[PreTrainedModel | None] = field(default_factory=list)
+    onnx_paths: list[Path | None] = field(default_factory=list)
     metric: Metric | None = None  # the task's validation metric of the chosen model
     # per finished round: the fine-tuned model before oBERT and QAT (where gradual ZipLM goes on from)
     structured_models: dict[int, PreTrainedModel] = field(default_factory=dict)
@@ -177,6 +194,29 @@ class Member:
     @property
     def onnx_path(self) -> Path:
         return self.onnx_paths[self.chosen]
+
+    def to_record(self) -> dict[str, Any]:
+        """The member's rounds and scores, for a cache entry; its models and file are saved beside it."""
+        return {"target": self.target, "sla": self.sla.model_dump() if self.sla else None,
+                "rounds": [r.to_record() for r in self.rounds],
+                "metric": self.metric.to_json() if self.metric else None,
+                "cross_check": self.cross_check.to_record() if self.cross_check else None,
+                "onnx_metric": self.onnx_metric}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], model: PreTrainedModel, structured: PreTrainedModel | None,
+                    onnx_path: Path) -> Member:
+        """A member read back from a cache entry, holding the chosen round's model, structured model and file."""
+        rounds = [Round.from_record(r) for r in record["rounds"]]
+        member = cls(record["target"], LatencySLA(**record["sla"]) if record["sla"] else None, rounds,
+                     metric=Metric.from_json(record["metric"]) if record["metric"] else None,
+                     cross_check=LatencyCheck.from_record(record["cross_check"]) if record["cross_check"] else None,
+                     onnx_metric=record["onnx_metric"])
+        chosen = member.chosen
+        member.models = [model if i == chosen else None for i in range(len(rounds))]
+        member.onnx_paths = [onnx_path if i == chosen else None for i in range(len(rounds))]
+        member.structured_models = {chosen: structured} if structured is not None else {}
+        return member
 
     def passed(self, tolerance: float) -> bool:
         """An SLA member passes when its SLA holds; a speedup member when it is within tolerance of its target."""

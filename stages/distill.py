@@ -17,7 +17,6 @@ Recipe snippet (the fields of FinetuneConfig plus the loss weights)::
       temperature: 2.0
       epochs: 2
       learning_rate: 8.0e-5
-      weight_decay: 0.01
       warmup_fraction: 0.0
       seed: 0
 
@@ -103,8 +102,8 @@ def distill(
         output = model(**inputs, output_hidden_states=True)
         student_outputs = task.outputs(output)
         return distillation_loss(student_outputs, task.outputs(target), output.hidden_states[1:],
-                                 target.hidden_states[1:], inputs["attention_mask"], task.loss(student_outputs, targets),
-                                 settings)
+                                 target.hidden_states[1:], inputs["attention_mask"],
+                                 task.loss(student_outputs, targets), settings)
 
     after_step = (lambda _: apply_masks(student, masks)) if masks else None
     try:

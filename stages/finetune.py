@@ -5,14 +5,13 @@ Recipe snippet::
     teacher:
       epochs: 3
       learning_rate: 5.0e-5
-      weight_decay: 0.01
       warmup_fraction: 0.1
       seed: 0
 
-Batch size and sequence length are the task's (`task.batch_size`, `task.max_length`). The teacher is cached under
-``<cache_root()>/teachers/<key>``, keyed by the model (directory digest, or the hub id as given), the task
-fingerprint and these settings: a repeated call with the same inputs loads nothing and trains nothing. The directory
-holds the model and tokenizer (``save_pretrained``) and ``teacher.json`` with the metric.
+Batch size and sequence length are the task's (`task.batch_size`, `task.max_length`). The teacher is a cached stage
+(ziplm.cache), keyed by the model (directory digest, or the hub id as given), the task fingerprint and these
+settings: a repeated call with the same inputs loads nothing and trains nothing. Its folder holds the model and
+tokenizer (``save_pretrained``) and ``teacher.json`` with the metric.
 
 ``train`` is the one training loop of the project: the teacher fine-tune calls it with the task loss, distillation
 (ziplm.stages.distill) with its own loss and an ``after_step`` that keeps pruned weights at zero.
@@ -33,12 +32,11 @@ from torch import nn
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from ziplm.assets import load_pretrained, resolve_model
-from ziplm.cache import cache_root, cached_directory, directory_digest, fingerprint, write_json_atomic
+from ziplm.cache import StageCache, default_stages, directory_digest, write_json_atomic
 from ziplm.errors import BadInputError
 from ziplm.tasks import Example, Metric, Task, batches
 from ziplm.tasks.base import model_device
 
-TEACHER_KIND = "teachers"
 METRICS_FILE = "teacher.json"
 Progress = Callable[[str], None]
 
@@ -50,7 +48,6 @@ class FinetuneConfig(BaseModel):
 
     epochs: int = Field(3, ge=1)
     learning_rate: float = Field(5e-5, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
 
@@ -66,21 +63,27 @@ class TeacherResult:
     cached: bool
 
 
-def finetune_teacher(model_name_or_path: str, task: Task, config: FinetuneConfig,
-                     progress: Progress | None = None) -> TeacherResult:
+def finetune_teacher(model_name_or_path: str, task: Task, config: FinetuneConfig, progress: Progress | None = None,
+                     stages: StageCache | None = None) -> TeacherResult:
     """Fine-tune ``model_name_or_path`` (a name ``resolve_model`` accepts) on ``task.train``, or reuse the cache.
 
-    The metric is measured on ``task.validation``. While training, ``progress`` (default: print) receives the
-    training progress and one line with the validation metric; a cached call trains nothing and reports nothing.
+    The metric is measured on ``task.validation``. While training, the stage's progress (``progress``, default:
+    print, when no ``stages`` are given) receives the training progress and one line with the validation metric.
     """
     source = resolve_model(model_name_or_path)
-    key = fingerprint({"model": _model_identity(source), "task": task.fingerprint, "config": config.model_dump()})
-    cached = (cache_root() / TEACHER_KIND / key).exists()
-    path = cached_directory(TEACHER_KIND, key, lambda out: _build_teacher(source, task, config, out, progress or print))
-    record = json.loads((path / METRICS_FILE).read_text())
-    metric = Metric(record["metric"]["name"], record["metric"]["value"], record["metric"]["higher_is_better"],
-                    record["metric"]["validation_size"])
-    return TeacherResult(path=path, metric=metric, fingerprint=key, seconds=record["seconds"], cached=cached)
+    stages = stages or default_stages(progress)
+    result = stages.run("teacher", {"model": _model_identity(source), "task": task.fingerprint,
+                                    "config": config.model_dump()},
+                        lambda out, report: _build_teacher(source, task, config, out, report), read_metrics)
+    metric, seconds = result.value
+    return TeacherResult(path=result.path, metric=metric, fingerprint=result.key, seconds=seconds,
+                         cached=result.cached)
+
+
+def read_metrics(folder: Path) -> tuple[Metric, float]:
+    """A teacher folder's validation metric and the seconds its fine-tune took."""
+    record = json.loads((folder / METRICS_FILE).read_text())
+    return Metric.from_json(record["metric"]), record["seconds"]
 
 
 def _model_identity(source: str) -> str:
@@ -110,6 +113,7 @@ def _build_teacher(source: str, task: Task, config: FinetuneConfig, out: Path, p
 BatchLoss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 # Called with the number of optimizer steps taken so far, right after each step (masks, pruning, ...).
 AfterStep = Callable[[int], None]
+WEIGHT_DECAY = 0.01  # AdamW decay of the weight matrices: the usual value for fine-tuning BERT-like models
 PROGRESS_EVERY_S = 10.0  # a training progress line at most this often (and one per epoch)
 
 
@@ -123,7 +127,7 @@ def train(model: nn.Module, tokenizer: object, task: Task, examples: Sequence[Ex
     if not examples:
         raise BadInputError("cannot train on an empty set of examples")
     loss = loss or task.batch_loss
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, WEIGHT_DECAY), lr=config.learning_rate)
     steps = config.epochs * math.ceil(len(examples) / task.batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_fraction * steps), steps)
     generator = torch.Generator().manual_seed(config.seed)

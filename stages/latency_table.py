@@ -38,7 +38,7 @@ from torch import nn
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PretrainedConfig
 
-from ziplm.cache import cache_root, fingerprint, write_json_atomic
+from ziplm.cache import StageCache, default_stages, fingerprint, write_json_atomic
 from ziplm.errors import BadInputError, UnreachableTargetError
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
 from ziplm.families.loading import build_model
@@ -160,23 +160,21 @@ def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, gr
     }
 
 
-def table_path(key: str) -> Path:
-    return cache_root() / "latency_tables" / f"{key}.json"
+TABLE_FILE = "table.json"
 
 
 def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = GROUP_SIZE,
-                       measure: MeasurementPolicy = policy(), progress: Progress = print,
-                       rebuild: bool = False) -> tuple[LatencyTable, bool]:
-    """The cached table for (shape, environment), building it first if needed. Returns (table, was_cached)."""
+                       measure: MeasurementPolicy = policy(), progress: Progress = print, rebuild: bool = False,
+                       stages: StageCache | None = None) -> tuple[LatencyTable, bool]:
+    """The cached table for (shape, environment), a stage keyed by everything its numbers depend on, built first if
+    needed (or when `rebuild`). Returns (table, was_cached)."""
     adapter = adapter_for(config)
-    runtime = get_runtime(env)
-    identity = table_fingerprint(adapter.shape(config), env, runtime, group_size)
-    path = table_path(fingerprint(identity))
-    if path.exists() and not rebuild:
-        return LatencyTable.from_json(json.loads(path.read_text())), True
-    table = build_table(config, env, group_size, measure, progress)
-    write_json_atomic(path, table.to_json())
-    return table, False
+    identity = table_fingerprint(adapter.shape(config), env, get_runtime(env), group_size)
+    result = (stages or default_stages(progress)).run(
+        "table", identity, lambda folder, report: write_json_atomic(
+            folder / TABLE_FILE, build_table(config, env, group_size, measure, report).to_json()),
+        lambda folder: LatencyTable.from_json(json.loads((folder / TABLE_FILE).read_text())), rebuild=rebuild)
+    return result.value, result.cached
 
 
 def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = GROUP_SIZE,
@@ -320,8 +318,8 @@ def anchored_fit(predicted: np.ndarray, measured: np.ndarray, base_ms: float) ->
 def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStructure], env: InferenceEnv,
                        runtime: Runtime, rounds: int, warmup: int, workdir: Path,
                        guard: LoadGuard = LoadGuard()) -> tuple[dict[str, TimingStats], MachineLoad]:
-    """Export a random-weight model (with the config's head) per structure (in the environment's precision; INT8 scales from random
-    tokens) and time them all interleaved in one run (guarded: time_sessions)."""
+    """Export a random-weight model (with the config's head) per structure, in the environment's precision (INT8
+    scales from random tokens), and time them all interleaved in one run (guarded: time_sessions)."""
     adapter = adapter_for(config)
     inputs = adapter.example_inputs(config, env.batch_size, env.sequence_length)
     sessions = {}

@@ -130,7 +130,8 @@ def oneshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Ta
     """Prune `model` in place to `settings.sparsity` of its prunable weights; returns the masks.
 
     The sparsity ramps along the cubic schedule over k = `recomputations` steps, each with a Fisher computed on the
-    current weights from the task's training examples (the task's loss). Given `masks` are kept pruned (masks only grow).
+    current weights from the task's training examples (the task's loss). Given `masks` are kept pruned (masks only
+    grow).
     """
     masks = _start_masks(model, settings, masks)
     for sparsity in _schedule(recomputations, masks_sparsity(masks), settings.sparsity):

@@ -7,19 +7,25 @@ Orchestration around the pure math in obs.py and search.py:
 2. `solve`: the DP over all modules for one speedup target, with the time budget from the corrected table.
 3. `stitch`: the teacher with each module shrunk to its chosen level, with that level's OBS-updated weights.
 
-    ziplm: {damping_frac: 0.01, error: reconstruction, gradual: false}
+    ziplm: {damping_frac: 0.01, gradual: false}
+
+The search minimises the summed layer-output reconstruction errors measured along each greedy path (ALGORITHMS.md
+section 1: the better of the two errors a path records).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -38,8 +44,6 @@ class ZipLMSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     damping_frac: float = Field(0.01, gt=0.0, description="lambda = damping_frac * mean(diag H)")
-    error: Literal["reconstruction", "saliency"] = Field(
-        "reconstruction", description="layer error the search minimises: measured output error, or summed rho")
     gradual: bool = Field(False, description="targets in increasing order, each pruned from the previous member "
                                              "(after its chain's fine-tuning), calibrated and searched again")
 
@@ -57,12 +61,11 @@ class ModuleDatabase:
     def size(self) -> int:
         return len(self.groups)
 
-    def error(self, measure: str) -> np.ndarray:
-        """Error at every level index 0..size (index = structures kept)."""
+    def error(self) -> np.ndarray:
+        """The reconstruction error at every level index 0..size (index = structures kept)."""
         if self.path is None:
             return np.zeros(1)
-        along_path = self.path.reconstruction if measure == "reconstruction" else self.path.saliency
-        return np.asarray(along_path[::-1])
+        return np.asarray(self.path.reconstruction[::-1])
 
     def kept(self, level: int) -> list[int]:
         """Indices of the structures kept at a level, in their original order."""
@@ -86,11 +89,44 @@ class Database:
                 for m in self.modules]
 
     def errors(self) -> list[np.ndarray]:
-        return [m.error(self.settings.error) for m in self.modules]
+        return [m.error() for m in self.modules]
 
     def level(self, module: ModuleDatabase, layer: LayerStructure) -> int:
         """A module's level index (structures kept) in a layer structure."""
         return layer.units if module.kind == "attention" else layer.ffn // self.group_size
+
+
+DATABASE_TENSORS, DATABASE_LAYOUT = "database.safetensors", "database.json"
+PATH_TENSORS = ("W0", "A", "R")
+
+
+def save_database(database: Database, folder: Path) -> None:
+    """folder/database.safetensors (every module's groups and OBS path tensors) and folder/database.json (the rest)."""
+    tensors, modules = {}, []
+    for index, module in enumerate(database.modules):
+        tensors[f"{index}.groups"] = module.groups.contiguous()
+        path = module.path
+        if path is not None:
+            tensors |= {f"{index}.{name}": getattr(path, name).contiguous() for name in PATH_TENSORS}
+        modules.append({"layer": module.layer, "kind": module.kind, "path": None if path is None else {
+            "order": path.order, "saliency": path.saliency, "reconstruction": path.reconstruction,
+            "dead_columns": path.dead_columns, "damping": path.damping}})
+    save_file(tensors, str(folder / DATABASE_TENSORS))
+    layout = {"modules": modules, "settings": database.settings.model_dump(), "group_size": database.group_size}
+    (folder / DATABASE_LAYOUT).write_text(json.dumps(layout))
+
+
+def load_database(folder: Path) -> Database:
+    tensors = load_file(str(folder / DATABASE_TENSORS))
+    layout = json.loads((folder / DATABASE_LAYOUT).read_text())
+    modules = []
+    for index, module in enumerate(layout["modules"]):
+        path = module["path"]
+        obs_path = None if path is None else obs.ObsPath(
+            path["order"], path["saliency"], path["reconstruction"], path["dead_columns"], path["damping"],
+            *(tensors[f"{index}.{name}"] for name in PATH_TENSORS))
+        modules.append(ModuleDatabase(module["layer"], module["kind"], tensors[f"{index}.groups"], obs_path))
+    return Database(modules, ZipLMSettings(**layout["settings"]), layout["group_size"])
 
 
 def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians],
@@ -141,7 +177,7 @@ def structure_from_levels(database: Database, levels: list[int]) -> ModelStructu
 
 def predicted_error(database: Database, structure: ModelStructure) -> float:
     """The summed module errors the search minimised, for a structure."""
-    return sum(float(m.error(database.settings.error)[database.level(m, structure.layers[m.layer])])
+    return sum(float(m.error()[database.level(m, structure.layers[m.layer])])
                for m in database.modules)
 
 

@@ -45,6 +45,10 @@ class Metric:
         return {"name": self.name, "value": self.value, "higher_is_better": self.higher_is_better,
                 "validation_size": self.size}
 
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> Metric:
+        return cls(payload["name"], payload["value"], payload["higher_is_better"], payload["validation_size"])
+
 
 class Task(ABC):
     """A loaded task: its splits, how it encodes, trains and scores (see the module docstring)."""

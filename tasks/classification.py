@@ -19,7 +19,8 @@ Recipe snippet::
 Rules, applied in this order:
 
 1. Rows whose text, text pair (when a pair column is set) or label is empty or blank are dropped and counted in
-   ``ClassificationTask.dropped_rows``; every other value is kept verbatim (labels as strings, so ``1`` and ``"1"`` agree).
+   ``ClassificationTask.dropped_rows``; every other value is kept verbatim (labels as strings, so ``1`` and ``"1"``
+   agree).
 2. Label ids follow the sorted unique label strings (``["negative", "positive"]`` gives negative=0, positive=1).
 3. The split is stratified by label and seeded: each class is shuffled with ``random.Random(seed)``, and the
    classes are interleaved by each example's relative position within its class, so that every contiguous run

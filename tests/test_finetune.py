@@ -34,7 +34,9 @@ def test_second_call_is_cached(tiny_bert_dir: Path, toy_task: Task) -> None:
     assert (first.metric.name, first.metric.size) == ("accuracy", len(toy_task.validation))
     assert len(toy_task.validation) == 20
     assert lines[0] == f"a new sequence-classification head is trained on top of {tiny_bert_dir}"
-    assert lines[-2].startswith("epoch 1/1, step 8/8, loss ") and lines[-1].startswith("teacher: validation accuracy")
+    assert lines[-4].startswith("epoch 1/1, step 8/8, loss ") and lines[-3].startswith("teacher: validation accuracy")
+    assert lines[-2] == f"done in {lines[-2].split()[2]} s ({first.fingerprint})"  # the first call built the stage
+    assert lines[-1] == f"cached ({first.fingerprint})"  # the second one read it
 
 
 def test_changed_config_trains_a_new_teacher(tiny_bert_dir: Path, toy_task: Task) -> None:

@@ -50,7 +50,7 @@ def test_table_is_built_cached_and_predicts(cache, tiny_config):
 
     again, cached = lt.get_or_build_table(tiny_config, ENV, 32, QUICK, progress=messages.append)
     assert cached and again == table
-    stored = json.loads(next((cache / "latency_tables").glob("*.json")).read_text())
+    stored = json.loads(next((cache / "stages" / "table").glob("*/table.json")).read_text())  # a file, not a pickle
     assert stored["fingerprint"] == table.fingerprint and stored["schema_version"] == lt.SCHEMA_VERSION
 
 

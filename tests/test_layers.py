@@ -62,8 +62,8 @@ def test_math_modules_import_nothing_of_the_project(module):
 
 def test_no_stale_nested_paths_in_code_or_docs():
     stale = ("ziplm/pipeline", "ziplm/stages", "ziplm/runtimes", "ziplm/families", "ziplm/tasks")
-    files = [*source_files(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").rglob("*.py"),
-             ROOT / "Makefile", ROOT / "pyproject.toml"]
+    files = [*source_files(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"),
+             *(ROOT / "benchmarks").rglob("*.py"), ROOT / "Makefile", ROOT / "pyproject.toml"]
     hits = [f"{f.relative_to(ROOT)}: {s}" for f in files if f.exists() for s in stale if s in f.read_text()]
     assert not hits
 

@@ -104,7 +104,7 @@ def test_unsupported_architecture_exits_2_before_training(recipe, tmp_path):
     assert result.exit_code == 2
     assert "unsupported architecture 'gpt2'" in result.output and "supported model types: bert" in result.output
     assert_nothing_written(tmp_path)
-    assert not (tmp_path / "cache" / "teachers").exists()
+    assert not (tmp_path / "cache" / "stages" / "teacher").exists()
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -165,3 +165,21 @@ def test_prepare_builds_the_cached_stages_and_summarises_them(recipe, tmp_path):
 def test_a_latency_table_in_an_unknown_precision_exits_2_naming_the_choices():
     result = invoke("latency-table", "--precision", "int4")
     assert result.exit_code == 2 and "'int4' is not one of 'fp32'" in result.output and "'int8'" in result.output
+
+
+def test_the_recipe_has_few_settings():
+    """What a user decides, not a knob per experiment: at most 36 settings (a list such as `targets`, `slas` or
+    `chain` counts once)."""
+    from pydantic import BaseModel
+
+    from ziplm.pipeline.recipe import Recipe
+
+    def leaves(model: type[BaseModel]) -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            nested = field.annotation if isinstance(field.annotation, type) else None
+            found += [f"{name}.{leaf}" for leaf in leaves(nested)] if nested and issubclass(nested, BaseModel) \
+                else [name]
+        return found
+
+    assert len(leaves(Recipe)) <= 36, leaves(Recipe)

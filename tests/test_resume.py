@@ -32,7 +32,7 @@ def run_cli(recipe: Path, out: Path, cache: Path, kill_at: str | None = None) ->
 
 def entries(cache: Path) -> dict[str, float]:
     """Every finished stage entry (teacher, table, stage folders) with its modification time."""
-    finished = [*cache.glob("teachers/[!.]*"), *cache.glob("latency_tables/[!.]*"), *cache.glob("stages/*/[!.]*")]
+    finished = list(cache.glob("stages/*/[!.]*"))
     return {str(path.relative_to(cache)): path.stat().st_mtime_ns for path in finished}
 
 
@@ -45,8 +45,8 @@ def stage_lines(stderr: str, stage: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kill_at, finished, killed", [
-    ("database", ["teachers", "latency_tables", "stages/dense", "stages/calibrate"], "stages/database"),
-    ("dense", ["teachers", "latency_tables"], "stages/dense"),  # killed while exporting the dense reference
+    ("database", ["stages/teacher", "stages/table", "stages/dense", "stages/calibrate"], "stages/database"),
+    ("dense", ["stages/teacher", "stages/table"], "stages/dense"),  # killed while exporting the dense reference
 ])
 def test_killed_run_resumes_without_redoing_finished_work(tmp_path, tiny_bert_dir, toy_sentiment_csv, kill_at,
                                                           finished, killed):

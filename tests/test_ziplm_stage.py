@@ -57,7 +57,7 @@ def test_database_covers_every_level(pruning_setup, tiny_table):
     _, _, _, database = pruning_setup
     assert [m.kind for m in database.modules] == ["attention", "ffn"] * 3
     for module, times in zip(database.modules, database.times(tiny_table)):
-        errors = module.error("reconstruction")
+        errors = module.error()
         assert len(errors) == len(times)  # one error per table level
         assert errors[-1] == 0.0 and errors[0] > 0.0  # dense: no error; removed: all of it
 

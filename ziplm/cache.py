@@ -4,17 +4,17 @@ The cache lives outside git (default ~/.cache/ziplm, override with ZIPLM_CACHE).
 temporary name (`.NAME.partial-PID-...`) and renamed when complete, so an interrupted run never leaves a half-written
 entry behind; the next build of the same entry removes temporary folders whose process has died.
 
-A stage of a chain is one call of `StageCache.run`: its output is cached under a fingerprint of exactly its inputs
-(pass the upstream stages' keys among them), so a rerun reuses every finished stage and a changed input rebuilds
-only the stages that depend on it:
+Every cached result of the product is a stage: one call of `StageCache.run`, cached under a fingerprint of exactly
+its inputs (pass the upstream stages' keys among them), so a rerun reuses every finished stage and a changed input
+rebuilds only the stages that depend on it. A stage writes files into its folder (JSON, safetensors, ONNX, a saved
+model) and reads its value back from them; nothing is pickled, so an entry outlives the code that wrote it:
 
     stages = StageCache(cache_root() / "stages", progress)
     hessians = stages.run("calibrate", {"teacher": teacher_key, "settings": settings.model_dump()},
-                          lambda folder, progress: collect_hessians(..., progress=progress))
-    database = stages.run("database", {"hessians": hessians.key, ...}, lambda folder, progress: ...)
+                          build=lambda folder, progress: save_hessians(collect_hessians(...), folder),
+                          read=load_hessians)
 
-A stage's value is pickled into its folder; files it writes go into `folder`, and the value refers to them by paths
-relative to it (the folder is renamed when the stage completes): `result.path / "model.onnx"`.
+`SCHEMA_VERSION` is part of every key: raising it retires every entry written in an older layout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 Progress = Callable[[str], None]
 StageProgress = Callable[[str], Progress]
-VALUE_FILE = "value.pkl"
+SCHEMA_VERSION = 2  # the layout of stage folders; 1 pickled values
 
 
 def cache_root() -> Path:
@@ -111,18 +110,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def cached_directory(kind: str, key: str, build: Callable[[Path], None], root: Path | None = None) -> Path:
-    """Return (root or cache_root())/kind/key, building it with `build(tmp_dir)` first when it does not exist."""
-    final = (root or cache_root()) / kind / key
-    if not final.exists():
-        with atomic_directory(final) as tmp:
-            build(tmp)
-    return final
-
-
 @dataclass(frozen=True)
 class StageResult(Generic[T]):
-    """A stage's output: its value, its folder (files the value names relatively), its key and whether reused."""
+    """A stage's output: its value, its folder (the files the value was read from), its key and whether reused."""
 
     name: str
     key: str
@@ -132,37 +122,30 @@ class StageResult(Generic[T]):
 
 
 class StageCache:
-    """Runs the stages of a chain, each cached under root/<stage name>/<fingerprint of its inputs>."""
+    """Runs stages, each cached under root/<stage name>/<fingerprint of its inputs>."""
 
     def __init__(self, root: Path, stage: StageProgress) -> None:
         self.root = Path(root)
         self.stage = stage
 
-    def run(self, name: str, inputs: Mapping[str, Any], build: Callable[[Path, Progress], T],
-            label: str | None = None) -> StageResult[T]:
-        """The cached output of `build(folder, progress)` for these inputs; built (atomically) only when missing.
-
-        `label` names the stage in progress lines when several calls share a stage name (one per target).
-        """
-        key = fingerprint({"stage": name, **inputs})
+    def run(self, name: str, inputs: Mapping[str, Any], build: Callable[[Path, Progress], None],
+            read: Callable[[Path], T], label: str | None = None, rebuild: bool = False) -> StageResult[T]:
+        """`read(folder)` of the folder `build(folder, progress)` wrote for these inputs; built (atomically) only when
+        missing, or when `rebuild`. `label` names the stage in progress lines when several calls share a stage
+        name (one per target)."""
+        key = fingerprint({"stage": name, "schema": SCHEMA_VERSION, **inputs})
         progress = self.stage(label or name)
         final = self.root / name / key
-        if final.exists():
+        if final.exists() and not rebuild:
             progress(f"cached ({key})")
-            return StageResult(name, key, final, _load_value(final), True)
+            return StageResult(name, key, final, read(final), True)
         start = time.perf_counter()
-        built: list[T] = []
-
-        def build_and_pickle(folder: Path) -> None:
-            built.append(build(folder, progress))
-            with open(folder / VALUE_FILE, "wb") as f:
-                pickle.dump(built[0], f, protocol=pickle.HIGHEST_PROTOCOL)
-
-        cached_directory(name, key, build_and_pickle, root=self.root)
+        with atomic_directory(final) as folder:
+            build(folder, progress)
         progress(f"done in {time.perf_counter() - start:.1f} s ({key})")
-        return StageResult(name, key, final, built[0], False)
+        return StageResult(name, key, final, read(final), False)
 
 
-def _load_value(folder: Path) -> Any:
-    with open(folder / VALUE_FILE, "rb") as f:
-        return pickle.load(f)  # our own cache entry, written by StageCache.run
+def default_stages(progress: Progress | None = None) -> StageCache:
+    """The product's stage cache (cache_root()/stages), reporting every stage to `progress` (default: print)."""
+    return StageCache(cache_root() / "stages", lambda _: progress or print)
