@@ -32,6 +32,7 @@ test-all: setup
 	$(BIN)/python -m pytest --runslow
 
 benchmarks: setup
+	$(BIN)/python -m pytest --runslow -m slow
 	$(BIN)/python -m benchmarks.latency_prediction
 	$(BIN)/python -m benchmarks.speedup_guarantee
 	$(BIN)/python -m benchmarks.accuracy_vs_speedup

@@ -16,9 +16,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import huggingface_hub.utils
 import typer
 from rich.console import Console
 from rich.table import Table
+from transformers.utils import logging as transformers_logging
 
 from ziplm import assets
 from ziplm.cache import StageCache, cache_root, write_json_atomic
@@ -29,7 +31,7 @@ from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
 from ziplm.runtimes.policy import policy
-from ziplm.stages.finetune import TeacherResult
+from ziplm.stages.finetune import TRAINING_LINE, TeacherResult
 from ziplm.stages.latency_table import GROUP_SIZE, LatencyTable, get_or_build_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -46,16 +48,34 @@ class Effort(str, Enum):
     thorough = "thorough"
 
 
+RUN_STARTED = [time.perf_counter()]  # when the command started: the run's clock in every progress line
+
+
 def stage_progress(stage: str) -> Callable[[str], None]:
-    """Per-stage progress lines with the time since the stage began (and the ZIPLM_KILL_AT hook, see above)."""
+    """Per-stage progress lines with the run's clock and the time since the stage began (and the ZIPLM_KILL_AT hook,
+    see above). On a terminal, a training line replaces the previous one, as a live bar."""
     start = time.perf_counter()
 
     def progress(message: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/] [bold]{stage}[/] {message}")
+        now = time.perf_counter()
+        run_clock = int(now - RUN_STARTED[0])
+        line = f"[dim]{run_clock // 60:3d}:{run_clock % 60:02d} {now - start:7.1f}s[/] [bold]{stage}[/] {message}"
+        live = console.is_terminal and message.startswith(TRAINING_LINE)
+        console.print(f"\x1b[2K{line}" if console.is_terminal else line, end="\r" if live else "\n")
         if os.environ.get("ZIPLM_KILL_AT") == stage:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return progress
+
+
+@app.callback()
+def start() -> None:
+    """Start the run's clock, and keep transformers' own load reports and progress bars from the user: the progress
+    lines say what happens (a new classification head, for one)."""
+    RUN_STARTED[0] = time.perf_counter()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:

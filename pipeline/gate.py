@@ -161,7 +161,7 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
                        failures=str(failures), errors="0", time=f"{verdict.seconds:.3f}")
     properties = ET.SubElement(suite, "properties")
     for key, value in verdict.runtime.items():
-        ET.SubElement(properties, "property", name=f"runtime.{key}", value=str(value))
+        ET.SubElement(properties, "property", name=f"runtime.{key}", value=property_value(value))
     speedup = {**verdict.measurement.speedup.to_json(), "measurements": len(verdict.measurement.blocks)}
     for key, value in speedup.items():
         ET.SubElement(properties, "property", name=f"speedup.{key}", value=str(value))
@@ -176,6 +176,11 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
     root = ET.Element("testsuites", tests=suite.get("tests", "0"), failures=str(failures))
     root.append(suite)
     return ET.ElementTree(root)
+
+
+def property_value(value: Any) -> str:
+    """A JUnit property's value: mappings and lists as JSON (not a Python repr), the rest as text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else str(value)
 
 
 def write_junit(verdict: Verdict, path: Path) -> None:

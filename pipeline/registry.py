@@ -4,8 +4,8 @@
 
 Every member of DIR (a `ziplm run` output folder, or one member folder) becomes a new version of the registered
 model named after the member. Its run carries the measured speedup, latency, the task's metric and sizes as metrics, the
-runtime (name, version, device, threads, batch, sequence, precision) and its fingerprint as tags, and the ONNX model
-and manifest as artifacts under `model/`; the model version carries the same figures as tags and points at those
+runtime (name, version, device, threads, batch, sequence, precision) and its fingerprint as tags, and the whole
+member folder (ONNX model, weights, config.json with the label names, tokenizer, manifest) as the artifact `model/`; the model version carries the same figures as tags and points at those
 artifacts. A member whose manifest says `passed: false` is refused unless `force`: the others are published and
 the command exits 1, a gating failure. An unreachable registry is bad input (exit 2).
 """
@@ -62,11 +62,16 @@ def metrics(manifest: dict[str, Any]) -> dict[str, float]:
 
 def tags(manifest: dict[str, Any]) -> dict[str, str]:
     runtime = {f"ziplm.runtime.{key}": str(value) for key, value in manifest["runtime"].items() if key != "options"}
-    figures = {f"ziplm.{key}": f"{value:g}" for key, value in metrics(manifest).items()}
+    figures = {f"ziplm.{key}": figure(value) for key, value in metrics(manifest).items()}
     sla = manifest.get("sla")
     return {**runtime, **figures, "ziplm.runtime_fingerprint": manifest["runtime_fingerprint"],
             "ziplm.passed": str(manifest["passed"]).lower(), "ziplm.sha256": manifest["sha256"],
             "ziplm.sla": f"{sla['metric']}<={sla['ms']:g}ms" if sla else "none"}
+
+
+def figure(value: float) -> str:
+    """A figure as a tag: integers in full (7640280, not 7.64028e+07), other numbers to 6 significant digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 def check_reachable(registry: str) -> None:
@@ -121,8 +126,7 @@ def publish_member(client: Any, experiment_id: str, member: Path, manifest: dict
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics(manifest).items()])
-    for file in ("model.onnx", "manifest.json"):
-        client.log_artifact(run_id, str(member / file), artifact_path="model")
+    client.log_artifacts(run_id, str(member), artifact_path="model")  # the whole folder: it can be served as pulled
     client.set_terminated(run_id)
     try:
         client.create_registered_model(manifest["name"])

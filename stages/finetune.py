@@ -155,10 +155,16 @@ def train(model: nn.Module, tokenizer: object, task: Task, examples: Sequence[Ex
     return losses
 
 
+TRAINING_LINE = "epoch "  # how a training progress line starts (a terminal shows them as one live line)
+BAR_WIDTH = 20
+
+
 def training_line(epoch: int, epochs: int, step: int, steps: int, loss: float, elapsed_s: float) -> str:
-    """e.g. "epoch 1/3, step 40/282, loss 0.4123, 1:02 left" (time left from the pace so far)."""
+    """e.g. "epoch 1/3 [###.................] step 40/282, loss 0.4123, 1:02 left" (time left from the pace so far)."""
     left = elapsed_s / step * (steps - step)
-    return f"epoch {epoch}/{epochs}, step {step}/{steps}, loss {loss:.4f}, {int(left // 60)}:{int(left % 60):02d} left"
+    done = round(BAR_WIDTH * step / steps)
+    return (f"{TRAINING_LINE}{epoch}/{epochs} [{'#' * done}{'.' * (BAR_WIDTH - done)}] step {step}/{steps}, "
+            f"loss {loss:.4f}, {int(left // 60)}:{int(left % 60):02d} left")
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

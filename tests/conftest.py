@@ -141,7 +141,8 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ZIPLM_CACHE", str(root / "cache"))
         result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(root / "out")], catch_exceptions=False)
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 0, result.output  # built to pass: a tolerance far wider than the noise
+    (root / "run.log").write_text(result.output)  # what the user saw (tests/test_artifacts.py)
     return root / "out"
 
 

@@ -33,7 +33,7 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
     chain = [{"distill": {"epochs": 2}}, {"obert": TINY_OBERT}, {"qat": {"distillation": TINY_DISTILLATION}}]
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=chain, targets=[1.3, 1.6],
                  ziplm={"gradual": True}, environment={"threads": 1, "sequence_length": 32, "precision": "int8"})
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 0, result.output  # built to pass: a tolerance far wider than the noise
     output = " ".join(result.output.split())
     # 2 epochs for the distill stage; oBERT's and QAT's own distillation settings (1 epoch) for theirs
     assert "distillation: 2 epochs on" in output and "epoch 2/2" in output and "epoch 2/1" not in output
@@ -91,7 +91,7 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, targets=[1.3],
                  environment={"threads": 1, "sequence_length": 32, "precision": "int8"},
                  verification={"tolerance": 0.5, "max_rounds": 2, "reference": "fp32"})
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 0, result.output  # built to pass: a tolerance far wider than the noise
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     factor = report["precision_factor"]
@@ -124,7 +124,7 @@ def test_int8_targets_over_the_dense_fp32_model(tmp_path, monkeypatch, tiny_bert
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)
     verified = CliRunner().invoke(app, ["verify", str(out / member["name"]), "--effort", "quick"],
                                   catch_exceptions=False)
-    assert verified.exit_code in (0, 1), verified.output
+    assert verified.exit_code == 0, verified.output  # gated at the target x (1 - 0.5)
     assert f"{member['name']}: speedup" in " ".join(verified.output.split())
 
 
@@ -163,7 +163,7 @@ def test_a_round_the_chain_will_fine_tune_is_confirmed_by_fresh_measurements(tmp
     tolerance = 0.9
     result = run(tmp_path, tiny_bert_dir, toy_sentiment_csv, chain=[{"distill": TINY_DISTILLATION}],
                  verification={"tolerance": tolerance, "max_rounds": 3})
-    assert result.exit_code in (0, 1), result.output
+    assert result.exit_code == 0, result.output  # built to pass: a tolerance far wider than the noise
     (member,) = json.loads((tmp_path / "out" / "report.json").read_text())["members"]
     stages = [r["stage"] for r in member["rounds"]]
     closed_loop = member["rounds"][:stages.index("finished")]  # the loop up to the first fine-tuning

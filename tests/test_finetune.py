@@ -34,7 +34,8 @@ def test_second_call_is_cached(tiny_bert_dir: Path, toy_task: Task) -> None:
     assert (first.metric.name, first.metric.size) == ("accuracy", len(toy_task.validation))
     assert len(toy_task.validation) == 20
     assert lines[0] == f"a new sequence-classification head is trained on top of {tiny_bert_dir}"
-    assert lines[-4].startswith("epoch 1/1, step 8/8, loss ") and lines[-3].startswith("teacher: validation accuracy")
+    assert lines[-4].startswith("epoch 1/1 [####################] step 8/8, loss ")
+    assert lines[-3].startswith("teacher: validation accuracy")
     assert lines[-2] == f"done in {lines[-2].split()[2]} s ({first.fingerprint})"  # the first call built the stage
     assert lines[-1] == f"cached ({first.fingerprint})"  # the second one read it
 
@@ -105,8 +106,9 @@ def test_a_head_of_another_size_is_replaced_by_a_fresh_one(tiny_bert_dir: Path, 
     assert model.config.num_labels == 3 and model.classifier.out_features == 3
 
 
-def test_training_line_says_step_loss_and_time_left() -> None:
-    assert training_line(1, 3, 40, 120, 0.41234, 60.0) == "epoch 1/3, step 40/120, loss 0.4123, 2:00 left"
+def test_training_line_shows_a_bar_step_loss_and_time_left() -> None:
+    assert training_line(1, 3, 40, 120, 0.41234, 60.0) == ("epoch 1/3 [#######.............] step 40/120, loss 0.4123, "
+                                                           "2:00 left")
 
 
 def test_config_rejects_unknown_keys() -> None:

@@ -149,3 +149,11 @@ def test_a_recipe_with_only_slas_round_trips():
     recipe = parse_recipe(json.dumps({"name": "x", "model": "minilm", "task": {"data": "mr"}, "targets": [],
                                       "slas": [{"median_ms": 8.0, "sequence_length": 128}]}))
     assert parse_recipe(recipe.dump_yaml()) == recipe and recipe.slas[0].label == "median<=8ms"
+
+
+def test_junit_writes_mappings_as_json_not_a_python_repr():
+    from ziplm.pipeline.gate import property_value
+
+    assert property_value({"graph_optimization": "all", "allow_spinning": False}) == \
+        '{"allow_spinning": false, "graph_optimization": "all"}'
+    assert property_value(2) == "2" and property_value("CPU (x)") == "CPU (x)"

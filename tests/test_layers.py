@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# ziplm.<first part> -> its layer (the package root: errors <- cache <- assets); a module imports its own subpackage
-# and lower layers only
-LAYERS = {"errors": 0.0, "cache": 0.1, "assets": 0.2, "families": 1, "tasks": 1, "runtimes": 1, "stages": 2, "pipeline": 3}
+# ziplm.<first part> -> its layer (the package root: errors <- cache <- assets); a module imports its own
+# subpackage and lower layers only
+LAYERS = {"errors": 0.0, "cache": 0.1, "assets": 0.2, "families": 1, "tasks": 1, "runtimes": 1, "stages": 2,
+          "pipeline": 3}
 FOLDERS = {"ziplm": "", "families": "families", "tasks": "tasks", "runtimes": "runtimes", "stages": "stages",
            "pipeline": "pipeline"}
 MATH_MODULES = ("stages/obs.py", "stages/search.py")  # pure math: numpy and torch, nothing of the project

@@ -12,8 +12,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 from mlflow import MlflowClient  # the test extra installs it (pyproject.toml): a missing one fails, not skips
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from ziplm.pipeline.cli import app
@@ -87,8 +89,19 @@ def test_publish_registers_verified_members_and_refuses_failed_ones(mlflow_serve
     assert run.data.metrics["measured_speedup"] == pytest.approx(manifest["measured_speedup"])
     assert run.data.metrics["latency_p90_ms"] == pytest.approx(manifest["latency_ms"]["p90"])
     assert run.data.metrics["accuracy"] == pytest.approx(manifest["metric"]["value"])
-    downloaded = Path(client.download_artifacts(version.run_id, "model/model.onnx", str(tmp_path / "download")))
-    assert downloaded.read_bytes() == (family / "tiny-1.3x" / "model.onnx").read_bytes()
+    assert run.data.metrics["dense_accuracy"] == pytest.approx(manifest["metric"]["dense_value"])
+    assert version.tags["ziplm.parameters"] == str(manifest["parameters"])  # an integer in full, not %g
+    assert version.tags["ziplm.file_bytes"] == str(manifest["file_bytes"])
+    # the whole member folder, so that a model pulled from the registry can be served (tokenizer, label names)
+    pulled = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / "download")))
+    member = family / "tiny-1.3x"
+    assert {p.name for p in pulled.iterdir()} == {p.name for p in member.iterdir()}
+    assert (pulled / "model.onnx").read_bytes() == (member / "model.onnx").read_bytes()
+    assert json.loads((pulled / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    encoded = AutoTokenizer.from_pretrained(pulled)(["a good film"], return_tensors="np")
+    session = ort.InferenceSession(str(pulled / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {i.name: encoded[i.name] for i in session.get_inputs()})
+    assert logits.shape == (1, 2)
 
     forced = CliRunner().invoke(app, ["publish", str(family), "--registry", mlflow_server, "--experiment", "gate",
                                       "--force"], catch_exceptions=False)

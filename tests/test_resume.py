@@ -64,7 +64,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, tiny_bert_di
     assert not visible_partials(cache)
 
     second = run_cli(recipe, out, cache)
-    assert second.returncode in (0, 1), second.stderr
+    assert second.returncode == 0, second.stderr  # the tiny recipe is built to pass
     for stage in ["teacher", "table", *(["dense", "calibrate"] if kill_at == "database" else [])]:
         assert any("cached" in line for line in stage_lines(second.stderr, stage)), (stage, second.stderr)
     assert any("done in" in line for line in stage_lines(second.stderr, kill_at))
@@ -83,7 +83,7 @@ def test_a_changed_recipe_rebuilds_only_what_depends_on_it(tmp_path, monkeypatch
         recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, toy_sentiment_csv, **overrides)))
         result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "out")],
                                     catch_exceptions=False)
-        assert result.exit_code in (0, 1), result.output
+        assert result.exit_code == 0, result.output  # the tiny recipe is built to pass
         return result.output
 
     def reused(output: str) -> dict[str, bool]:

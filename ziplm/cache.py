@@ -93,13 +93,21 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; artifacts and cache entries are meant to be shared
+        share(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def share(folder: Path) -> None:
+    """Folders 0755 and files 0644 below and including `folder`: mkdtemp and some writers (safetensors) make them
+    private, while artifacts and cache entries are meant to be read by other users (a serving process, a CI job)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

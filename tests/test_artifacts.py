@@ -1,0 +1,37 @@
+"""What a user gets from `ziplm run` beyond the report: files others can read, and progress that speaks for itself."""
+
+from __future__ import annotations
+
+import re
+import stat
+
+from ziplm.cache import atomic_directory
+
+
+def test_every_artifact_is_readable_by_others(tiny_family):
+    """Members, the dense reference and the report: folders 0755, files 0644 (weights written 0600 before)."""
+    paths = [tiny_family, *tiny_family.rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in paths)
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_cache_entries_are_shared_like_artifacts(tmp_path):
+    with atomic_directory(tmp_path / "entry") as folder:
+        (folder / "weights.bin").write_bytes(b"0")
+        (folder / "weights.bin").chmod(0o600)
+        (folder / "nested").mkdir(mode=0o700)
+    assert stat.S_IMODE((tmp_path / "entry" / "weights.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "entry" / "nested").stat().st_mode) == 0o755
+
+
+def test_the_run_says_what_happens_in_its_own_words_with_its_clock(tiny_family):
+    output = (tiny_family.parent / "run.log").read_text()
+    for noise in ("Writing model shards", "Loading weights", "LOAD REPORT", "MISSING"):
+        assert noise not in output  # transformers' own reports and bars are kept from the user
+    assert "a new sequence-classification head is trained on top of" in output
+    lines = [line for line in output.splitlines() if " teacher " in line or " table " in line]
+    clocks = [re.match(r"\s*(\d+):(\d\d)\s+[\d.]+s (\w+)", line) for line in lines]
+    assert lines and all(clocks)  # every progress line: the run's clock, the stage's clock, the stage
+    run_seconds = [int(m[1]) * 60 + int(m[2]) for m in clocks]
+    assert run_seconds == sorted(run_seconds)  # the run's clock never restarts at a new stage
