@@ -7,13 +7,16 @@ import json
 import onnx
 import pytest
 import yaml
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from tests.conftest import tiny_recipe
 from ziplm.families import adapter_for
 from ziplm.pipeline.cli import app
 from ziplm.pipeline.report import factor_drift_note
+from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.stages.quantize import is_quantized, load_model
+from ziplm.tasks import TaskSpec, load_task
 
 TINY_DISTILLATION = {"epochs": 1}
 VERDICT_COUNTS = (5, 7, 9)  # the quick effort's verdicts: 5 measurements, then two more at a time up to 9
@@ -38,18 +41,22 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
     # 2 epochs for the distill stage; oBERT's and QAT's own distillation settings (1 epoch) for theirs
     assert "distillation: 2 epochs on" in output and "epoch 2/2" in output and "epoch 2/1" not in output
     out = tmp_path / "out"
-    first, second = json.loads((out / "report.json").read_text())["members"]
+    report = json.loads((out / "report.json").read_text())
+    first, second = report["members"]
+    task = load_task(TaskSpec(**report["recipe"]["task"]))
     for member in (first, second):
         assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distill", "obert", "qat", "onnx-export",
                                     "paired-verification"]
         assert member["rounds"][-1]["stage"] == "finished" and member["chosen_round"] == len(member["rounds"]) - 1
         by_stage = member["rounds"][-1]["metric_by_stage"]  # where the accuracy went, stage by stage
         assert list(by_stage) == ["distill", "obert", "int8-calibration", "qat"]
-        assert all(0.0 <= value <= 1.0 for value in by_stage.values())
+        assert by_stage["qat"] == member["metric"]["value"]  # the file shipped is the model after the last stage
         assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"] is not None
         assert member["speedup_vs_dense_int8"]["measured_speedup"] == member["measured_speedup"]  # over the reference
         assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
-        assert 0.0 <= member["metric"]["onnx_value"] <= 1.0  # the INT8 file's own accuracy, beside torch's
+        folder = out / member["name"]  # the INT8 file's own accuracy, beside torch's, re-scored here
+        session = SessionModule(get_runtime(InferenceEnv(threads=1)).load(folder / "model.onnx"))
+        assert task.evaluate(session, AutoTokenizer.from_pretrained(folder)).value == member["metric"]["onnx_value"]
         graph = onnx.load(str(out / member["name"] / "model.onnx")).graph
         assert any(node.op_type == "QuantizeLinear" for node in graph.node)
     # gradual: the second member was pruned from the first, so it keeps no more anywhere

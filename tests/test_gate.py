@@ -46,14 +46,17 @@ def test_the_family_has_a_dense_reference_and_an_sla_member(tiny_family):
 
 def test_verify_passes_a_met_guarantee_and_writes_a_clean_junit(tiny_family, tmp_path):
     junit = tmp_path / "verify.xml"
-    result = invoke("verify", speedup_member(tiny_family), "--min-speedup", "0.2", "--max-latency-ms", "1000",
-                    "--effort", "quick", "--junit", junit)
+    manifest = json.loads((speedup_member(tiny_family) / "manifest.json").read_text())
+    slower_than_dense = 2 * manifest["dense_latency_ms"]["p90"]  # a member twice as slow as dense fails the gate
+    result = invoke("verify", speedup_member(tiny_family), "--max-latency-ms", f"{slower_than_dense:.4f}",
+                    "--effort", "quick", "--junit", junit)  # speedup: the default, target x (1 - tolerance)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("PASS tiny-1.3x: speedup") and "p90 latency" in result.output
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite.get("tests") == "2" and suite.get("failures") == "0"
     assert [case.get("name") for case in suite.iter("testcase")] == ["speedup", "p90 latency"]
     assert suite.find(".//property[@name='runtime.threads']").get("value") == "1"
+    assert json.loads(suite.find(".//property[@name='runtime.options']").get("value"))["graph_optimization"] == "all"
     assert suite.find(".//property[@name='machine_load.retaken']").get("value").isdigit()  # 0 on a quiet machine
     assert suite.find(".//property[@name='speedup.measurements']").get("value") in ("5", "7", "9")
     assert "measurements, " in result.output and "interval [" in result.output  # the verdict's interval
