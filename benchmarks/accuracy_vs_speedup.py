@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel
 
-from benchmarks.common import RESULTS, progress, write_results
+from benchmarks.common import RESULTS, progress, stage_cache, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline import plots
 from ziplm.cache import StageCache
@@ -38,8 +38,8 @@ from ziplm.stages.flops_table import flops_table
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.baselines import drop_layers, magnitude_prune, uniform_structure
 from ziplm.stages.export import export_checked
-from ziplm.stages.finetune import evaluate_accuracy
-from ziplm.stages.verify import LatencyCheck, Member, PairedVerifier, closed_loop
+from ziplm.runtimes.paired import LatencyCheck, PairedVerifier
+from ziplm.stages.closed_loop import Member, closed_loop
 
 COMMAND = "python -m benchmarks.accuracy_vs_speedup"
 RECIPES = {"mr": "minilm_mr", "rotten_tomatoes": "minilm_rotten_tomatoes"}
@@ -49,10 +49,10 @@ BASELINES = ["uniform magnitude", "layer dropping", "ZipLM w/o OBS update", "Zip
 
 def run_task(task: str, targets: list[float]) -> dict[str, Any]:
     recipe = load_recipe(RECIPES[task]).model_copy(update={"targets": targets})
-    inputs = prepare_inputs(recipe, progress)
+    inputs = prepare_inputs(recipe, stage_cache())
     dense, tokenizer, table, validation = inputs.dense, inputs.tokenizer, inputs.table, inputs.task.validation
     adapter = adapter_for(dense.config)
-    accuracy = lambda model: evaluate_accuracy(model, tokenizer, validation, recipe.teacher.max_length)  # noqa: E731
+    accuracy = lambda model: inputs.task.evaluate(model, tokenizer).value  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ziplm-tradeoff-") as tmp:
         work = Path(tmp)
         start = time.perf_counter()
@@ -68,7 +68,8 @@ def run_task(task: str, targets: list[float]) -> dict[str, Any]:
         }
         points: dict[str, list[dict[str, Any]]] = {ZIPLM: [_closed_loop_point(m, accuracy) for m in family.members]}
         for method, (method_table, solve, build) in loops.items():
-            members = [closed_loop(target, solve, build, method_table, verifier, work / f"{method}-{target:g}x",
+            members = [closed_loop(target, solve, build, lambda model, path: export_checked(model, path, verifier.env),
+                                   method_table, verifier, recipe.verification, work / f"{method}-{target:g}x",
                                    progress(f"{method} {target:g}x")) for target in targets]
             points[method] = [_closed_loop_point(m, accuracy) for m in members]
         points["ZipLM w/o OBS update"] = [
@@ -197,8 +198,9 @@ def _why(result: dict[str, Any]) -> list[str]:
 def plot(result: dict[str, Any]) -> Path:
     series = {method: [(1.0, result["dense_accuracy"])] + [(p["measured_speedup"], p["accuracy"]) for p in points]
               for method, points in result["methods"].items()}
-    return plots.accuracy_vs_speedup(RESULTS / f"accuracy_vs_speedup_{result['task']}.png", series,
-                                     result["dense_accuracy"], f"MiniLM on {result['task']}: one-shot, no fine-tuning")
+    return plots.metric_vs_speedup(RESULTS / f"accuracy_vs_speedup_{result['task']}.png", series,
+                                   result["dense_accuracy"], "accuracy",
+                                   f"MiniLM on {result['task']}: one-shot, no fine-tuning")
 
 
 def main() -> None:

@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from ziplm.families.loading import build_model
 from ziplm.assets import resolve_model
-from ziplm.cache import fingerprint, write_json_atomic
+from ziplm.cache import StageCache, cache_root, fingerprint, write_json_atomic
+from ziplm.families.loading import build_model
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.run import Inputs, prepare_inputs
-from ziplm.tasks.classification import TaskSpec, load_task
-from ziplm.stages.latency_table import get_or_build_table
+from ziplm.runtimes.policy import policy
 from ziplm.stages.calibrate import CalibrationSettings
+from ziplm.stages.latency_table import get_or_build_table
+from ziplm.tasks import TaskSpec, load_task
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"bert-base": "bert-base shape (random weights)", "minilm": "MiniLM fine-tuned on MR"}
@@ -27,6 +28,11 @@ MODELS = {"bert-base": "bert-base shape (random weights)", "minilm": "MiniLM fin
 
 def progress(stage: str) -> Callable[[str], None]:
     return lambda message: print(f"[{stage}] {message}", flush=True)
+
+
+def stage_cache() -> StageCache:
+    """The product's stage cache, with benchmark-style progress lines: benchmarks reuse `ziplm run`'s stages."""
+    return StageCache(cache_root() / "stages", progress)
 
 
 def head_commit() -> str:
@@ -48,11 +54,12 @@ def load_subject(model: str, targets: list[float]) -> tuple[Recipe, Inputs]:
     does not depend on the values), calibrated on real MR sentences through MiniLM's tokenizer (the same vocabulary)."""
     if model == "minilm":
         recipe = load_recipe("minilm_mr").model_copy(update={"targets": targets})
-        return recipe, prepare_inputs(recipe, progress)
+        return recipe, prepare_inputs(recipe, stage_cache())
     recipe = Recipe(name="bert-base-random", model="bert-base", task=TaskSpec(data="mr"), targets=targets,
                     calibration=CalibrationSettings(samples=128))
     torch.manual_seed(0)
     dense = build_model(BertConfig())
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table, progress=progress("table"))
+    table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
+                                  policy(recipe.effort), stages=stage_cache())
     return recipe, Inputs(load_task(recipe.task), dense, tokenizer, table, fingerprint({"random": model, "seed": 0}))

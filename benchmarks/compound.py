@@ -37,12 +37,13 @@ import numpy as np
 
 from benchmarks.common import RESULTS, head_commit, progress, write_results
 from ziplm.cache import cache_root
-from ziplm.pipeline.chain import ChainSettings
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.report import environment_line, verdict_split
 from ziplm.pipeline.run import run_recipe
 from ziplm.runtimes import get_runtime
-from ziplm.stages.distill import DistillSettings
+from ziplm.runtimes.policy import policy
+from ziplm.stages.chain import Distill
+from ziplm.stages.ziplm import ZipLMSettings
 
 COMMAND = "python -m benchmarks.compound"
 ACCURACY_POINTS = 1.5  # the issue: the compound artifact within 1.5 points of the dense teacher
@@ -102,8 +103,8 @@ def by_device(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def gradual_vs_oneshot() -> dict[str, Any]:
     oneshot = load_recipe("minilm_mr").model_copy(update={"targets": [2.0, 3.0]})
-    gradual = oneshot.model_copy(update={"name": "minilm-mr-gradual",
-                                         "chain": ChainSettings(gradual=True, distillation=DistillSettings())})
+    gradual = oneshot.model_copy(update={"name": "minilm-mr-gradual", "ziplm": ZipLMSettings(gradual=True),
+                                         "chain": [Distill()]})
     return {"oneshot": run_variant(oneshot), "gradual": run_variant(gradual)}
 
 
@@ -119,7 +120,7 @@ def markdown(result: dict[str, Any]) -> str:
 def _gradual_markdown(result: dict[str, Any]) -> list[str]:
     oneshot, gradual = result["oneshot"], result["gradual"]
     dense = oneshot["dense"]["metric"]["value"]
-    epochs = gradual["recipe"]["chain"]["distillation"]["epochs"]
+    epochs = chain_summary(gradual["recipe"])["first"]["epochs"]
     lines = ["## Gradual ZipLM with distillation vs one-shot ZipLM", "",
              f"{environment_line(oneshot['runtime'])}. Dense teacher accuracy {dense:.4f} on 500 validation examples. "
              f"Gradual: each target pruned from the previous member, then distilled ({epochs} epochs, l2 = l3 = 0.5, "
@@ -136,11 +137,39 @@ def _gradual_markdown(result: dict[str, Any]) -> list[str]:
                     f"{gradual['seconds']:.0f} s. Measured at commit {gradual['commit']}.", ""]
 
 
+def chain_summary(recipe: dict[str, Any]) -> dict[str, Any]:
+    """Whether a stored run was gradual, and the distillation right after structured pruning (`first`) and the one of
+    the later stages (`later`), from its recipe as dumped: an ordered chain (now), or the chain mapping runs stored
+    before the chain became a list (distillation, structured_distillation, gradual)."""
+    chain = recipe["chain"]
+    if isinstance(chain, dict):
+        first = {**chain["distillation"], **chain.get("structured_distillation", {})}
+        return {"gradual": chain["gradual"], "first": first, "later": chain["distillation"]}
+    stages = {name: settings for entry in chain for name, settings in entry.items()}
+    first = stages.get("distill", {})
+    later = stages.get("obert", stages.get("qat", {})).get("distillation", first)
+    return {"gradual": recipe["ziplm"]["gradual"], "first": first, "later": later}
+
+
+def measurement(recipe: dict[str, Any]) -> dict[str, Any]:
+    """How a stored run measured: the verification keys runs stored before `effort`, or the effort's policy."""
+    if "effort" not in recipe:
+        return recipe["verification"]
+    used = policy(recipe["effort"])
+    return {"round_repeats": used.round_repeats, "finished_repeats": used.verdict_repeats,
+            "max_verdict_repeats": used.max_verdict_repeats, "verdict_width": used.verdict_width}
+
+
+def by_stage(round_: dict[str, Any]) -> dict[str, float]:
+    """A finished round's metric after each stage (stored as accuracy_by_stage before the task layer)."""
+    return round_.get("metric_by_stage", round_.get("accuracy_by_stage", {}))
+
+
 def _verdict_rule(runs: list[dict[str, Any]]) -> str:
     """How the runs' verdicts were taken, in words (runs from before verdicts settled took a fixed number)."""
     numbers: dict[str, list[int]] = {}
     for number, run in enumerate(runs, 1):
-        verification = run["recipe"]["verification"]
+        verification = measurement(run["recipe"])
         rule = f"{verification['finished_repeats']} paired measurements"
         if "max_verdict_repeats" in verification:
             rule = (f"at least {rule}, two more at a time while the 95% interval of their median reaches further "
@@ -155,14 +184,14 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
     first = runs[0]
     dense = first["dense"]["metric"]["value"]
     members = [(i + 1, run, m) for i, run in enumerate(runs) for m in run["members"]]
-    chain = ChainSettings.model_validate(first["recipe"]["chain"])
-    distillation, structured = chain.distillation, chain.first_distillation
-    verification = first["recipe"]["verification"]
+    chain = chain_summary(first["recipe"])
+    distillation, structured = chain["later"], chain["first"]
+    verification = {**first["recipe"]["verification"], **measurement(first["recipe"])}
     confirmed = any("screening_measurements" in r for _, _, m in members for r in m["rounds"])
     confirmation = (", as does the fresh reading that confirms a closed-loop round before its structure is fine-tuned "
                     "(`screened`: the round's first reading)") if confirmed else ""
     targets = " then ".join(f"{t:g}x" for t in first["recipe"]["targets"])
-    ziplm = "gradual ZipLM" if chain.gradual else "ZipLM"
+    ziplm = "gradual ZipLM" if chain["gradual"] else "ZipLM"
     lines = [f"## Compound on {first['runtime']['device']}: {ziplm} (INT8 table) + distillation + gradual oBERT 80% "
              f"+ INT8 QAT, {targets} over dense FP32", "",
              f"{environment_line(first['runtime'])}. The target is the speedup over the dense FP32 model, and each "
@@ -172,8 +201,8 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
              f"the median of {verification.get('round_repeats', 1)} paired measurements, a fine-tuned file the median "
              f"of {_verdict_rule(runs)}{confirmation}. The chosen file is also timed beside dense INT8 the same way "
              "(the cross-check); times the factor, that is the product an earlier version judged by. "
-             f"Distillation: {structured.epochs} epochs at learning rate {structured.learning_rate:g} after "
-             f"structured pruning, {distillation.epochs} at {distillation.learning_rate:g} after each oBERT step "
+             f"Distillation: {structured['epochs']} epochs at learning rate {structured['learning_rate']:g} after "
+             f"structured pruning, {distillation['epochs']} at {distillation['learning_rate']:g} after each oBERT step "
              "and for QAT. "
              f"{len(runs)} independent run{'s' if len(runs) > 1 else ''} (own members, own precision factor): "
              f"{_tallies([m for _, _, m in members], dense, verification['tolerance'])}.", "",
@@ -204,17 +233,17 @@ def _compound_markdown(runs: list[dict[str, Any]]) -> list[str]:
                          f"| {r['predicted_speedup']:.3f}x "
                          f"| {screened} | {r['measured_speedup']:.3f}x | {heads} "
                          f"| {' '.join(map(str, r['structure']['ffn']))} "
-                         f"| {' / '.join(f'{v:.3f}' for v in r.get('accuracy_by_stage', {}).values())} |")
+                         f"| {' / '.join(f'{v:.3f}' for v in by_stage(r).values())} |")
     lines += _reread_markdown(members)
     lines += _factor_markdown(members, verification["tolerance"])
     seconds = ", ".join(f"{run['seconds']:.0f} s" for run in runs)
     commits = [run["commit"] for run in runs]
     measured = (f"commit {commits[0]}" if len(set(commits)) == 1
                 else "commits " + ", ".join(f"{commit} (run {i + 1})" for i, commit in enumerate(commits)))
-    if any("accuracy_by_stage" in r for _, _, m in members for r in m["rounds"]):
+    if any(by_stage(r) for _, _, m in members for r in m["rounds"]):
         lines += ["", "Accuracy after each stage (finished rounds): distillation / gradual oBERT / INT8 calibration "
                   "(post-training, before QAT) / INT8 QAT."]
-    databases = "the first database" if chain.gradual else "the database"
+    databases = "the first database" if chain["gradual"] else "the database"
     return lines + ["", f"Stages: {' -> '.join(first['members'][0]['stages'])}. Wall-clock per run with the teacher, "
                     f"table and {databases} cached: {seconds}. Measured at {measured}.", ""]
 

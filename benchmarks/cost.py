@@ -5,7 +5,7 @@ random weights, no teacher), latency table (built fresh here, the cache is left 
 (Hessians), database, and per target every closed-loop round's search, stitch, export, paired verification and the
 verdict that confirms a round read within the tolerance.
 
-    python -m benchmarks.cost [--models minilm bert-base] [--targets 2 4]
+    python -m benchmarks.cost [--models minilm bert-base] [--targets 2 4] [--effort standard]
 
 writes benchmarks/results/cost.md and .json.
 """
@@ -21,41 +21,49 @@ from benchmarks.common import MODELS, load_subject, progress, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.runtimes import get_runtime
-from ziplm.stages.latency_table import build_table
+from ziplm.runtimes.paired import PairedVerifier
+from ziplm.runtimes.policy import policy
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians
-from ziplm.stages.export import export_model
-from ziplm.stages.verify import PairedVerifier, Stopwatch, closed_loop
+from ziplm.stages.closed_loop import Stopwatch, closed_loop
+from ziplm.stages.export import export_checked, export_model
+from ziplm.stages.latency_table import build_table
 
 COMMAND = "python -m benchmarks.cost"
 STEPS = ("solve", "build", "export", "verify", "confirm")  # a closed-loop round's steps, as `ziplm run` takes them
 
 
-def run(model: str, targets: list[float]) -> dict[str, Any]:
+def run(model: str, targets: list[float], effort: str) -> dict[str, Any]:
     recipe, inputs = load_subject(model, targets)
+    recipe = recipe.model_copy(update={"effort": effort})
     dense, tokenizer, calibration, teacher = inputs.dense, inputs.tokenizer, inputs.task.calibration, inputs.teacher
-    env, clock = recipe.environment, Stopwatch()
+    env, clock, measure = recipe.environment, Stopwatch(), policy(recipe.effort)
     adapter = adapter_for(dense.config)
-    table = clock.time("latency table", build_table, dense.config, env, recipe.latency_table, progress("table"))
+    table = clock.time("latency table", build_table, dense.config, env, recipe.latency_table.group_size, measure,
+                       progress("table"))
     with tempfile.TemporaryDirectory(prefix="ziplm-cost-") as tmp:
         work = Path(tmp)
         dense_onnx = clock.time("dense export", export_model, dense, work / "dense.onnx", env.batch_size,
                                 env.sequence_length)
-        hessians = clock.time("calibration", collect_hessians, dense, tokenizer, adapter, calibration,
+        hessians = clock.time("calibration", collect_hessians, dense, tokenizer, adapter, inputs.task,
                               recipe.calibration, progress("calibrate"))
         database = clock.time("database", zipl.build_database, dense, adapter, hessians, table.group_size,
                               recipe.ziplm, progress("database"))
-        verifier = PairedVerifier(get_runtime(env), env, dense_onnx, dense.config.vocab_size, recipe.verification)
+        example = adapter.example_inputs(dense.config, env.batch_size, env.sequence_length)
+        verifier = PairedVerifier(get_runtime(env), env, dense_onnx, example, measure, recipe.verification.tolerance)
         members = [closed_loop(target, lambda s: zipl.solve(database, table, s),
-                               lambda structure: zipl.stitch(dense, adapter, database, structure), table, verifier,
-                               work / f"{target:g}x", progress(f"{target:g}x"), confirm=True) for target in targets]
+                               lambda structure: zipl.stitch(dense, adapter, database, structure),
+                               lambda member, path: export_checked(member, path, env), table, verifier,
+                               recipe.verification, work / f"{target:g}x", progress(f"{target:g}x"), confirm=True)
+                   for target in targets]
     stages = {"teacher fine-tune": teacher.seconds if teacher else None, **clock.seconds}
     per_member = [{"target": m.target, "rounds": len(m.rounds),
+                   "deviation": round(m.final.check.deviation(m.target), 4),
                    "seconds": {step: round(sum(r.seconds.get(step, 0.0) for r in m.rounds), 2)
                                for step in STEPS}} for m in members]
     return {"model": MODELS[model], "runtime": runtime_json(table),
             "calibration_samples": min(len(calibration), recipe.calibration.samples),  # as collect_hessians takes
-            "round_repeats": recipe.verification.round_repeats,
+            "round_repeats": measure.round_repeats, "effort": recipe.effort,
             "stages": {k: None if v is None else round(v, 2) for k, v in stages.items()}, "members": per_member}
 
 
@@ -75,18 +83,24 @@ def markdown(results: list[dict[str, Any]]) -> str:
             seconds = member["seconds"]
             lines.append(f"| {member['target']:g}x member ({member['rounds']} rounds): search "
                          f"{seconds['solve']:.2f}, stitch {seconds['build']:.2f}, export {seconds['export']:.1f}, "
-                         f"verify {seconds['verify']:.1f}, confirming verdict {seconds.get('confirm', 0.0):.1f} "
-                         f"| {sum(seconds.values()):.1f} |")
+                         f"verify {seconds['verify']:.1f}, confirming verdict {seconds.get('confirm', 0.0):.1f}"
+                         f"{deviation_note(member)} | {sum(seconds.values()):.1f} |")
         lines.append("")
     return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
+
+
+def deviation_note(member: dict[str, Any]) -> str:
+    """The member's measured deviation from its target, where the run recorded it."""
+    return f"; measured {member['deviation']:+.1%} from the target" if "deviation" in member else ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "bert-base"])
     parser.add_argument("--targets", type=float, nargs="+", default=[2, 4])
+    parser.add_argument("--effort", choices=["quick", "standard", "thorough"], default="standard")
     args = parser.parse_args()
-    results = [run(model, args.targets) for model in args.models]
+    results = [run(model, args.targets, args.effort) for model in args.models]
     write_results("cost", {"models": results, "command": COMMAND}, markdown(results))
 
 

@@ -23,16 +23,15 @@ import onnx
 import torch
 from transformers import AutoTokenizer
 
-from benchmarks.common import progress, write_results
+from benchmarks.common import progress, stage_cache, write_results
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.tasks.classification import load_task
-from ziplm.runtimes import get_runtime
+from ziplm.runtimes import SessionModule, get_runtime
 from ziplm.stages.export import export_checked, parity_atol
-from ziplm.stages.finetune import batches, encode_batch, evaluate_accuracy, finetune_teacher
+from ziplm.stages.finetune import finetune_teacher
 from ziplm.stages.quantize import QuantSettings, deployable, example_batches
-from ziplm.stages.verify import SessionClassifier
+from ziplm.tasks import Example, Task, batches, load_task
 
 COMMAND = "python -m benchmarks.int8_parity"
 CRITERION_POINTS = 0.5
@@ -43,30 +42,30 @@ def run(calibration_examples: int = 256, observer: str = "minmax", weight_bits: 
     recipe = load_recipe("minilm_mr")
     env = recipe.environment.model_copy(update={"precision": "int8"})
     task = load_task(recipe.task)
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress("teacher"))
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stage_cache())
     dense = load_model(str(teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    settings = QuantSettings(calibration_examples=calibration_examples, max_length=recipe.teacher.max_length,
-                             observer=observer, weight_bits=weight_bits)
+    settings = QuantSettings(observer=observer, weight_bits=weight_bits)
+    task.calibration = task.calibration[:calibration_examples]  # the scales' calibration set, for this study
     say = progress("int8")
-    say(f"calibrating activation scales on {min(calibration_examples, len(task.calibration))} examples")
+    say(f"calibrating activation scales on {len(task.calibration)} examples")
     quantized = deployable(dense, adapter_for(dense.config).prunable_linears, "int8",
-                           example_batches(tokenizer, task.calibration, settings), settings)
+                           example_batches(tokenizer, task), settings)
     runtime = get_runtime(env)
-    accuracy = lambda model: evaluate_accuracy(model, tokenizer, task.validation, recipe.teacher.max_length)  # noqa
+    accuracy = lambda model: task.evaluate(model, tokenizer).value  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ziplm-int8-") as work:
         onnx_path = Path(work) / "int8.onnx"
         parity = export_checked(quantized, onnx_path, env)
         graph = onnx.load(str(runtime.save_optimized(onnx_path, Path(work) / "optimized.onnx"))).graph
         ops = Counter(node.op_type for node in graph.node)
-        session = SessionClassifier(runtime.load(onnx_path))
+        session = SessionModule(runtime.load(onnx_path))
         say(f"accuracy on {len(task.validation)} validation examples")
         fp32_acc, fake_quant_acc, onnx_acc = accuracy(dense), accuracy(quantized), accuracy(session)
-        agreement = prediction_agreement(quantized, session, tokenizer, task.validation, recipe.teacher.max_length)
+        agreement = prediction_agreement(quantized, session, tokenizer, task, task.validation)
     gap_points = 100 * abs(onnx_acc - fake_quant_acc)
     return {
         "model": recipe.model, "task": task.name, "validation_size": len(task.validation),
-        "calibration_examples": min(calibration_examples, len(task.calibration)), "observer": observer, "qat": False,
+        "calibration_examples": len(task.calibration), "observer": observer, "qat": False,
         "weight_bits": weight_bits, "default_weight_bits": QuantSettings().weight_bits,
         "accuracy": {"fp32_torch": fp32_acc, "int8_fake_quant_torch": fake_quant_acc, "int8_onnxruntime": onnx_acc},
         "onnx_vs_fake_quant_points": round(gap_points, 3), "criterion_points": CRITERION_POINTS,
@@ -79,13 +78,13 @@ def run(calibration_examples: int = 256, observer: str = "minmax", weight_bits: 
 
 
 @torch.no_grad()
-def prediction_agreement(model: torch.nn.Module, session: SessionClassifier, tokenizer, examples,
-                         max_length: int) -> float:
+def prediction_agreement(model: torch.nn.Module, session: SessionModule, tokenizer, task: Task,
+                         examples: list[Example]) -> float:
     """Fraction of examples on which the ONNX file and the torch model predict the same label."""
     model.eval()
     same = 0
     for batch in batches(examples, 64):
-        encoded = encode_batch(tokenizer, batch, max_length, torch.device("cpu"))
+        encoded = task.encode(tokenizer, batch)
         same += int((model(**encoded).logits.argmax(-1) == session(**encoded).argmax(-1)).sum())
     return same / len(examples)
 

@@ -11,22 +11,23 @@ writes benchmarks/results/int8_speedup.md and .json.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
-from benchmarks.common import progress, write_results
+from benchmarks.common import progress, stage_cache, write_results
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.tasks.classification import load_task
 from ziplm.runtimes import get_runtime
 from ziplm.runtimes.timing import time_paired
-from ziplm.stages.export import encoder_inputs, export_model
+from ziplm.stages.export import export_model
 from ziplm.stages.finetune import finetune_teacher
-from ziplm.stages.quantize import QuantSettings, deployable, example_batches
+from ziplm.stages.quantize import deployable, example_batches
+from ziplm.tasks import load_task
 
 COMMAND = "python -m benchmarks.int8_speedup"
 
@@ -35,13 +36,13 @@ def run(rounds: int = 40) -> dict[str, Any]:
     recipe = load_recipe("minilm_mr")
     env = recipe.environment
     task = load_task(recipe.task)
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress("teacher"))
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stage_cache())
     dense = load_model(str(teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
-    quantized = deployable(dense, adapter_for(dense.config).prunable_linears, "int8",
-                           example_batches(tokenizer, task.calibration, QuantSettings()))
+    adapter = adapter_for(dense.config)
+    quantized = deployable(dense, adapter.prunable_linears, "int8", example_batches(tokenizer, task))
     runtime = get_runtime(env)
-    inputs = encoder_inputs(dense.config.vocab_size, env.batch_size, env.sequence_length)
+    inputs = adapter.example_inputs(dense.config, env.batch_size, env.sequence_length)
     with tempfile.TemporaryDirectory(prefix="ziplm-int8-speed-") as work:
         fp32 = runtime.load(export_model(dense, Path(work) / "fp32.onnx", env.batch_size, env.sequence_length))
         int8 = runtime.load(export_model(quantized, Path(work) / "int8.onnx", env.batch_size, env.sequence_length))
@@ -71,7 +72,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    result = run()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved rounds (more while the interval is wide)")
+    result = run(parser.parse_args().rounds)
     write_results("int8_speedup", result, markdown(result))
 
 

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import BertConfig
 
@@ -25,14 +26,8 @@ from benchmarks.common import write_results
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.latency_table import (
-    LatencyTable,
-    TableSettings,
-    get_or_build_table,
-    measure_structures,
-    random_structure,
-)
 from ziplm.runtimes.timing import speedup_of
+from ziplm.stages.latency_table import LatencyTable, get_or_build_table, measure_structures, random_structure
 
 COMMAND = "python -m benchmarks.latency_prediction"
 
@@ -73,10 +68,15 @@ class Result:
     worst_abs_error_corrected: float
     command: str
 
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> Result:
+        """A stored result (benchmarks/results/latency_prediction.json) as the dataclass it was written from."""
+        return cls(**{**payload, "rows": [Row(**row) for row in payload["rows"]]})
+
 
 def run(config: BenchmarkConfig, rebuild_table: bool = False) -> Result:
     model_config = BertConfig()  # the bert-base shape: 12 layers, hidden 768, 12 heads, FFN 3072
-    table, _ = get_or_build_table(model_config, config.env, TableSettings(), progress=print, rebuild=rebuild_table)
+    table, _ = get_or_build_table(model_config, config.env, progress=print, rebuild=rebuild_table)
     shape = adapter_for(model_config).shape(model_config)
     rng = random.Random(config.seed)
     structures = {"dense": ModelStructure.dense(shape)}

@@ -18,13 +18,13 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from benchmarks.common import progress, write_results
+from benchmarks.common import progress, stage_cache, write_results
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_model
 from ziplm.pipeline.recipe import load_recipe
-from ziplm.tasks.classification import load_task
 from ziplm.stages.baselines import global_magnitude_masks
-from ziplm.stages.finetune import evaluate_accuracy, finetune_teacher
+from ziplm.stages.finetune import finetune_teacher
+from ziplm.tasks import load_task
 from ziplm.stages.masks import apply_masks, masks_sparsity
 from ziplm.stages.obert import OBertSettings, oneshot
 
@@ -35,12 +35,12 @@ VALIDATION_SIZE = 500
 def run(sparsities: list[float], recomputations: list[int], gradients: int) -> dict[str, Any]:
     recipe = load_recipe("minilm_mr")
     task = load_task(recipe.task)
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, progress=progress("teacher"))
+    teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stage_cache())
     dense = load_model(str(teacher.path))
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     adapter = adapter_for(dense.config)
     validation = task.validation[:VALIDATION_SIZE]
-    accuracy = lambda model: evaluate_accuracy(model, tokenizer, validation, recipe.teacher.max_length)  # noqa: E731
+    accuracy = lambda model: task.evaluate(model, tokenizer, validation).value  # noqa: E731
     dense_accuracy = accuracy(dense)
     rows = []
     for sparsity in sparsities:
@@ -48,10 +48,9 @@ def run(sparsities: list[float], recomputations: list[int], gradients: int) -> d
         apply_masks(magnitude, global_magnitude_masks(magnitude, adapter, sparsity))
         row: dict[str, Any] = {"sparsity": sparsity, "global_magnitude": {"accuracy": accuracy(magnitude)}}
         for k in recomputations:
-            settings = OBertSettings(sparsity=sparsity, gradients=gradients, recomputations=k,
-                                     max_length=recipe.teacher.max_length)
+            settings = OBertSettings(sparsity=sparsity, gradients=gradients)
             model, start = copy.deepcopy(dense), time.perf_counter()
-            masks = oneshot(model, tokenizer, task.train, settings, progress(f"oBERT {sparsity:g} k={k}"))
+            masks = oneshot(model, tokenizer, task, settings, progress(f"oBERT {sparsity:g} k={k}"), recomputations=k)
             row[f"obert_k{k}"] = {"accuracy": accuracy(model), "seconds": round(time.perf_counter() - start, 1),
                                   "achieved_sparsity": round(masks_sparsity(masks), 6)}
         rows.append(row)

@@ -22,7 +22,8 @@ from benchmarks.common import MODELS, head_commit, load_subject, progress, write
 from ziplm.cache import StageCache
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import build_family
-from ziplm.stages.verify import Member
+from ziplm.runtimes.policy import policy
+from ziplm.stages.closed_loop import Member
 
 COMMAND = "python -m benchmarks.speedup_guarantee"
 
@@ -35,8 +36,8 @@ def run(model: str, targets: list[float]) -> dict[str, Any]:
     rows = [_row(member, recipe.verification.tolerance) for member in family.members]
     return {"model": MODELS[model], "commit": head_commit(), "runtime": runtime_json(inputs.table), "rows": rows,
             "tolerance": recipe.verification.tolerance, "max_rounds": recipe.verification.max_rounds,
-            "round_repeats": recipe.verification.round_repeats,
-            "finished_repeats": recipe.verification.finished_repeats,
+            "round_repeats": policy(recipe.effort).round_repeats,
+            "finished_repeats": policy(recipe.effort).verdict_repeats, "effort": recipe.effort,
             "table": inputs.table.fingerprint,
             "seconds": round(time.perf_counter() - start, 1)}
 

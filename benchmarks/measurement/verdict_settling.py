@@ -9,7 +9,7 @@ first 9 measurements of each verdict are the verdict as it was taken before (the
 same minutes of the machine. Each reading is compared with the sitting's median of every measurement (the long-run
 speedup), and each settled verdict's interval is checked for whether it holds that median.
 
-    python -m benchmarks.verdict_settling [--minutes 40] [--append | --redraw]
+    python -m benchmarks.measurement.verdict_settling [--minutes 40] [--append | --redraw]
 
 writes benchmarks/results/verdict_settling.md, .json and .png; `--append` adds the sitting to the stored ones,
 `--redraw` writes the stored ones again without measuring.
@@ -30,11 +30,11 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from benchmarks.common import RESULTS, head_commit, progress, write_results
-from benchmarks.verdict_drift import consecutive_verdicts, deviation_summary, plot_sittings, subjects, summary_cell
+from benchmarks.measurement.verdict_drift import consecutive_verdicts, deviation_summary, plot_sittings, subjects, summary_cell
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes.timing import median_half_width
 
-COMMAND = "python -m benchmarks.verdict_settling"
+COMMAND = "python -m benchmarks.measurement.verdict_settling"
 FIRST = 9  # finished_repeats: the verdict as it was taken before it settled
 EARLY = 17  # a verdict settled by this many measurements "settled early"
 WINDOWS = (27, 45, 81)  # fixed verdict lengths, read off the stream of measurements

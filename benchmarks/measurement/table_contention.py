@@ -7,7 +7,7 @@ quiet machine (guarded), while a neighbour works on one core in bursts without t
 with it (the defaults). Each table predicts the speedup over dense INT8 of the same structures (uniform at half the
 heads and FFN, and seeded random ones); a deviation is from the median of the quiet tables' predictions.
 
-    python -m benchmarks.table_contention [--turns 3]
+    python -m benchmarks.measurement.table_contention [--turns 3]
 
 writes benchmarks/results/table_contention.md and .json.
 """
@@ -15,6 +15,7 @@ writes benchmarks/results/table_contention.md and .json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 from typing import Any
@@ -22,14 +23,15 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import head_commit, progress, write_results
-from benchmarks.contention import BURSTS, running
+from benchmarks.measurement.contention import BURSTS, running
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.families.loading import load_config
-from ziplm.pipeline.recipe import load_recipe
+from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
+from ziplm.runtimes.policy import policy
 from ziplm.stages.latency_table import LatencyTable, TableSettings, build_table, ffn_levels, random_structure
 
-COMMAND = "python -m benchmarks.table_contention"
+COMMAND = "python -m benchmarks.measurement.table_contention"
 RANDOM_STRUCTURES = 4
 VARIANTS = {"quiet": (None, None), "bursts, no guard": (BURSTS, 0), "bursts, guard": (BURSTS, None)}
 
@@ -56,11 +58,11 @@ def run(turns: int) -> dict[str, Any]:
     tables, say, runtime = [], progress("tables"), None
     for turn in range(turns):
         for variant, (neighbour, retakes) in VARIANTS.items():
-            update = {} if retakes is None else {"retakes": retakes}
-            settings = recipe.latency_table.model_copy(update=update)
+            measure = policy(recipe.effort) if retakes is None else dataclasses.replace(policy(recipe.effort),
+                                                                                          retakes=retakes)
             start = time.monotonic()
             with running(neighbour):
-                table = build_table(config, env, settings, progress=lambda _: None)
+                table = build_table(config, env, recipe.latency_table.group_size, measure, progress=lambda _: None)
             runtime = runtime_json(table)
             tables.append({"turn": turn, "variant": variant, "seconds": round(time.monotonic() - start, 1),
                            "predicted": predicted_speedups(table, structures), "machine_load": table.machine_load,
@@ -70,8 +72,16 @@ def run(turns: int) -> dict[str, Any]:
                 f"{load['retaken']}, disturbed {load['disturbed']}; predicted "
                 + ", ".join(f"{name} {value:.3f}x" for name, value in tables[-1]["predicted"].items()))
     return {"command": COMMAND, "commit": head_commit(), "runtime": runtime,
-            "settings": recipe.latency_table.model_dump(), "structures": {n: s.to_json() for n, s in
+            "settings": table_settings(recipe), "structures": {n: s.to_json() for n, s in
                                                                           structures.items()}, "tables": tables}
+
+
+def table_settings(recipe: Recipe) -> dict[str, Any]:
+    """The table's settings as the stored runs record them: its group size and the effort's measurement counts."""
+    measure = policy(recipe.effort)
+    return {"group_size": recipe.latency_table.group_size, "block_rounds": measure.block_rounds,
+            "calibration_rounds": measure.calibration_rounds, "max_other_load": measure.max_other_load,
+            "retakes": measure.retakes, "effort": recipe.effort}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

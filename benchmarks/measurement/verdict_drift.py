@@ -20,7 +20,7 @@ move the precision factor. From the member-over-FP32 series:
 - the verdict spread over the sitting: the median of 9 blocks taken evenly across it, over each disjoint set;
 how far each lands from the sitting's median, and whether the member and the precision factor move together.
 
-    python -m benchmarks.verdict_drift [--minutes 25] [--append]
+    python -m benchmarks.measurement.verdict_drift [--minutes 25] [--append]
 
 writes benchmarks/results/verdict_drift.md, .json and _series.png; `--append` adds a sitting to the stored ones
 (the drift between sittings hours apart is the part one sitting cannot show).
@@ -54,7 +54,7 @@ from ziplm.runtimes.timing import CpuSnapshot, cpu_snapshot  # noqa: E402
 from ziplm.stages import ziplm as zipl  # noqa: E402
 from ziplm.stages.export import export_checked  # noqa: E402
 
-COMMAND = "python -m benchmarks.verdict_drift"
+COMMAND = "python -m benchmarks.measurement.verdict_drift"
 TARGET = 4.0  # the compound recipe's last target, over dense FP32
 VERDICT_BLOCKS = 9  # the pipeline's finished_repeats
 SERIES = {"member_over_fp32": "member / dense FP32 (the verdict's reading)",
@@ -101,8 +101,8 @@ def load_average() -> float | None:
 def subjects(work: Path) -> tuple[References, Path, dict[str, Any], dict[str, Any]]:
     """The compound recipe's references, and its 4x structure pruned one-shot from the teacher, exported in INT8."""
     recipe = load_recipe("minilm_mr_compound")
-    inputs = prepare_inputs(recipe, progress)
     stages = StageCache(cache_root() / "stages", progress)
+    inputs = prepare_inputs(recipe, stages)
     refs = references(recipe, inputs, stages)
     database = database_stage(recipe, inputs, Start(inputs.dense, inputs.dense_key), stages)
     structure = zipl.solve(database.value, inputs.table, TARGET / refs.table_scale)

@@ -4,7 +4,7 @@ while other processes keep cores busy: `verification.max_other_load`, `retakes`)
 On 2 cores, a process busy on one core slows the dense FP32 model (its matmuls split over both threads) and a small INT8
 member unequally, so a member timed beside dense FP32 reads off, either way: the compound benchmark's runs had single
 blocks 20-35% above their neighbours. Subjects: the compound recipe's references (dense FP32 and INT8) and the INT8
-structure its table solves for 4x over dense FP32, pruned one-shot (benchmarks.verdict_drift.subjects; speed does not
+structure its table solves for 4x over dense FP32, pruned one-shot (benchmarks.measurement.verdict_drift.subjects; speed does not
 depend on the weights' values).
 
 1. One paired block of member / dense FP32 under each kind of load (nothing; a loop busy on one core; a loop
@@ -14,7 +14,7 @@ depend on the weights' values).
    (1-4 s busy, 2-6 s idle, at random): without the guard (no retakes) and with it (the defaults), taken in turn,
    against verdicts of the quiet machine taken in the same turns.
 
-    python -m benchmarks.contention [--cycles 4] [--verdicts 3]
+    python -m benchmarks.measurement.contention [--cycles 4] [--verdicts 3]
 
 writes benchmarks/results/contention.md and .json.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -35,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import head_commit, progress, write_results
-from benchmarks.verdict_drift import subjects
+from benchmarks.measurement.verdict_drift import subjects
 from ziplm.pipeline.report import environment_line
-from ziplm.stages.verify import LatencyCheck, PairedVerifier
+from ziplm.runtimes.paired import LatencyCheck, PairedVerifier
 
-COMMAND = "python -m benchmarks.contention"
+COMMAND = "python -m benchmarks.measurement.contention"
 VERDICT_BLOCKS = 9  # the pipeline's finished_repeats
 LOADS = {  # a Python loop per kind of load, on one core
     "none": None,
@@ -76,7 +77,7 @@ def block_json(check: LatencyCheck) -> dict[str, Any]:
 def unguarded(verifier: PairedVerifier) -> PairedVerifier:
     """The same verifier (the same dense session) that never takes a measurement again."""
     plain = copy.copy(verifier)
-    plain.settings = verifier.settings.model_copy(update={"retakes": 0})
+    plain.policy = dataclasses.replace(verifier.policy, retakes=0)
     return plain
 
 
@@ -162,7 +163,8 @@ def run(cycles: int, verdicts: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ziplm-contention-") as work:
         refs, member, structure, runtime = subjects(Path(work))
         return {"command": COMMAND, "commit": head_commit(), "runtime": runtime, "member_structure": structure,
-                "settings": refs.verifier.settings.model_dump(include={"max_other_load", "retakes"}),
+                "settings": {"max_other_load": refs.verifier.policy.max_other_load,
+                             "retakes": refs.verifier.policy.retakes},
                 "cycles": cycles, "blocks": loads_part(refs.verifier, member, cycles),
                 "verdicts": verdicts_part(refs.verifier, member, verdicts)}
 

@@ -8,7 +8,7 @@ interleaved in one run, `--sittings` times. Each is compared as its time over th
 (from the predicted speedups the run recorded), each sitting's measured ratio, and the ratio the loop's readings
 implied.
 
-    python -m benchmarks.round_structures [--sittings 3] [--rounds 40]
+    python -m benchmarks.measurement.round_structures [--sittings 3] [--rounds 40]
 
 writes benchmarks/results/round_structures.md and .json.
 """
@@ -30,9 +30,10 @@ from ziplm.families import ModelStructure
 from ziplm.assets import resolve_model
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.stages.latency_table import TableSettings, measure_structures
+from ziplm.runtimes.policy import policy
+from ziplm.stages.latency_table import measure_structures
 
-COMMAND = "python -m benchmarks.round_structures"
+COMMAND = "python -m benchmarks.measurement.round_structures"
 
 
 def latest_run_here() -> dict[str, Any]:
@@ -54,7 +55,7 @@ def time_rounds(run: dict[str, Any], member: dict[str, Any], sittings: int, roun
     for sitting in range(sittings):
         with tempfile.TemporaryDirectory(prefix="ziplm-rounds-") as work:
             stats, _ = measure_structures(config, structures, env, get_runtime(env), rounds, 5, Path(work),
-                                          TableSettings().guard)  # a table's guard: these are timed as a table's are
+                                          policy().guard)  # a table's guard: these are timed as a table's are
         first = stats[next(iter(structures))].median_ms
         measured.append({name: stats[name].median_ms / first for name in structures})
         print(f"[{member['name']}] sitting {sitting + 1}: round 1 {first:.2f} ms, "
