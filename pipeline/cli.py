@@ -1,4 +1,4 @@
-"""The `ziplm` command line. Exit status: 0 success, 1 a target or check missed, 2 bad input (DESIGN.md).
+"""The `ziplm` command line. Exit status: 0 success, 1 a target or check missed, 2 bad input, 3 an internal error.
 
 Test hook, the only one: with ZIPLM_KILL_AT=<stage> in the environment (a progress label such as teacher, table,
 dense, calibrate, database, 2x), the process kills itself with SIGKILL at that stage's first progress line. The
@@ -16,6 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import click
 import huggingface_hub.utils
 import typer
 from rich.console import Console
@@ -78,8 +79,12 @@ def start() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+INTERNAL_ERROR = 3  # a failure of the tool itself: never confused with a missed target (1) or bad input (2)
+
+
 def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn a ZipLMError into its message and exit status instead of a traceback."""
+    """Turn a ZipLMError into its message and exit status instead of a traceback; any other exception is a failure of
+    the tool, shown with its traceback, exit status 3."""
 
     def run(*args: object, **kwargs: object) -> None:
         try:
@@ -87,6 +92,13 @@ def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
         except ZipLMError as error:
             console.print(f"[red]error:[/] {error}")
             raise typer.Exit(error.exit_code) from error
+        except (typer.Exit, click.ClickException):  # a status the command chose (typer.Exit is a RuntimeError)
+            raise
+        except Exception as error:  # noqa: BLE001  (reported in full, then a distinct exit status)
+            console.print_exception()
+            console.print(f"[red]internal error:[/] {type(error).__name__}: {error}; this is a bug in ziplm, not "
+                          "in the input: please report it with the traceback above")
+            raise typer.Exit(INTERNAL_ERROR) from error
 
     run.__name__, run.__doc__, run.__wrapped__ = command.__name__, command.__doc__, command  # for typer's help
     return run

@@ -81,7 +81,7 @@ class Verdict:
                 f"{self.measurement.load_note()}{self.device_note()}")
 
     def device_note(self) -> str:
-        """Kernels differ between CPU generations (dense INT8 ran 1.9x dense FP32 on one EPYC, 1.43x on another):
+        """Kernels differ between CPU generations (the same dense INT8 file runs at different speeds over FP32):
         a member measured on one CPU and gated on another is gated on other figures."""
         if self.recorded_device == self.runtime["device"]:
             return ""

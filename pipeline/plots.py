@@ -62,6 +62,8 @@ def kept_per_layer(path: Path, models: Sequence[KeptStructure], dense: KeptStruc
 def _save(figure: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # renamed when complete: no half-written figure
+    figure.savefig(tmp, dpi=110)
     plt.close(figure)
+    tmp.replace(path)
     return path

@@ -3,11 +3,12 @@
     ziplm publish runs/demo --registry http://127.0.0.1:5000 [--experiment ziplm-deploy] [--force]
 
 Every member of DIR (a `ziplm run` output folder, or one member folder) becomes a new version of the registered
-model named after the member. Its run carries the measured speedup, latency, the task's metric and sizes as metrics, the
-runtime (name, version, device, threads, batch, sequence, precision) and its fingerprint as tags, and the whole
-member folder (ONNX model, weights, config.json with the label names, tokenizer, manifest) as the artifact `model/`; the model version carries the same figures as tags and points at those
-artifacts. A member whose manifest says `passed: false` is refused unless `force`: the others are published and
-the command exits 1, a gating failure. An unreachable registry is bad input (exit 2).
+model named after the member. Its run carries the measured speedup, latency, the task's metric and sizes as metrics,
+the runtime (name, version, device, threads, batch, sequence, precision) and its fingerprint as tags, and the whole
+member folder (ONNX model, weights, config.json with the label names, tokenizer, manifest) as the artifact `model/`;
+the model version carries the same figures as tags and points at that artifact. A member whose manifest says
+`passed: false` is refused unless `force`: the others are published and the command exits 1, a gating failure. An
+unreachable registry is bad input (exit 2).
 """
 
 from __future__ import annotations

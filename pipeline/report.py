@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
-from ziplm.cache import file_digest, fingerprint, write_json_atomic
+from ziplm.cache import file_digest, fingerprint, write_json_atomic, write_text_atomic
 from ziplm.stages.latency_table import LatencyTable
 from ziplm.runtimes.timing import MachineLoad, TimingStats
 
@@ -146,8 +146,9 @@ def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dic
               "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
               "precision_factor": factor.to_json() if factor else None,
               "max_reachable_speedup": round(reachable, 3)}
-    write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report, draw_figures(out, report)))
+    markdown = report_markdown(report, draw_figures(out, report))
+    write_text_atomic(out / "report.md", markdown)
+    write_json_atomic(out / "report.json", report)  # last: a report.json says the whole report is there
     return report
 
 

@@ -110,8 +110,8 @@ def get_runtime(env: InferenceEnv) -> Runtime:
 
 
 # Instruction-set extensions that inference kernels dispatch on (ONNX Runtime's MLAS picks its GEMM and INT8 kernels by
-# them). Hypervisors often mask the model name ("AMD EPYC" on both an AVX2 Zen 3 and an AVX512-VNNI Zen 4 here, with
-# dense INT8 over FP32 at 1.43x on one and 1.9x on the other), so these and the family/model numbers name the CPU.
+# them). Hypervisors often mask the model name (two CPUs with different INT8 speed both say "AMD EPYC"), so these and
+# the family/model numbers name the CPU.
 KERNEL_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                    "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",  # x86 ("flags")
                    "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")  # Arm ("Features")

@@ -16,9 +16,7 @@ _X86_VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
 def int8_pair_sums_saturate() -> bool:
     """Whether this CPU's u8 x s8 kernels in ONNX Runtime saturate: x86 without VNNI multiplies with VPMADDUBSW,
     which adds each pair of u8 x s8 products in 16 bits, clipped at 32767 (255 x 127 x 2 = 64770). Weights within
-    -63..63 never reach it. On MiniLM MR and an AVX2 EPYC (benchmarks/results/int8_parity.md) the INT8 file read 1.40
-    points of accuracy from its torch fake-quant model with 8-bit weights (largest logit difference 1.6e-1), 0.20 with
-    7-bit weights (4e-7)."""
+    -63..63 never reach it (benchmarks/results/int8_parity.md measures what that costs in accuracy)."""
     features = cpu_features()
     return "avx2" in features and not features & _X86_VNNI
 

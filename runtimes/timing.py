@@ -1,6 +1,6 @@
 """Timing on a shared, noisy machine: warm-up, repeated interleaved runs, medians, and paired speedups.
 
-Absolute times drift between runs by 10-25% here (ENVIRONMENT.md), so every comparison is made inside one run:
+Absolute times drift between runs on a shared machine (docs/measurement.md), so every comparison is made inside one run:
 the models are called in turn (A B, B A, A B, ...), and a speedup is the median of the per-round ratios, whose
 confidence interval comes from order statistics (no distribution assumed). A paired timing measures more rounds
 while the interval is too wide.

@@ -183,3 +183,16 @@ def test_the_recipe_has_few_settings():
         return found
 
     assert len(leaves(Recipe)) <= 36, leaves(Recipe)
+
+
+def test_an_internal_error_exits_3_with_its_traceback_not_as_a_miss(recipe, monkeypatch):
+    """A gate must tell a crash from a missed target (1) and from bad input (2)."""
+    from ziplm.pipeline import cli
+
+    def crash(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run_recipe", crash)
+    result = invoke("run", str(recipe()))
+    assert result.exit_code == 3
+    assert "RuntimeError: a bug" in result.output and "this is a bug in ziplm" in result.output

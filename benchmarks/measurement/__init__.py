@@ -1,1 +1,2 @@
-"""Studies of the machine's timing noise (not of the product): what a verdict on a shared 2-core VM can and cannot show."""
+"""Studies of the machine's timing noise, not of the product: what a verdict on a shared VM can and cannot
+show."""

@@ -1,11 +1,11 @@
 """What other work on the machine does to a paired verdict, and what the guard against it (re-taking a measurement
-while other processes keep cores busy: `verification.max_other_load`, `retakes`) gives back.
+while other processes keep cores busy: the measurement policy's `max_other_load`, `retakes`) gives back.
 
 On 2 cores, a process busy on one core slows the dense FP32 model (its matmuls split over both threads) and a small INT8
 member unequally, so a member timed beside dense FP32 reads off, either way: the compound benchmark's runs had single
 blocks 20-35% above their neighbours. Subjects: the compound recipe's references (dense FP32 and INT8) and the INT8
-structure its table solves for 4x over dense FP32, pruned one-shot (benchmarks.measurement.verdict_drift.subjects; speed does not
-depend on the weights' values).
+structure its table solves for 4x over dense FP32, pruned one-shot (benchmarks.measurement.verdict_drift.subjects;
+speed does not depend on the weights' values).
 
 1. One paired block of member / dense FP32 under each kind of load (nothing; a loop busy on one core; a loop
    streaming 256 MB through memory; a loop reading a 32 MB array at random, the size of the L3 cache), the loads

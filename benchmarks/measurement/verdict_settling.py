@@ -30,7 +30,8 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from benchmarks.common import RESULTS, head_commit, progress, write_results
-from benchmarks.measurement.verdict_drift import consecutive_verdicts, deviation_summary, plot_sittings, subjects, summary_cell
+from benchmarks.measurement.verdict_drift import (consecutive_verdicts, deviation_summary, plot_sittings, subjects,
+                                                  summary_cell)
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes.timing import median_half_width
 
