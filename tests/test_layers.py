@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -62,10 +63,10 @@ def test_math_modules_import_nothing_of_the_project(module):
 
 
 def test_no_stale_nested_paths_in_code_or_docs():
-    stale = ("ziplm/pipeline", "ziplm/stages", "ziplm/runtimes", "ziplm/families", "ziplm/tasks")
+    stale = re.compile(r"(?<!\.cache/)\bziplm/(pipeline|stages|runtimes|families|tasks)\b")  # the cache is no code
     files = [*source_files(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"),
              *(ROOT / "benchmarks").rglob("*.py"), ROOT / "Makefile", ROOT / "pyproject.toml"]
-    hits = [f"{f.relative_to(ROOT)}: {s}" for f in files if f.exists() for s in stale if s in f.read_text()]
+    hits = [f"{f.relative_to(ROOT)}: {m[0]}" for f in files if f.exists() for m in stale.finditer(f.read_text())]
     assert not hits
 
 
