@@ -125,9 +125,9 @@ class References:
     factor (`table_scale`): it aims the closed loop, the direct measurements judge.
     """
 
-    dense: StageResult[float]
+    dense: StageResult[Metric]
     verifier: PairedVerifier
-    own: StageResult[float] | None = None
+    own: StageResult[Metric] | None = None
     cross: PairedVerifier | None = None
     precision_factor: PrecisionFactor | None = None
 
@@ -153,7 +153,7 @@ def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References
     return References(own, beside_own, None, beside_fp32, factor)
 
 
-def precision_factor(recipe: Recipe, int8: StageResult[float], fp32: StageResult[float], direct: PairedVerifier,
+def precision_factor(recipe: Recipe, int8: StageResult[Metric], fp32: StageResult[Metric], direct: PairedVerifier,
                      stages: StageCache) -> PrecisionFactor:
     """Dense INT8 over dense FP32, the median of the policy's `precision_blocks` paired measurements (cached)."""
     blocks = measurement(recipe).precision_blocks
