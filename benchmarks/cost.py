@@ -5,7 +5,9 @@ random weights, no teacher), latency table (built fresh here, the cache is left 
 (Hessians), database, and per target every closed-loop round's search, stitch, export, paired verification and the
 verdict that confirms a round read within the tolerance.
 
-    python -m benchmarks.cost [--models minilm bert-base] [--targets 2 4] [--effort standard]
+    python -m benchmarks.cost [--models minilm bert-base] [--targets ...] [--effort standard]
+
+Default targets: MiniLM 1.5, 2, 2.5, 3 (the demo's); the bert-base shape 1.5, 2, 2.5, 3, 3.5, 4.
 
 writes benchmarks/results/cost.md and .json.
 """
@@ -17,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MODELS, load_subject, progress, write_results
+from benchmarks.common import MODELS, head_commit, load_subject, progress, write_results
 from ziplm.families import adapter_for
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.runtimes import get_runtime
@@ -30,6 +32,8 @@ from ziplm.stages.export import export_checked, export_model
 from ziplm.stages.latency_table import build_table
 
 COMMAND = "python -m benchmarks.cost"
+TARGETS = {"minilm": [1.5, 2.0, 2.5, 3.0], "bert-base": [1.5, 2.0, 2.5, 3.0, 3.5, 4.0]}
+CACHED = ("latency table",)  # stages `ziplm run` reuses from the cache once built (with the teacher)
 STEPS = ("solve", "build", "export", "verify", "confirm")  # a closed-loop round's steps, as `ziplm run` takes them
 
 
@@ -67,7 +71,7 @@ def run(model: str, targets: list[float], effort: str) -> dict[str, Any]:
             "stages": {k: None if v is None else round(v, 2) for k, v in stages.items()}, "members": per_member}
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], commit: str | None = None) -> str:
     lines = ["# Cost: wall-clock of every stage", "",
              f"{environment_line(results[0]['runtime'])}, on the 2-core build machine. Teacher: the time recorded "
              "when the cached teacher was built (MiniLM, 3 epochs on 3000 examples; that build shared the machine "
@@ -85,8 +89,24 @@ def markdown(results: list[dict[str, Any]]) -> str:
                          f"{seconds['solve']:.2f}, stitch {seconds['build']:.2f}, export {seconds['export']:.1f}, "
                          f"verify {seconds['verify']:.1f}, confirming verdict {seconds.get('confirm', 0.0):.1f}"
                          f"{deviation_note(member)} | {sum(seconds.values()):.1f} |")
-        lines.append("")
-    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
+        lines += [*cached_total(result), ""]
+    measured = f" Measured at commit {commit}." if commit else ""
+    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.{measured}", ""])
+
+
+def cached_total(result: dict[str, Any]) -> list[str]:
+    """The family's wall-clock with the teacher and the latency table cached, and how far its members landed (runs
+    that recorded deviations)."""
+    members = result["members"]
+    if not all("deviation" in m for m in members):
+        return []
+    stages = sum(s for name, s in result["stages"].items() if s is not None and name not in ("teacher fine-tune",
+                                                                                               *CACHED))
+    total = stages + sum(sum(m["seconds"].values()) for m in members)
+    worst = max(abs(m["deviation"]) for m in members)
+    return ["", f"With the teacher and the latency table cached: {total:.0f} s ({total / 60:.1f} min) for "
+                f"{len(members)} targets ({result.get('effort', 'standard')} effort); every member within "
+                f"{worst:.1%} of its target."]
 
 
 def deviation_note(member: dict[str, Any]) -> str:
@@ -97,11 +117,12 @@ def deviation_note(member: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "bert-base"])
-    parser.add_argument("--targets", type=float, nargs="+", default=[2, 4])
+    parser.add_argument("--targets", type=float, nargs="+", help="every model's targets (default: TARGETS)")
     parser.add_argument("--effort", choices=["quick", "standard", "thorough"], default="standard")
     args = parser.parse_args()
-    results = [run(model, args.targets, args.effort) for model in args.models]
-    write_results("cost", {"models": results, "command": COMMAND}, markdown(results))
+    results = [run(model, args.targets or TARGETS[model], args.effort) for model in args.models]
+    commit = head_commit()
+    write_results("cost", {"models": results, "command": COMMAND, "commit": commit}, markdown(results, commit))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ MODULES = sorted(name for _, name, is_package in pkgutil.walk_packages(benchmark
 RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "accuracy_vs_speedup": ("benchmarks.accuracy_vs_speedup", lambda m, r: m.markdown(r["tasks"])),
     "compound": ("benchmarks.compound", lambda m, r: m.markdown(r)),
-    "cost": ("benchmarks.cost", lambda m, r: m.markdown(r["models"])),
+    "cost": ("benchmarks.cost", lambda m, r: m.markdown(r["models"], r.get("commit"))),
     "int8_parity": ("benchmarks.int8_parity", lambda m, r: m.markdown(r["runs"])),
     "int8_speedup": ("benchmarks.int8_speedup", lambda m, r: m.markdown(r)),
     "latency_prediction": ("benchmarks.latency_prediction", lambda m, r: m.markdown(m.Result.from_json(r))),
