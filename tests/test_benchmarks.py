@@ -1,9 +1,12 @@
-"""The benchmarks stay runnable as the library changes: every module imports, its command line parses, and every
-stored result renders again to the markdown beside it (no timing: the renderers read the stored JSON)."""
+"""The benchmarks stay runnable as the library changes: every module imports, its command line parses, its calls
+into the library match the signatures they call, and every stored result renders again to the markdown beside it (no
+timing: the renderers read the stored JSON)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -43,6 +46,51 @@ def test_every_benchmark_imports_and_its_command_line_parses(name, monkeypatch, 
     with pytest.raises(SystemExit) as exit_:
         module.main()
     assert exit_.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def library_calls(module: Any) -> list[tuple[str, inspect.Signature | None, ast.Call]]:
+    """Every call in the module's source to a ziplm or benchmarks callable it names directly (`f(...)` or
+    `module.f(...)`, resolved through the module's globals), with the callee's signature (None: the module has no
+    such attribute any more). Calls through *args or **kwargs, and methods of objects built at run time, are left
+    out: only running the benchmark would resolve them."""
+    calls: list[tuple[str, inspect.Signature | None, ast.Call]] = []
+    for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+        if not isinstance(node, ast.Call) or any(isinstance(a, ast.Starred) for a in node.args) \
+                or any(k.arg is None for k in node.keywords):
+            continue
+        func, where = node.func, f"{module.__name__}:{node.lineno}: {ast.unparse(node.func)}"
+        if isinstance(func, ast.Name):
+            callee = vars(module).get(func.id)
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+                and inspect.ismodule(owner := vars(module).get(func.value.id)):
+            callee = getattr(owner, func.attr, None)
+            if callee is None and owner.__name__.startswith(("ziplm", "benchmarks")):
+                calls.append((where, None, node))
+        else:
+            continue
+        if not callable(callee) or not getattr(callee, "__module__", "").startswith(("ziplm", "benchmarks")):
+            continue
+        try:
+            calls.append((where, inspect.signature(callee), node))
+        except (TypeError, ValueError):  # no signature to check against
+            continue
+    return calls
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_library_call_binds_to_its_signature(name):
+    """A function the library removed or a keyword it dropped (a settings knob, a moved argument) fails here, not an
+    hour into a run. Arguments are bound by position and keyword only; their types are not checked."""
+    failures = []
+    for where, signature, call in library_calls(importlib.import_module(name)):
+        if signature is None:
+            failures.append(f"{where}: no longer in its module")
+            continue
+        try:
+            signature.bind(*call.args, **{k.arg: k.value for k in call.keywords})
+        except TypeError as error:
+            failures.append(f"{where}: {error}")
+    assert not failures, "\n".join(failures)
 
 
 def test_every_stored_result_has_a_renderer():
