@@ -88,10 +88,10 @@ def test_verify_with_a_too_strict_sla_exits_1_and_writes_the_junit_failure(tiny_
     assert "p90 latency" in failure.get("message") and "> 0.0001 ms required" in failure.get("message")
 
 
-@pytest.mark.parametrize("factor, verdict", [(2.0, "PASS"), (1e-6, "FAIL")])
+@pytest.mark.parametrize("factor, verdict", [(5.0, "PASS"), (1e-6, "FAIL")])
 def test_verify_gates_an_sla_member_on_its_own_sla(tiny_family, tmp_path, factor, verdict):
-    """The SLA in the manifest, set to twice the p90 the member was measured at (a member twice as slow fails it)
-    or to one no model meets."""
+    """The SLA in the manifest, set to 5 times the p90 the member was measured at (a member that slow fails it; the
+    p90 of a 0.1 ms model on a busy machine can double) or to one no model meets."""
     member = copy_family(tiny_family, tmp_path) / "tiny-p90-1000ms"
     manifest = json.loads((member / "manifest.json").read_text())
     manifest["sla"]["ms"] = sla_ms = factor * manifest["sla"]["measured_ms"]
