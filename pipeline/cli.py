@@ -20,6 +20,7 @@ import click
 import huggingface_hub.utils
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from transformers.utils import logging as transformers_logging
 
@@ -60,7 +61,8 @@ def stage_progress(stage: str) -> Callable[[str], None]:
     def progress(message: str) -> None:
         now = time.perf_counter()
         run_clock = int(now - RUN_STARTED[0])
-        line = f"[dim]{run_clock // 60:3d}:{run_clock % 60:02d} {now - start:7.1f}s[/] [bold]{stage}[/] {message}"
+        clocks = f"{run_clock // 60:3d}:{run_clock % 60:02d} {now - start:7.1f}s"
+        line = f"[dim]{clocks}[/] [bold]{escape(stage)}[/] {escape(message)}"  # a training bar's [###..] is text
         live = console.is_terminal and message.startswith(TRAINING_LINE)
         console.print(f"\x1b[2K{line}" if console.is_terminal else line, end="\r" if live else "\n")
         if os.environ.get("ZIPLM_KILL_AT") == stage:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertTokenizerFast
 
 from ziplm.runtimes.policy import policy
 from ziplm.tasks import Example
@@ -88,7 +88,9 @@ def tiny_bert_dir(tmp_path: Path) -> Path:
     return write_tiny_bert(tmp_path / "tiny-bert")
 
 
-def write_tiny_bert(out: Path) -> Path:
+def write_tiny_bert(out: Path, head: bool = True) -> Path:
+    """The tiny BERT of `tiny_bert_dir` in `out`; with `head=False` a pretraining checkpoint instead (a masked-LM
+    head, no classification head): loading it for a task finds missing and unexpected keys."""
     out.mkdir(parents=True)
     (out / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     # from_pretrained reads vocab.txt; transformers 5 ignores a `vocab_file=` argument to the constructor.
@@ -105,7 +107,7 @@ def write_tiny_bert(out: Path) -> Path:
         num_labels=2,
     )
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
+    (BertForSequenceClassification if head else BertForMaskedLM)(config).save_pretrained(out)
     return out
 
 

@@ -73,10 +73,15 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
 
 
 def test_a_missed_target_exits_1(recipe, tmp_path):
+    """Built to miss: one round to land within a tolerance no measurement meets."""
     strict = {"tolerance": 1e-9, "max_rounds": 1}
-    result = invoke("run", str(recipe(verification=strict)), "--out", str(tmp_path / "out"))
-    assert result.exit_code == 1
-    assert "MISS" in result.output
+    out = tmp_path / "out"
+    result = invoke("run", str(recipe(verification=strict)), "--out", str(out))
+    assert result.exit_code == 1, result.output
+    (member,) = json.loads((out / "report.json").read_text())["members"]
+    assert member["passed"] is False and len(member["rounds"]) == 1
+    assert json.loads((out / member["name"] / "manifest.json").read_text())["passed"] is False
+    assert f"MISS {member['name']}: target 1.3x" in result.output
 
 
 def assert_nothing_written(tmp_path: Path) -> None:

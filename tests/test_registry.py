@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from ziplm.pipeline.cli import app
+from ziplm.pipeline.registry import tags
 
 
 def free_port() -> int:
@@ -93,9 +94,11 @@ def test_publish_registers_verified_members_and_refuses_failed_ones(mlflow_serve
     assert version.tags["ziplm.parameters"] == str(manifest["parameters"])  # an integer in full, not %g
     assert version.tags["ziplm.file_bytes"] == str(manifest["file_bytes"])
     # the whole member folder, so that a model pulled from the registry can be served (tokenizer, label names)
-    pulled = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / "download")))
     member = family / "tiny-1.3x"
-    assert {p.name for p in pulled.iterdir()} == {p.name for p in member.iterdir()}
+    artifacts = {Path(a.path).name for a in client.list_artifacts(version.run_id, "model")}
+    assert artifacts == {p.name for p in member.iterdir()}
+    assert {"model.onnx", "model.safetensors", "config.json", "tokenizer.json", "manifest.json"} <= artifacts
+    pulled = Path(client.download_artifacts(version.run_id, "model", str(tmp_path / "download")))
     assert (pulled / "model.onnx").read_bytes() == (member / "model.onnx").read_bytes()
     assert json.loads((pulled / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     encoded = AutoTokenizer.from_pretrained(pulled)(["a good film"], return_tensors="np")
@@ -121,3 +124,13 @@ def test_publish_a_folder_that_is_not_a_run_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["publish", str(tmp_path), "--registry", "http://127.0.0.1:1"],
                                 catch_exceptions=False)
     assert result.exit_code == 2 and "has no report.json or manifest.json" in result.output
+
+
+def test_tags_write_integers_in_full_and_other_figures_short(tiny_family):
+    """A bert-base-sized member: its parameters and bytes read 1.09482e+08 and 4.38003e+08 in %g."""
+    manifest = json.loads((tiny_family / "tiny-1.3x" / "manifest.json").read_text())
+    manifest |= {"parameters": 109482240, "file_bytes": 438002688, "measured_speedup": 2.0123456789,
+                 "latency_ms": {**manifest["latency_ms"], "p90": 12.5}}
+    figures = tags(manifest)
+    assert (figures["ziplm.parameters"], figures["ziplm.file_bytes"]) == ("109482240", "438002688")
+    assert (figures["ziplm.measured_speedup"], figures["ziplm.latency_p90_ms"]) == ("2.01235", "12.5")
