@@ -92,14 +92,14 @@ def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except ZipLMError as error:
-            console.print(f"[red]error:[/] {error}")
+            console.print(f"[red]error:[/] {escape(str(error))}")
             raise typer.Exit(error.exit_code) from error
         except (typer.Exit, click.ClickException):  # a status the command chose (typer.Exit is a RuntimeError)
             raise
         except Exception as error:  # noqa: BLE001  (reported in full, then a distinct exit status)
             console.print_exception()
-            console.print(f"[red]internal error:[/] {type(error).__name__}: {error}; this is a bug in ziplm, not "
-                          "in the input: please report it with the traceback above")
+            console.print(f"[red]internal error:[/] {type(error).__name__}: {escape(str(error))}; this is a bug in "
+                          "ziplm, not in the input: please report it with the traceback above")
             raise typer.Exit(INTERNAL_ERROR) from error
 
     run.__name__, run.__doc__, run.__wrapped__ = command.__name__, command.__doc__, command  # for typer's help

@@ -125,6 +125,13 @@ def test_empty_or_mislabelled_dataset_exits_2(recipe, tmp_path, write_task_file,
     assert_nothing_written(tmp_path)
 
 
+def test_an_error_message_is_printed_as_text_not_as_markup(recipe, tmp_path):
+    data = tmp_path / "reviews[v2].csv"  # rich would take "[v2]" for a style tag and drop it
+    data.write_text("text,label\n")
+    result = invoke("run", str(recipe(task={"data": str(data)})), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "reviews[v2].csv" in "".join(result.output.split())
+
+
 def test_missing_asset_names_the_setup_command(recipe, tmp_path):
     result = invoke("run", str(recipe(task={"data": "mr"})), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2 and "has not been fetched" in result.output and "make setup" in result.output
