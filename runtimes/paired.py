@@ -1,7 +1,8 @@
 """Paired timing of a member beside its dense model in one runtime: one measurement, the median of several, and a
 verdict that takes measurements until their median settles (docs/measurement.md).
 
-A measurement is `policy.timing_rounds` interleaved dense/member pairs (runtimes.timing.time_paired), taken again
+A measurement is `policy.timing_rounds` interleaved dense/member pairs (runtimes.timing.time_paired), fewer for a
+slow model once `policy.timing_seconds` have passed (at least `policy.min_timing_rounds`), taken again
 while other work kept cores busy during it (the policy's LoadGuard). A verdict is the median of at least
 `verdict_repeats` measurements, two more at a time while the distribution-free 95% interval of that median reaches
 further than `verdict_width` from it, at most `max_verdict_repeats`.
@@ -138,7 +139,7 @@ class PairedVerifier:
         kept, retaken, disturbed = self.policy.guard.take(
             lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
                                               self.policy.timing_rounds, self.policy.warmup,
-                                              max_relative_width=2 * self.tolerance)),
+                                              max_relative_width=2 * self.tolerance, span=self.policy.span)),
             lambda check: check.speedup.other_load)
         return dataclasses.replace(kept, retaken=retaken, disturbed=int(disturbed))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ziplm.runtimes.timing import LoadGuard
+from ziplm.runtimes.timing import LoadGuard, TimingSpan
 
 Effort = Literal["quick", "standard", "thorough"]
 
@@ -28,7 +28,9 @@ FINISH_ROUNDS = 2  # times the chain may fine-tune a member's structure before t
 class MeasurementPolicy:
     """The measurement effort of one level (see POLICIES)."""
 
-    timing_rounds: int  # interleaved dense/member pairs in one paired measurement
+    timing_rounds: int  # interleaved dense/member pairs in one paired measurement, at most ...
+    timing_seconds: float  # ... stopping once this long has passed, so a slow model costs seconds, not minutes ...
+    min_timing_rounds: int  # ... but never before this many pairs
     round_repeats: int  # independent measurements whose median is a closed-loop round's reading
     verdict_repeats: int  # independent measurements a verdict takes at least ...
     max_verdict_repeats: int  # ... and at most, two more at a time while unsettled (VERDICT_WIDTH)
@@ -42,18 +44,25 @@ class MeasurementPolicy:
     max_other_load: float = MAX_OTHER_LOAD
 
     @property
+    def span(self) -> TimingSpan:
+        return TimingSpan(self.timing_seconds, self.min_timing_rounds)
+
+    @property
     def guard(self) -> LoadGuard:
         return LoadGuard(self.max_other_load, self.retakes)
 
 
 POLICIES: dict[Effort, MeasurementPolicy] = {
-    "quick": MeasurementPolicy(timing_rounds=10, round_repeats=1, verdict_repeats=5, max_verdict_repeats=9,
+    "quick": MeasurementPolicy(timing_rounds=10, timing_seconds=0.5, min_timing_rounds=6,
+                               round_repeats=1, verdict_repeats=5, max_verdict_repeats=9,
                                precision_blocks=5, block_rounds=5, calibration_rounds=5, random_calibration_models=1,
                                retakes=1, warmup=1),
-    "standard": MeasurementPolicy(timing_rounds=60, round_repeats=3, verdict_repeats=9, max_verdict_repeats=27,
+    "standard": MeasurementPolicy(timing_rounds=60, timing_seconds=3.0, min_timing_rounds=20,
+                                  round_repeats=3, verdict_repeats=9, max_verdict_repeats=27,
                                   precision_blocks=20, block_rounds=30, calibration_rounds=20,
                                   random_calibration_models=3, retakes=3),
-    "thorough": MeasurementPolicy(timing_rounds=100, round_repeats=5, verdict_repeats=15, max_verdict_repeats=45,
+    "thorough": MeasurementPolicy(timing_rounds=100, timing_seconds=6.0, min_timing_rounds=30,
+                                  round_repeats=5, verdict_repeats=15, max_verdict_repeats=45,
                                   precision_blocks=30, block_rounds=50, calibration_rounds=30,
                                   random_calibration_models=5, retakes=5),
 }

@@ -118,6 +118,15 @@ RETAKE_PAUSE_S = 2.0  # before a disturbed measurement is taken again: a short b
 
 
 @dataclass(frozen=True)
+class TimingSpan:
+    """How long a paired timing may run before it stops short of its rounds: `seconds` (None: never), and never
+    before `min_rounds` rounds."""
+
+    seconds: float | None = None
+    min_rounds: int = 2
+
+
+@dataclass(frozen=True)
 class LoadGuard:
     """Takes a measurement again (at most `retakes` times, after a pause) while other processes, kernel threads or
     the hypervisor kept more than `max_other_load` cores busy during it: a busy core slows the models being compared
@@ -180,9 +189,10 @@ class BusyMachineWarning(UserWarning):
 
 
 def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: int = 3,
-                     max_seconds: float | None = None) -> dict[str, TimingStats]:
+                     max_seconds: float | None = None, min_rounds: int = 2) -> dict[str, TimingStats]:
     """Call every runner once per round, alternating the order each round; return per-runner statistics. With
-    `max_seconds`, stop early at the first even round count (each model first as often) once that long has passed."""
+    `max_seconds`, stop early once that long has passed, at the first even round count (each model first as often)
+    from `min_rounds` on."""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
@@ -192,7 +202,7 @@ def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: in
         start = time.perf_counter()
         for round_index in range(rounds):
             out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
-            if round_index and round_index % 2 == 0 and out_of_time:
+            if round_index >= max(min_rounds, 1) and round_index % 2 == 0 and out_of_time:
                 break
             order = names if round_index % 2 == 0 else names[::-1]
             for name in order:
@@ -285,8 +295,13 @@ def speedup_of(baseline: TimingStats, candidate: TimingStats, confidence: float 
 
 
 def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: int = 3,
-                max_relative_width: float = 0.05, extra_batches: int = 2) -> tuple[Speedup, TimingStats, TimingStats]:
+                max_relative_width: float = 0.05, extra_batches: int = 2,
+                span: TimingSpan | None = None) -> tuple[Speedup, TimingStats, TimingStats]:
     """Time two models interleaved and return (speedup of candidate over baseline, baseline, candidate stats).
+
+    `rounds` pairs, or with a `span` fewer once its seconds have passed (never under its minimum of rounds), so
+    that timing a model of a tenth of a second per call costs seconds, not minutes; whether fewer pairs were enough
+    is the caller's interval rule to decide (the extra batches here, a verdict's width in runtimes.paired).
 
     One call of each per round, so both models run in the same cache regime as the latency table's blocks (calling
     the faster model several times per round would warm its caches and flatter it). While the interval is wider
@@ -295,21 +310,21 @@ def time_paired(baseline: Runner, candidate: Runner, rounds: int = 40, warmup: i
     """
     runners = {"baseline": baseline, "candidate": candidate}
     (stats, speedup), load = with_load(lambda: paired_rounds(runners, rounds, warmup, max_relative_width,
-                                                             extra_batches))
+                                                             extra_batches, span or TimingSpan()))
     speedup = replace(speedup, other_load=load)
     warn_if_wide(speedup, max_relative_width)
     return speedup, stats["baseline"], stats["candidate"]
 
 
 def paired_rounds(runners: Mapping[str, Runner], rounds: int, warmup: int, max_relative_width: float,
-                  extra_batches: int) -> tuple[dict[str, TimingStats], Speedup]:
+                  extra_batches: int, span: TimingSpan) -> tuple[dict[str, TimingStats], Speedup]:
     """time_paired's rounds (runners "baseline" and "candidate"), and the speedup they give."""
-    stats = time_interleaved(runners, rounds, warmup)
+    stats = time_interleaved(runners, rounds, warmup, span.seconds, span.min_rounds)
     speedup = speedup_of(stats["baseline"], stats["candidate"])
     for _ in range(extra_batches):
         if speedup.relative_width <= max_relative_width:
             break
-        stats = pooled(stats, time_interleaved(runners, rounds, warmup=0))
+        stats = pooled(stats, time_interleaved(runners, rounds, 0, span.seconds, span.min_rounds))
         speedup = speedup_of(stats["baseline"], stats["candidate"])
     return stats, speedup
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
 from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
                                    median_ci, median_ci_coverage, median_half_width, other_load, speedup_of,
-                                   time_interleaved, time_interleaved_guarded, time_paired, warn_if_wide)
+                                   time_interleaved, time_interleaved_guarded, time_paired, TimingSpan, warn_if_wide)
+from ziplm.runtimes.policy import policy
 from ziplm.families import adapter_for
 from ziplm.stages.export import export_model
 
@@ -184,3 +186,23 @@ def test_a_timing_given_seconds_stops_at_an_even_round_after_them():
     stats = time_interleaved({"a": lambda: time.sleep(0.02), "b": lambda: None}, rounds=1000, warmup=0,
                              max_seconds=0.5)
     assert 10 <= len(stats["a"].samples_ms) <= 26 and len(stats["a"].samples_ms) % 2 == 0
+
+
+def test_a_paired_timing_with_a_span_stops_after_its_seconds_but_not_before_its_minimum_of_rounds():
+    slow = lambda: time.sleep(0.02)  # noqa: E731
+    _, short, _ = time_paired(slow, lambda: None, rounds=1000, warmup=0, max_relative_width=10.0,
+                              span=TimingSpan(seconds=0.2, min_rounds=4))
+    _, floored, _ = time_paired(slow, lambda: None, rounds=1000, warmup=0, max_relative_width=10.0,
+                                span=TimingSpan(seconds=0.01, min_rounds=12))
+    _, unbounded, _ = time_paired(slow, lambda: None, rounds=14, warmup=0, max_relative_width=10.0)
+    assert 4 <= len(short.samples_ms) <= 14
+    assert len(floored.samples_ms) == 12
+    assert len(unbounded.samples_ms) == 14
+
+
+def test_the_standard_policy_times_a_slow_model_for_seconds_and_a_fast_one_for_all_its_rounds():
+    standard = policy("standard")
+    slow = time_interleaved({"a": lambda: time.sleep(0.16)}, standard.timing_rounds, 0, *astuple(standard.span))
+    fast = time_interleaved({"a": lambda: None}, standard.timing_rounds, 0, *astuple(standard.span))
+    assert len(slow["a"].samples_ms) == standard.min_timing_rounds < standard.timing_rounds
+    assert len(fast["a"].samples_ms) == standard.timing_rounds
