@@ -3,7 +3,7 @@
     name: minilm-mr
     model: minilm                    # short name, local HF directory, or hub id
     task: {data: mr}                 # see ziplm.tasks (type, data, columns, fractions, max_length, batch_size)
-    teacher: {epochs: 3}             # see FinetuneConfig
+    teacher: {epochs: 3}             # see FinetuneConfig; `teacher: none` uses a trained model as it is
     environment: {runtime: onnxruntime, threads: 2, batch_size: 1, sequence_length: 128}
     effort: standard                 # how hard to measure: quick | standard | thorough (runtimes.policy)
     latency_table: {group_size: 32}  # see TableSettings
@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -74,7 +75,7 @@ class Recipe(BaseModel):
     name: str
     model: str
     task: TaskSpec
-    teacher: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    teacher: FinetuneConfig | Literal["none"] = Field(default_factory=FinetuneConfig)
     environment: InferenceEnv = Field(default_factory=InferenceEnv)
     effort: Effort = "standard"
     latency_table: TableSettings = Field(default_factory=TableSettings)
@@ -217,8 +218,8 @@ def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
         if isinstance(part, int):  # an item of the list the previous part named: its model was taken already
             continue
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if get_origin(annotation) is list:
-            (annotation,) = get_args(annotation)
+        if get_origin(annotation) in (list, Union, UnionType):  # a list's items; a settings model or a word
+            annotation = next((arg for arg in get_args(annotation) if isinstance(arg, type)), None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

@@ -44,13 +44,18 @@ def environment_line(runtime: dict[str, Any]) -> str:
             f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}")
 
 
+ORIGINS = {"fine-tuned": "fine-tuned here on the task", "given": "the given model, used as it is (teacher: none)",
+           "random": "random weights"}
+
+
 def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, metric: Metric,
-                  latencies: list[TimingStats]) -> dict[str, Any]:
+                  latencies: list[TimingStats], origin: str) -> dict[str, Any]:
     """A dense model (in `precision`): its latency is the median over the paired runs that timed the members beside
-    it (`latencies`)."""
+    it (`latencies`); `origin` says how it came to be (a key of ORIGINS)."""
     medians = [stats.median_ms for stats in latencies]
     p90s = [stats.p90_ms for stats in latencies]
     return {
+        "origin": origin,
         "precision": precision,
         "latency_ms": {"median": round(statistics.median(medians), 4), "p90": round(statistics.median(p90s), 4)},
         "metric": metric.to_json(),
@@ -226,7 +231,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         *_precision_factor_lines(report),
         *_table_load_lines(report),
         "",
-        f"Dense: {dense['latency_ms']['median']:.2f} ms median, {dense['metric']['name']} "
+        f"Dense ({ORIGINS[dense['origin']]}): {dense['latency_ms']['median']:.2f} ms median, "
+        f"{dense['metric']['name']} "
         f"{dense['metric']['value']:.4f} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
         "",

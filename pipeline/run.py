@@ -35,7 +35,7 @@ from ziplm.stages.calibrate import collect_hessians, load_hessians, save_hessian
 from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.export import export_checked
-from ziplm.stages.finetune import TeacherResult, finetune_teacher
+from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
 from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.quantize import load_model as load_deployed
@@ -55,15 +55,26 @@ class Inputs:
     dense_key: str
     teacher: TeacherResult | None = None
 
+    @property
+    def dense_origin(self) -> str:
+        """How the dense model came to be: "fine-tuned" here, "given" (`teacher: none`), or "random" weights."""
+        if self.teacher is None:
+            return "random"
+        return "given" if self.teacher.given else "fine-tuned"
+
 
 def prepare_inputs(recipe: Recipe, stages: StageCache) -> Inputs:
-    """The task, the dense teacher and the latency table (the stages every family of the recipe shares)."""
+    """The task, the dense teacher (fine-tuned here, or the given model with `teacher: none`) and the latency table
+    (the stages every family of the recipe shares)."""
     progress = stages.stage("task")
     adapter_for(load_config(recipe.model))  # an unsupported architecture fails before anything is trained
     task = load_task(recipe.task)
     progress(f"{task.name}: {len(task.train)} train / {len(task.validation)} validation / "
              f"{len(task.calibration)} calibration examples")
-    teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stages)
+    if recipe.teacher == "none":
+        task, teacher = given_teacher(recipe.model, task, stages)
+    else:
+        teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stages)
     dense = load_model(str(teacher.path), task.head)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
@@ -382,7 +393,7 @@ def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precis
                 inputs: Inputs, runtime: dict[str, Any]) -> dict[str, Any]:
     """A dense model's folder (model.onnx, manifest.json); returns its summary."""
     dense_onnx = dense.path / "model.onnx"
-    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies)
+    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies, inputs.dense_origin)
     with atomic_directory(folder_path) as folder:
         (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
         write_json_atomic(folder / "manifest.json", dense_manifest(runtime, info, folder / "model.onnx"))

@@ -1,4 +1,5 @@
-"""The dense "teacher": a pretrained model fine-tuned on a task with the task's head, and the one training loop.
+"""The dense "teacher": a pretrained model fine-tuned on a task with the task's head (or a trained model used as it
+is, ``teacher: none``), and the one training loop.
 
 Recipe snippet::
 
@@ -54,13 +55,15 @@ class FinetuneConfig(BaseModel):
 
 @dataclass
 class TeacherResult:
-    """A cached teacher. ``seconds`` is the wall-clock of the fine-tune that built it, also when ``cached``."""
+    """A cached teacher. ``seconds`` is the wall-clock of the fine-tune that built it (or of scoring a given model),
+    also when ``cached``; ``given`` when the model was used as it is (``teacher: none``), not fine-tuned here."""
 
     path: Path
     metric: Metric
     fingerprint: str
     seconds: float
     cached: bool
+    given: bool = False
 
 
 def finetune_teacher(model_name_or_path: str, task: Task, config: FinetuneConfig, progress: Progress | None = None,
@@ -80,6 +83,30 @@ def finetune_teacher(model_name_or_path: str, task: Task, config: FinetuneConfig
                          cached=result.cached)
 
 
+def given_teacher(model_name_or_path: str, task: Task, stages: StageCache) -> tuple[Task, TeacherResult]:
+    """A trained model used as it is (``teacher: none``): the task as the model reads it (``Task.aligned_to``: a
+    classifier's labels by name) and the model as the teacher, scored on the validation split (a cached stage
+    whose folder holds only the score; the model stays where it is, untouched)."""
+    source = resolve_model(model_name_or_path)
+    model = task.given_model(source)
+    task = task.aligned_to(model.config)
+    result = stages.run("teacher", {"model": _model_identity(source), "task": task.fingerprint, "config": "given"},
+                        lambda out, report: _score_given(model, source, task, out, report), read_metrics)
+    metric, seconds = result.value
+    return task, TeacherResult(path=Path(source), metric=metric, fingerprint=result.key, seconds=seconds,
+                               cached=result.cached, given=True)
+
+
+def _score_given(model: nn.Module, source: str, task: Task, out: Path, progress: Progress) -> None:
+    start = time.perf_counter()
+    progress(f"{source} is used as it is (teacher: none): scoring it")
+    metric = task.evaluate(model, load_pretrained(AutoTokenizer.from_pretrained, source))
+    seconds = time.perf_counter() - start
+    progress(f"given model: validation {metric.name} {metric.value:.4f} on {metric.size} examples")
+    write_json_atomic(out / METRICS_FILE, {"metric": metric.to_json(), "seconds": seconds, "task": task.name,
+                                           "task_fingerprint": task.fingerprint, "model": source, "given": True})
+
+
 def read_metrics(folder: Path) -> tuple[Metric, float]:
     """A teacher folder's validation metric and the seconds its fine-tune took."""
     record = json.loads((folder / METRICS_FILE).read_text())
@@ -95,8 +122,9 @@ def _build_teacher(source: str, task: Task, config: FinetuneConfig, out: Path, p
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source)
-    progress(f"a new {task.head} head is trained on top of {source}")
-    model = task.new_model(source)
+    model, new_head = task.new_model(source)
+    progress(f"a new {task.head} head is trained on top of {source}" if new_head else
+             f"{source} is fine-tuned with its own {task.head} head")
     losses = train(model, tokenizer, task, task.train, config, progress)
     metric = task.evaluate(model, tokenizer)
     seconds = time.perf_counter() - start

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,18 @@ class Task(ABC):
         self.batch_size = batch_size
 
     @abstractmethod
-    def new_model(self, source: str) -> PreTrainedModel:
-        """The pretrained model at `source` with this task's head (new where the checkpoint has none), to fine-tune."""
+    def new_model(self, source: str) -> tuple[PreTrainedModel, bool]:
+        """The pretrained model at `source` with this task's head, to fine-tune, and whether that head is new (the
+        checkpoint had none of this task's shape)."""
+
+    @abstractmethod
+    def given_model(self, source: str) -> PreTrainedModel:
+        """The trained model at `source`, used as it is (`teacher: none`); BadInputError where it cannot serve this
+        task as it is (no head of this task, other labels)."""
+
+    def aligned_to(self, config: PretrainedConfig) -> Task:
+        """This task as a given model reads it (a classifier's label order); the same task where nothing differs."""
+        return self
 
     @abstractmethod
     def targets(self, batch: Sequence[Example], device: torch.device) -> torch.Tensor:

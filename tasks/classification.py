@@ -32,6 +32,7 @@ Rules, applied in this order:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -42,13 +43,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from ziplm.assets import TASK_FILES, load_pretrained, resolve_model, resolve_task_file
 from ziplm.cache import file_digest, fingerprint
 from ziplm.errors import BadInputError
 from ziplm.tasks.base import Example, Task
 
+ATTENTION = "eager"  # ONNX Runtime fuses Attention only for eagerly exported models
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
@@ -91,14 +93,43 @@ class ClassificationTask(Task):
         self.label_names = label_names
         self.dropped_rows = dropped_rows
 
-    def new_model(self, source: str) -> PreTrainedModel:
-        """The checkpoint with a classification head of this task's labels; a head of another size is replaced by a
-        fresh one (it is trained by the fine-tune that follows)."""
-        return load_pretrained(
+    def new_model(self, source: str) -> tuple[PreTrainedModel, bool]:
+        """The checkpoint with a classification head of this task's labels, and whether the head is new: a head of
+        another size, or none, is replaced by a fresh one (trained by the fine-tune that follows)."""
+        model, loading = load_pretrained(
             AutoModelForSequenceClassification.from_pretrained, resolve_model(source),
             num_labels=len(self.label_names), id2label=dict(enumerate(self.label_names)),
             label2id={name: i for i, name in enumerate(self.label_names)}, ignore_mismatched_sizes=True,
-            attn_implementation="eager")  # ONNX Runtime fuses Attention only for eagerly exported models
+            output_loading_info=True, attn_implementation=ATTENTION)
+        return model, bool(loading["missing_keys"] or loading["mismatched_keys"])
+
+    def given_model(self, source: str) -> PreTrainedModel:
+        """The trained classifier at `source` as it is (its labels must be this task's: `aligned_to`)."""
+        model, loading = load_pretrained(AutoModelForSequenceClassification.from_pretrained, resolve_model(source),
+                                         output_loading_info=True, attn_implementation=ATTENTION)
+        if loading["missing_keys"]:
+            raise BadInputError(
+                f"{source} has no trained classification head (its weights lack {', '.join(loading['missing_keys'])}),"
+                " so it cannot be used as it is: fine-tune it on the task instead (teacher: {epochs: 3})")
+        return model
+
+    def aligned_to(self, config: PretrainedConfig) -> ClassificationTask:
+        """This task with label ids in the order of the model's `id2label`, matched by name. transformers' default
+        names (LABEL_0, LABEL_1, ...) match labels written as the integers 0, 1, ...; any other difference in the
+        label sets is a BadInputError listing both, never a silent reordering."""
+        order = model_label_order(config, self.label_names)
+        if order == self.label_names:
+            return self
+        new_id = {old: order.index(name) for old, name in enumerate(self.label_names)}
+
+        def relabel(examples: list[Example]) -> list[Example]:
+            return [dataclasses.replace(e, label=new_id[e.label]) for e in examples]
+
+        return ClassificationTask(label_names=order, dropped_rows=self.dropped_rows, name=self.name,
+                                  train=relabel(self.train), validation=relabel(self.validation),
+                                  calibration=relabel(self.calibration),
+                                  fingerprint=fingerprint({"task": self.fingerprint, "label_order": order}),
+                                  max_length=self.max_length, batch_size=self.batch_size)
 
     def targets(self, batch: Sequence[Example], device: torch.device) -> torch.Tensor:
         return torch.tensor([e.label for e in batch], device=device)
@@ -108,6 +139,20 @@ class ClassificationTask(Task):
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         return float((outputs.argmax(dim=-1) == targets).sum())
+
+
+def model_label_order(config: PretrainedConfig, label_names: list[str]) -> list[str]:
+    """The task's label strings in the order of the model's output rows (see ClassificationTask.aligned_to)."""
+    model_names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if sorted(model_names) == sorted(label_names):
+        return model_names
+    defaults = [f"LABEL_{i}" for i in range(len(model_names))]
+    if model_names == defaults and sorted(label_names) == sorted(str(i) for i in range(len(model_names))):
+        return [str(i) for i in range(len(model_names))]
+    raise BadInputError(
+        f"the model's labels ({', '.join(model_names)}, by output row) are not the task's labels "
+        f"({', '.join(label_names)}): a classifier is used as it is only for the labels it was trained on. Point "
+        "label_column at the column with these labels, or fine-tune the model on the task (teacher: {epochs: 3})")
 
 
 def load_classification(spec: TaskSpec) -> ClassificationTask:

@@ -33,7 +33,7 @@ def test_second_call_is_cached(tiny_bert_dir: Path, toy_task: Task) -> None:
     assert second.metric == first.metric
     assert (first.metric.name, first.metric.size) == ("accuracy", len(toy_task.validation))
     assert len(toy_task.validation) == 20
-    assert lines[0] == f"a new sequence-classification head is trained on top of {tiny_bert_dir}"
+    assert lines[0] == f"{tiny_bert_dir} is fine-tuned with its own sequence-classification head"  # 2 labels, as the task
     assert lines[-4].startswith("epoch 1/1 [####################] step 8/8, loss ")
     assert lines[-3].startswith("teacher: validation accuracy")
     assert lines[-2] == f"done in {lines[-2].split()[2]} s ({first.fingerprint})"  # the first call built the stage
@@ -101,9 +101,11 @@ def test_a_head_of_another_size_is_replaced_by_a_fresh_one(tiny_bert_dir: Path, 
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     rows = [{**row, "label": row["label"] if i % 3 else "neutral"} for i, row in enumerate(toy_sentiment_rows(96))]
     task = load_task(TaskSpec(data=str(write_task_file("three.csv", rows)), max_length=32, batch_size=16))
-    result = finetune_teacher(str(tiny_bert_dir), task, QUICK, progress=lambda _: None)
+    lines: list[str] = []
+    result = finetune_teacher(str(tiny_bert_dir), task, QUICK, progress=lines.append)
     model = AutoModelForSequenceClassification.from_pretrained(result.path)
     assert model.config.num_labels == 3 and model.classifier.out_features == 3
+    assert lines[0] == f"a new sequence-classification head is trained on top of {tiny_bert_dir}"
 
 
 def test_training_line_shows_a_bar_step_loss_and_time_left() -> None:

@@ -182,6 +182,8 @@ def test_a_latency_table_in_an_unknown_precision_exits_2_naming_the_choices():
 def test_the_recipe_has_few_settings():
     """What a user decides, not a knob per experiment: at most 36 settings (a list such as `targets`, `slas` or
     `chain` counts once)."""
+    from typing import Union, get_args, get_origin
+
     from pydantic import BaseModel
 
     from ziplm.pipeline.recipe import Recipe
@@ -189,7 +191,9 @@ def test_the_recipe_has_few_settings():
     def leaves(model: type[BaseModel]) -> list[str]:
         found = []
         for name, field in model.model_fields.items():
-            nested = field.annotation if isinstance(field.annotation, type) else None
+            union = get_origin(field.annotation) is Union  # `teacher: {...} | none` counts its settings
+            options = get_args(field.annotation) if union else (field.annotation,)
+            nested = next((option for option in options if isinstance(option, type)), None)
             found += [f"{name}.{leaf}" for leaf in leaves(nested)] if nested and issubclass(nested, BaseModel) \
                 else [name]
         return found
