@@ -30,10 +30,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_serializer,
+                      field_validator, model_validator)
 
 from ziplm.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Precision
@@ -45,7 +46,7 @@ from ziplm.stages.finetune import FinetuneConfig
 from ziplm.stages.latency_table import TableSettings
 from ziplm.stages.quantize import QuantSettings
 from ziplm.stages.ziplm import ZipLMSettings
-from ziplm.tasks import TaskSpec
+from ziplm.tasks import AnyTaskSpec
 
 DEFAULT_RECIPE = "minilm_mr"
 CHAIN_EXAMPLE = "chain: [{distill: {epochs: 6}}, {obert: {sparsity: 0.8, distillation: {epochs: 2}}}, {qat: {}}]"
@@ -69,13 +70,18 @@ REMOVED_KEYS: dict[str, dict[str, str]] = {
 }
 
 
+# `teacher:` fine-tune settings, or `none`: the model is already trained and used as it is
+TeacherSetting = Annotated[Annotated[FinetuneConfig, Tag("fine-tune")] | Annotated[Literal["none"], Tag("none")],
+                           Discriminator(lambda value: "none" if isinstance(value, str) else "fine-tune")]
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
     model: str
-    task: TaskSpec
-    teacher: FinetuneConfig | Literal["none"] = Field(default_factory=FinetuneConfig)
+    task: AnyTaskSpec
+    teacher: TeacherSetting = Field(default_factory=FinetuneConfig)
     environment: InferenceEnv = Field(default_factory=InferenceEnv)
     effort: Effort = "standard"
     latency_table: TableSettings = Field(default_factory=TableSettings)
@@ -115,6 +121,11 @@ class Recipe(BaseModel):
     def _goals_in_this_environment(self) -> Recipe:
         if not self.targets and not self.slas:
             raise ValueError("give at least one speedup target (targets: [2.0]) or latency SLA (slas: [{p90_ms: 12}])")
+        if not self.task.fine_tunes and self.teacher != "none":
+            if "teacher" in self.model_fields_set:
+                raise ValueError(f"the {self.task.type} task uses the given model as it is: set teacher: none (or "
+                                 "leave teacher out)")
+            self.teacher = "none"
         env = self.environment
         for stage in self.chain:
             if stage.needs_int8 and env.precision != "int8":
@@ -203,24 +214,42 @@ def removed_keys(payload: dict[str, Any]) -> list[str]:
 
 def _explain(error: dict[str, Any]) -> str:
     """One line per problem; an unknown key names the keys allowed at that place."""
-    location = ".".join(str(part) for part in error["loc"])
+    location = ".".join(_model_at(error["loc"])[1])
     if error["type"] == "extra_forbidden":
-        parent = _model_at(error["loc"][:-1])
+        parent, _ = _model_at(error["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the recipe documentation"
         return f"  unknown key '{location}'; allowed here: {allowed}"
     return f"  {location or '(top level)'}: {error['msg']}"
 
 
-def _model_at(location: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The settings model at a location such as ('verification',) or ('slas', 0) (list items by index)."""
-    model: type[BaseModel] = Recipe
+def _model_at(location: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The settings model at a location such as ('verification',), ('slas', 0) (list items by index) or ('task',
+    'embedding') (a section's type, as pydantic names it), and the location as the recipe spells it."""
+    model: type[BaseModel] | None = Recipe
+    options: dict[str, type[BaseModel]] = {}  # a section of several types: its settings model by type
+    spelled: list[str] = []
     for part in location:
         if isinstance(part, int):  # an item of the list the previous part named: its model was taken already
+            spelled.append(str(part))
             continue
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if get_origin(annotation) in (list, Union, UnionType):  # a list's items; a settings model or a word
-            annotation = next((arg for arg in get_args(annotation) if isinstance(arg, type)), None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
+        if part in options:
+            model, options = options[part], {}
+            continue
+        spelled.append(part)
+        annotation = model.model_fields[part].annotation if model and part in model.model_fields else None
+        model, options = _settings_models(annotation)
+    return model, spelled
+
+
+def _settings_models(annotation: Any) -> tuple[type[BaseModel] | None, dict[str, type[BaseModel]]]:
+    """A field's settings model (a list's items; the model of `model | word`), or its models by tag (a section of
+    several types)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    members = get_args(annotation) if get_origin(annotation) in (list, Union, UnionType) else (annotation,)
+    tagged = {next(a.tag for a in get_args(m)[1:] if isinstance(a, Tag)): get_args(m)[0]
+              for m in members if get_origin(m) is Annotated}
+    if tagged:
+        return None, tagged
+    model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    return model, {}

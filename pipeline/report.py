@@ -219,6 +219,12 @@ def _table_load_lines(report: dict[str, Any]) -> list[str]:
     return ["", f"The latency table was timed while other work kept cores busy ({'; '.join(notes)}).{either_way}"]
 
 
+def _extra_scores(metric: dict[str, Any]) -> str:
+    """A metric's secondary scores, e.g. " (probe_accuracy 0.7820)" ("" when it has none)."""
+    extra = metric.get("extra") or {}
+    return f" ({', '.join(f'{name} {value:.4f}' for name, value in extra.items())})" if extra else ""
+
+
 def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     runtime, dense = report["runtime"], report["dense"]
     lines = [
@@ -233,7 +239,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         "",
         f"Dense ({ORIGINS[dense['origin']]}): {dense['latency_ms']['median']:.2f} ms median, "
         f"{dense['metric']['name']} "
-        f"{dense['metric']['value']:.4f} on "
+        f"{dense['metric']['value']:.4f}{_extra_scores(dense['metric'])} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
         "",
         f"| member | target | measured speedup | deviation | rounds | p90 ms | {dense['metric']['name']} | kept heads "
@@ -246,7 +252,8 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         lines.append(
             f"| {m['name']} | {m['target_speedup']:g}x | {m['measured_speedup']:.3f}x [{ci['ci_low']:.3f}, "
             f"{ci['ci_high']:.3f}] | {m['deviation']:+.1%} | {len(m['rounds'])} | {m['latency_ms']['p90']:.2f} "
-            f"| {m['metric']['value']:.4f} | {' '.join(map(str, m['structure']['heads']))} "
+            f"| {m['metric']['value']:.4f}{_extra_scores(m['metric'])} "
+            f"| {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]

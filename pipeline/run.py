@@ -71,7 +71,7 @@ def prepare_inputs(recipe: Recipe, stages: StageCache) -> Inputs:
     task = load_task(recipe.task)
     progress(f"{task.name}: {len(task.train)} train / {len(task.validation)} validation / "
              f"{len(task.calibration)} calibration examples")
-    if recipe.teacher == "none":
+    if recipe.teacher == "none" or not recipe.task.fine_tunes:
         task, teacher = given_teacher(recipe.model, task, stages)
     else:
         teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stages)
@@ -224,7 +224,7 @@ def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: P
     env = recipe.environment
     deployed = deployer(recipe, inputs, precision)(inputs.dense)
     onnx = folder / "model.onnx"
-    parity = export_checked(deployed, onnx, env.model_copy(update={"precision": precision}))
+    parity = export_checked(inputs.task.served(deployed), onnx, env.model_copy(update={"precision": precision}))
     progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
              f"parity {parity.max_abs_diff:.1e})")
     return inputs.task.evaluate(inputs.dense, inputs.tokenizer)
@@ -287,7 +287,8 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
                                lambda structure: deploy(stitch(structure)),
-                               lambda model, path: export_checked(model, path, env), inputs.table, refs.verifier,
+                               lambda model, path: export_checked(inputs.task.served(model), path, env),
+                               inputs.table, refs.verifier,
                                recipe.verification, folder, progress, sla, refs.table_scale, member, accept,
                                confirm=True)
 
@@ -354,7 +355,7 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
                           recipe.quantization, progress)
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
-    clock.time("export", export_checked, model, onnx, recipe.environment)
+    clock.time("export", export_checked, inputs.task.served(model), onnx, recipe.environment)
     check = clock.time("verify", verifier.verdict, onnx)
     member.finish(model, finished.structured, onnx, check, clock.seconds, finished.metric_by_stage)
     progress(f"finished: measured {check.speedup.value:.3f}x ({check.interval_note()}){check.load_note()}")

@@ -2,10 +2,11 @@
 
     L = l1 * L_task + l2 * L_logit + l3 * L_token
 
-L_task is the task's own loss (cross-entropy with the labels for classification), L_logit the KL divergence of the
-student's from the teacher's output distribution at temperature T (scaled by T^2 so its gradients keep their size as
-T changes), and L_token the mean squared error between student and teacher hidden states over the real (unpadded)
-tokens, summed over every layer output. Structured pruning keeps depth and hidden size, so layer l of the student
+L_task is the task's own loss (cross-entropy with the labels for classification), L_logit the task's distance between
+the student's and the teacher's outputs (Task.output_distance: for logits, the KL divergence of the output
+distributions at temperature T, scaled by T^2 so its gradients keep their size as T changes; for sentence
+embeddings, one minus their cosine), and L_token the mean squared error between student and teacher hidden states
+over the real (unpadded) tokens, summed over every layer output. Structured pruning keeps depth and hidden size, so layer l of the student
 learns from layer l of the teacher.
 
 Recipe snippet (the fields of FinetuneConfig plus the loss weights)::
@@ -45,7 +46,7 @@ class DistillSettings(FinetuneConfig):
     """Loss weights and temperature on top of the shared training settings (unknown keys are rejected)."""
 
     task_weight: float = Field(0.0, ge=0.0, description="l1: the task's loss (cross-entropy with the labels)")
-    logit_weight: float = Field(0.5, ge=0.0, description="l2: KL(teacher || student) at the temperature")
+    logit_weight: float = Field(0.5, ge=0.0, description="l2: the task's output distance (logits: KL at temperature)")
     token_weight: float = Field(0.5, ge=0.0, description="l3: hidden-state MSE at every layer output")
     temperature: float = Field(2.0, gt=0.0)
     epochs: int = Field(2, ge=1)
@@ -54,23 +55,19 @@ class DistillSettings(FinetuneConfig):
 
 
 def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    output: torch.Tensor,
     student_hidden: Sequence[torch.Tensor],
     teacher_hidden: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
-    task_loss: torch.Tensor,
+    task_loss: torch.Tensor | float,
     settings: DistillSettings,
 ) -> torch.Tensor:
-    """L = l1 L_task + l2 L_logit + l3 L_token for one batch (hidden states: one [b, s, h] tensor per layer output;
-    `task_loss`: L_task, computed by the task)."""
-    T = settings.temperature
-    # KL(p_teacher || p_student) at temperature T, times T^2 (Hinton et al.)
-    logit = F.kl_div(F.log_softmax(student_logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
-                     reduction="batchmean", log_target=True) * T**2
+    """L = l1 L_task + l2 L_output + l3 L_token for one batch (`output`: the task's distance between the student's and
+    the teacher's outputs, Task.output_distance; hidden states: one [b, s, h] tensor per layer output; `task_loss`:
+    L_task, computed by the task)."""
     real = attention_mask.bool()
     token = sum(F.mse_loss(s[real], t[real]) for s, t in zip(student_hidden, teacher_hidden))
-    return settings.task_weight * task_loss + settings.logit_weight * logit + settings.token_weight * token
+    return settings.task_weight * task_loss + settings.logit_weight * output + settings.token_weight * token
 
 
 def distill(
@@ -100,10 +97,11 @@ def distill(
         with torch.no_grad():
             target = teacher(**inputs, output_hidden_states=True)
         output = model(**inputs, output_hidden_states=True)
-        student_outputs = task.outputs(output)
-        return distillation_loss(student_outputs, task.outputs(target), output.hidden_states[1:],
-                                 target.hidden_states[1:], inputs["attention_mask"],
-                                 task.loss(student_outputs, targets), settings)
+        student_outputs = task.outputs(output, inputs)
+        distance = task.output_distance(student_outputs, task.outputs(target, inputs), settings.temperature)
+        task_loss = task.loss(student_outputs, targets) if settings.task_weight else 0.0  # some tasks have none
+        return distillation_loss(distance, output.hidden_states[1:], target.hidden_states[1:],
+                                 inputs["attention_mask"], task_loss, settings)
 
     after_step = (lambda _: apply_masks(student, masks)) if masks else None
     try:

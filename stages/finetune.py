@@ -84,12 +84,12 @@ def finetune_teacher(model_name_or_path: str, task: Task, config: FinetuneConfig
 
 
 def given_teacher(model_name_or_path: str, task: Task, stages: StageCache) -> tuple[Task, TeacherResult]:
-    """A trained model used as it is (``teacher: none``): the task as the model reads it (``Task.aligned_to``: a
-    classifier's labels by name) and the model as the teacher, scored on the validation split (a cached stage
-    whose folder holds only the score; the model stays where it is, untouched)."""
+    """A trained model used as it is (``teacher: none``, and always for a task that does not fine-tune): the task as
+    the model reads it (``Task.adopt``: a classifier's labels by name, an encoder's pooling) and the model as the
+    teacher, scored on the validation split (a cached stage whose folder holds only the score; the model stays where
+    it is, untouched)."""
     source = resolve_model(model_name_or_path)
-    model = task.given_model(source)
-    task = task.aligned_to(model.config)
+    task, model = task.adopt(source)
     result = stages.run("teacher", {"model": _model_identity(source), "task": task.fingerprint, "config": "given"},
                         lambda out, report: _score_given(model, source, task, out, report), read_metrics)
     metric, seconds = result.value

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Metric:
     value: float
     higher_is_better: bool
     size: int  # examples scored
+    extra: dict[str, float] = field(default_factory=dict)  # secondary scores, by name (an embedding's probe accuracy)
 
     def loss_from(self, reference: float) -> float:
         """How much worse than `reference` this value is (positive = worse), whichever direction is better."""
@@ -43,11 +45,12 @@ class Metric:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "higher_is_better": self.higher_is_better,
-                "validation_size": self.size}
+                "validation_size": self.size, "extra": dict(self.extra)}
 
     @classmethod
     def from_json(cls, payload: dict[str, Any]) -> Metric:
-        return cls(payload["name"], payload["value"], payload["higher_is_better"], payload["validation_size"])
+        return cls(payload["name"], payload["value"], payload["higher_is_better"], payload["validation_size"],
+                   payload.get("extra", {}))
 
 
 class Task(ABC):
@@ -71,13 +74,15 @@ class Task(ABC):
         checkpoint had none of this task's shape)."""
 
     @abstractmethod
-    def given_model(self, source: str) -> PreTrainedModel:
-        """The trained model at `source`, used as it is (`teacher: none`); BadInputError where it cannot serve this
-        task as it is (no head of this task, other labels)."""
+    def adopt(self, source: str) -> tuple[Task, PreTrainedModel]:
+        """The trained model at `source`, used as it is (`teacher: none`), and this task as that model reads it (a
+        classifier's label order, an encoder's pooling); BadInputError where the model cannot serve the task as it
+        is."""
 
-    def aligned_to(self, config: PretrainedConfig) -> Task:
-        """This task as a given model reads it (a classifier's label order); the same task where nothing differs."""
-        return self
+    def served(self, model: nn.Module) -> nn.Module:
+        """The module that is exported and deployed for this task: the model itself, or the model with the task's
+        output computation on top (an embedding's pooling)."""
+        return model
 
     @abstractmethod
     def targets(self, batch: Sequence[Example], device: torch.device) -> torch.Tensor:
@@ -87,13 +92,21 @@ class Task(ABC):
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The task loss of one batch's outputs (see `outputs`)."""
 
-    @abstractmethod
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """The metric's sum over one batch (e.g. the number of correct predictions)."""
+        """The metric's sum over one batch (e.g. the number of correct predictions). A task whose metric is not a sum
+        over batches overrides `evaluate` instead."""
+        raise NotImplementedError(f"{type(self).__name__} scores in evaluate, not per batch")
 
-    def outputs(self, model_output: object) -> torch.Tensor:
-        """The tensor a model's output is scored and distilled on: its logits (or the tensor a session returns)."""
+    def outputs(self, model_output: object, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tensor a model's output (on the encoded `inputs`) is scored and distilled on: its logits (or the
+        tensor a session returns)."""
         return model_output if isinstance(model_output, torch.Tensor) else model_output.logits
+
+    def output_distance(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """How far a student's outputs are from the teacher's, for distillation: KL(teacher || student) of the output
+        distributions at `temperature`, times its square (Hinton et al.), for tasks whose outputs are logits."""
+        return F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                        reduction="batchmean", log_target=True) * temperature**2
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Example],
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -105,7 +118,7 @@ class Task(ABC):
 
     def batch_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         """The task loss of `model` on one encoded batch."""
-        return self.loss(self.outputs(model(**inputs)), targets)
+        return self.loss(self.outputs(model(**inputs), inputs), targets)
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  examples: Sequence[Example] | None = None) -> Metric:
@@ -121,7 +134,8 @@ class Task(ABC):
         total = 0.0
         with torch.no_grad():
             for batch in batches(order, self.batch_size):
-                outputs = self.outputs(model(**self.encode(tokenizer, batch, device)))
+                inputs = self.encode(tokenizer, batch, device)
+                outputs = self.outputs(model(**inputs), inputs)
                 total += self.score(outputs, self.targets(batch, outputs.device))
         model.train(was_training)
         return Metric(self.metric_name, total / len(examples), self.higher_is_better, len(examples))

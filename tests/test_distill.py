@@ -32,11 +32,12 @@ def test_loss_is_zero_when_the_student_is_the_teacher(tiny_bert_dir: Path) -> No
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     inputs, out = _outputs(model, tokenizer, ["a good film", "the plot was very dull and the actor poor"])
     task_loss = F.cross_entropy(out.logits, torch.tensor([1, 0]))
-    loss = distillation_loss(out.logits, out.logits, out.hidden_states[1:], out.hidden_states[1:],
-                             inputs["attention_mask"], task_loss, DistillSettings())
+    distance = TASK.output_distance(out.logits, out.logits, DistillSettings().temperature)
+    loss = distillation_loss(distance, out.hidden_states[1:], out.hidden_states[1:], inputs["attention_mask"],
+                             task_loss, DistillSettings())
     assert float(loss) == pytest.approx(0.0, abs=1e-6)
     with_task = DistillSettings(task_weight=1.0)
-    assert float(distillation_loss(out.logits, out.logits, out.hidden_states[1:], out.hidden_states[1:],
+    assert float(distillation_loss(distance, out.hidden_states[1:], out.hidden_states[1:],
                                    inputs["attention_mask"], task_loss, with_task)) > 0.1
 
 
@@ -49,11 +50,19 @@ def test_token_loss_ignores_padded_tokens(tiny_bert_dir: Path) -> None:
     teacher_hidden = out.hidden_states[1:]
     student_hidden = [h + 0.1 for h in teacher_hidden]
     settings = DistillSettings(logit_weight=0.0, token_weight=1.0)
-    base = distillation_loss(out.logits, out.logits, student_hidden, teacher_hidden, mask, labels, settings)
+    base = distillation_loss(torch.tensor(0.0), student_hidden, teacher_hidden, mask, labels, settings)
     assert float(base) == pytest.approx(0.01 * len(teacher_hidden), rel=1e-4)  # MSE 0.1^2 summed over layers
     noisy_padding = [h.masked_fill(~mask.bool()[..., None], 100.0) for h in student_hidden]
-    assert torch.equal(distillation_loss(out.logits, out.logits, noisy_padding, teacher_hidden, mask, labels,
-                                         settings), base)
+    assert torch.equal(distillation_loss(torch.tensor(0.0), noisy_padding, teacher_hidden, mask, labels, settings),
+                       base)
+
+
+def test_the_output_distance_of_logits_is_the_temperature_scaled_kl() -> None:
+    student, teacher = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p, q = F.softmax(teacher / 2, dim=-1), F.softmax(student / 2, dim=-1)
+    expected = float((p * (p.log() - q.log())).sum()) * 4
+    assert float(TASK.output_distance(student, teacher, 2.0)) == pytest.approx(expected)
+    assert float(TASK.output_distance(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_masks_stay_exactly_zero_on_a_structurally_pruned_student(tiny_bert_dir: Path) -> None:
@@ -98,7 +107,8 @@ def test_distillation_reduces_the_loss_towards_the_teacher(tiny_bert_dir: Path) 
         with torch.no_grad():
             s = student(**batch, output_hidden_states=True)
             t = teacher(**batch, output_hidden_states=True)
-        return float(distillation_loss(s.logits, t.logits, s.hidden_states[1:], t.hidden_states[1:],
+        distance = TASK.output_distance(s.logits, t.logits, QUICK.temperature)
+        return float(distillation_loss(distance, s.hidden_states[1:], t.hidden_states[1:],
                                        batch["attention_mask"], TASK.loss(s.logits, labels), QUICK))
 
     before = loss()

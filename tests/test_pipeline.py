@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from tests.conftest import tiny_recipe
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
+from ziplm.pipeline.recipe import builtin_recipes, load_recipe, parse_recipe
 from ziplm.stages.export import verify_export
 from ziplm.tasks import TaskSpec, load_task
 
@@ -149,6 +150,12 @@ def test_bad_recipes_exit_2_with_a_clear_message(recipe, tmp_path, change, messa
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_built_in_recipe_loads_and_round_trips(name):
+    recipe = load_recipe(name)
+    assert parse_recipe(recipe.dump_yaml()) == recipe
 
 
 def test_malformed_yaml_exits_2(tmp_path):
