@@ -102,7 +102,7 @@ def _score_given(model: nn.Module, source: str, task: Task, out: Path, progress:
     progress(f"{source} is used as it is (teacher: none): scoring it")
     metric = task.evaluate(model, load_pretrained(AutoTokenizer.from_pretrained, source))
     seconds = time.perf_counter() - start
-    progress(f"given model: validation {metric.name} {metric.value:.4f} on {metric.size} examples")
+    progress(f"given model: validation {metric.summary()} on {metric.size} examples")
     write_json_atomic(out / METRICS_FILE, {"metric": metric.to_json(), "seconds": seconds, "task": task.name,
                                            "task_fingerprint": task.fingerprint, "model": source, "given": True})
 
@@ -128,7 +128,7 @@ def _build_teacher(source: str, task: Task, config: FinetuneConfig, out: Path, p
     losses = train(model, tokenizer, task, task.train, config, progress)
     metric = task.evaluate(model, tokenizer)
     seconds = time.perf_counter() - start
-    progress(f"teacher: validation {metric.name} {metric.value:.4f} on {metric.size} examples, {seconds:.0f} s")
+    progress(f"teacher: validation {metric.summary()} on {metric.size} examples, {seconds:.0f} s")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_json_atomic(out / METRICS_FILE, {"metric": metric.to_json(), "train_size": len(task.train),

@@ -39,6 +39,11 @@ class Metric:
     size: int  # examples scored
     extra: dict[str, float] = field(default_factory=dict)  # secondary scores, by name (an embedding's probe accuracy)
 
+    def summary(self) -> str:
+        """e.g. "cosine_to_dense 0.9712 (probe_accuracy 0.7820)"."""
+        extra = ", ".join(f"{name} {value:.4f}" for name, value in self.extra.items())
+        return f"{self.name} {self.value:.4f}" + (f" ({extra})" if extra else "")
+
     def loss_from(self, reference: float) -> float:
         """How much worse than `reference` this value is (positive = worse), whichever direction is better."""
         return reference - self.value if self.higher_is_better else self.value - reference
