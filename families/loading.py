@@ -86,7 +86,7 @@ def _load_rebuilt(model_dir: Path, config: PretrainedConfig, head: str,
     """Rebuild the recorded skeleton and load the float weights; then re-apply each recorded transformation and load
     the whole state (their own buffers, such as INT8 scales)."""
     structure = recorded_structure(config)
-    for key in (STRUCTURE_KEY, *records):
+    for key in (STRUCTURE_KEY, *records, "auto_map"):  # auto_map: the folder's own loader resolves to this function
         if hasattr(config, key):
             delattr(config, key)
     model = build_model(config, head, structure)

@@ -11,6 +11,7 @@ complete) and the report.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ziplm.cache import StageCache, StageProgress, StageResult, atomic_directory
 from ziplm.errors import UnreachableTargetError
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
+from ziplm.pipeline import modeling_ziplm
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
                                    write_report)
@@ -406,12 +408,22 @@ def member_name(recipe: Recipe, member: Member) -> str:
     return f"{recipe.name}-{goal}"
 
 
+def loadable_with_transformers(folder: Path, head: str) -> None:
+    """Make a saved member load with transformers' Auto class of its head (`trust_remote_code=True`): a copy of
+    pipeline/modeling_ziplm.py in the folder, named in config.json's `auto_map`."""
+    auto_class, loader = modeling_ziplm.AUTO_CLASSES[head]
+    shutil.copyfile(modeling_ziplm.__file__, folder / "modeling_ziplm.py")
+    config = json.loads((folder / "config.json").read_text())
+    write_json_atomic(folder / "config.json", {**config, "auto_map": {auto_class: f"modeling_ziplm.{loader}"}})
+
+
 def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs: Inputs, dense_info: dict[str, Any],
                  factor: PrecisionFactor | None, out: Path) -> dict[str, Any]:
     """The member folder (model.onnx, weights, config.json, tokenizer, manifest.json), written atomically."""
     name = member_name(recipe, member)
     with atomic_directory(out / name) as folder:
         save_model(member.model, folder)
+        loadable_with_transformers(folder, inputs.task.head)
         inputs.tokenizer.save_pretrained(folder)
         (folder / "model.onnx").write_bytes(member.onnx_path.read_bytes())
         payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", inputs.dense_key,

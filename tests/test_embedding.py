@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from tests.conftest import tiny_recipe, toy_sentiment_rows, write_tiny_bert
 from tests.test_pipeline import invoke
@@ -153,6 +153,8 @@ def test_a_run_of_the_embedding_task_writes_members_that_serve_embeddings(tmp_pa
                                    providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["sentence_embedding"]
     reloaded = load_model(str(tmp_path / "out" / member["name"]), "base")
+    loaded = AutoModel.from_pretrained(tmp_path / "out" / member["name"], trust_remote_code=True)
+    assert type(loaded) is type(reloaded) and loaded.config.ziplm_structure == reloaded.config.ziplm_structure
     assert member["metric"]["value"] == pytest.approx(
         load_task(EmbeddingSpec.model_validate(payload["task"])).adopt(str(encoder))[0]
         .evaluate(reloaded, AutoTokenizer.from_pretrained(encoder)).value, abs=1e-6)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
-from transformers import AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import tiny_recipe
 from ziplm.families.loading import load_model
@@ -71,6 +73,23 @@ def test_run_writes_the_output_contract(recipe, tmp_path):
     metric = task.evaluate(reloaded, AutoTokenizer.from_pretrained(folder))
     assert member["metric"] | {"value": metric.value} == member["metric"]
     assert (member["metric"]["name"], member["metric"]["validation_size"]) == ("accuracy", len(task.validation))
+
+
+def test_a_member_folder_loads_with_plain_transformers(recipe, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    invoke("run", str(recipe()), "--out", str(out))
+    (member,) = json.loads((out / "report.json").read_text())["members"]
+    folder = out / member["name"]
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    reloaded = load_model(str(folder))
+    assert type(loaded) is type(reloaded) and loaded.config.ziplm_structure == reloaded.config.ziplm_structure
+    batch = AutoTokenizer.from_pretrained(folder)(["a good film", "the plot was dull"], padding=True,
+                                                 return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, reloaded(**batch).logits)
+    monkeypatch.setitem(sys.modules, "ziplm.stages.quantize", None)  # a Python without ziplm
+    with pytest.raises(ImportError, match="pruned by ZipLM Deploy: install ziplm .* or serve its model.onnx"):
+        AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
 
 
 def test_a_missed_target_exits_1(recipe, tmp_path):
