@@ -22,11 +22,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class Example:
-    """One example: a text (and an optional second segment) and its label id (None where the task has none)."""
+    """One example: a text (and an optional second segment) and its label id, or a score where the task's labels are
+    scores (a sentence pair's similarity); None where the task has none."""
 
     text: str
     text_pair: str | None
-    label: int | None
+    label: int | float | None
 
 
 @dataclass(frozen=True)

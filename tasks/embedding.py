@@ -7,6 +7,7 @@ Recipe snippet::
       type: embedding
       data: mr                  # or rotten_tomatoes, or a path to a .csv / .tsv / .jsonl file
       text_column: text
+      text_pair_column: null    # sentence pairs: the label column then holds their similarity score
       label_column: label       # null: no labels, no probe
       pooling: null             # mean | cls | max; null: the model folder's own (sentence-transformers 1_Pooling)
       validation_fraction: 0.125
@@ -20,10 +21,14 @@ The examples are read and split by the rules of ziplm.tasks.data. The dense mode
 never fine-tunes it) with its pooling: a sentence-transformers folder names it in ``modules.json`` and
 ``1_Pooling/config.json`` (mean, CLS or max; a ``Normalize`` module normalises); a plain model folder needs
 ``pooling`` set here, and is then normalised. The metric, ``cosine_to_dense``, is the mean cosine similarity
-between a model's and the dense model's embeddings of the validation texts (1 for the dense model). Where the data
-has labels, ``probe_accuracy`` beside it is the accuracy of a logistic regression on the frozen validation
+between a model's and the dense model's embeddings of the validation texts (and pairs; 1 for the dense model). Beside
+it, where the data has labels, ``probe_accuracy`` is the accuracy of a logistic regression on the frozen validation
 embeddings, cross-validated over PROBE_FOLDS stratified folds: how well the embeddings still separate the classes,
-which is what a retrieval user cares about. The deployed file outputs the pooled embedding (``sentence_embedding``).
+which is what a retrieval user cares about. Where the data has sentence pairs (``text_pair_column``) with numeric
+labels, ``spearman`` is the rank correlation of each pair's cosine similarity with its score (STS-style), and, where
+those labels are two classes, ``pair_accuracy`` is the accuracy of the best cosine threshold between them. Every text
+is embedded on its own (a pair's texts separately). The deployed file outputs the pooled embedding
+(``sentence_embedding``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -63,6 +69,7 @@ class EmbeddingSpec(DataSpec):
 
     fine_tunes: ClassVar[bool] = False
     type: Literal["embedding"]
+    text_pair_column: str | None = None
     label_column: str | None = "label"
     pooling: PoolingMode | None = None
 
@@ -165,7 +172,7 @@ class EmbeddingTask(Task):
         model = load_pretrained(AutoModel.from_pretrained, str(folder), attn_implementation=ATTENTION).eval()
         adopted = self.with_pooling(Pooling.of_model(folder, self.spec.pooling))
         tokenizer = load_pretrained(AutoTokenizer.from_pretrained, str(folder))
-        adopted.reference = adopted.embed(model, tokenizer, adopted.validation)
+        adopted.reference = torch.cat(adopted.embed_validation(model, tokenizer))
         return adopted, model
 
     def with_pooling(self, pooling: Pooling) -> EmbeddingTask:
@@ -196,6 +203,18 @@ class EmbeddingTask(Task):
         raise BadInputError("the embedding task has no loss of its own: distil it (chain: [{distill: {}}] with "
                             "task_weight 0); oBERT's gradients need a task loss and do not apply to it")
 
+    def encode(self, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Example],
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Each example's text on its own (a pair's second text is embedded separately, `embed_validation`)."""
+        return super().encode(tokenizer, [Example(e.text, None, e.label) for e in batch], device)
+
+    def embed_validation(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[torch.Tensor]:
+        """The embeddings of the validation texts, and of their pair texts where there are pairs."""
+        texts = [self.embed(model, tokenizer, self.validation)]
+        if self.spec.text_pair_column is None:
+            return texts
+        return texts + [self.embed(model, tokenizer, [Example(e.text_pair, None, None) for e in self.validation])]
+
     def embed(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
               examples: Sequence[Example]) -> torch.Tensor:
         """The embeddings of `examples`, in their order ([n, dim], float32 on the CPU)."""
@@ -214,17 +233,22 @@ class EmbeddingTask(Task):
 
     def evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                  examples: Sequence[Example] | None = None) -> Metric:
-        """Mean cosine to the dense model's embeddings of the validation texts, and the probe accuracy where the
-        examples have labels."""
+        """Mean cosine to the dense model's embeddings of the validation texts (and pairs), and beside it the probe
+        accuracy (labelled texts) or the pairs' Spearman correlation and pair accuracy (scored pairs)."""
         if examples is not None and list(examples) != list(self.validation):
             raise ValueError("the embedding task scores its validation split, whose dense embeddings it holds")
         if self.reference is None:
             raise ValueError("the task has no dense embeddings yet: adopt the dense model first")
-        embeddings = self.embed(model, tokenizer, self.validation)
-        cosine = float(F.cosine_similarity(embeddings, self.reference, dim=-1).mean())
+        embeddings = self.embed_validation(model, tokenizer)
+        cosine = float(F.cosine_similarity(torch.cat(embeddings), self.reference, dim=-1).mean())
         labels = [e.label for e in self.validation]
-        probe = None if None in labels else probe_accuracy(embeddings.numpy(), np.array(labels))
-        extra = {} if probe is None else {"probe_accuracy": probe}
+        if None in labels:
+            extra = {}
+        elif len(embeddings) == 2:
+            extra = pair_scores(F.cosine_similarity(*embeddings, dim=-1).numpy(), np.array(labels, dtype=float))
+        else:
+            probe = probe_accuracy(embeddings[0].numpy(), np.array(labels))
+            extra = {} if probe is None else {"probe_accuracy": probe}
         return Metric(self.metric_name, cosine, self.higher_is_better, len(self.validation), extra)
 
     def _pooling(self) -> Pooling:
@@ -244,14 +268,39 @@ def probe_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float | None:
     return float(cross_val_score(LogisticRegression(max_iter=1000), embeddings, labels, cv=folds).mean())
 
 
+def pair_scores(cosines: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Spearman's rank correlation of the pairs' cosines with their scores; where the scores are two classes, also
+    the accuracy of the best threshold on the cosine between them (the higher class above it)."""
+    result = {"spearman": float(spearmanr(cosines, scores).statistic)}
+    classes = np.unique(scores)
+    if len(classes) == 2:
+        positive = scores == classes[1]
+        result["pair_accuracy"] = max(float(np.mean((cosines >= threshold) == positive)) for threshold in cosines)
+    return result
+
+
 def load_embedding(spec: EmbeddingSpec) -> EmbeddingTask:
-    """Read and split the texts (and labels, where a label column is set) described by ``spec``."""
+    """Read and split the texts (and pairs, and labels, where those columns are set) described by ``spec``."""
     path = resolve_task_file(spec.data)
-    rows, _ = usable_rows(read_records(path), path, spec.text_column, spec.label_column)
-    label_ids = {name: i for i, name in enumerate(sorted({label for _, _, label in rows if label is not None}))}
-    examples = [Example(text, None, None if label is None else label_ids[label]) for text, _, label in rows]
+    rows, _ = usable_rows(read_records(path), path, spec.text_column, spec.label_column, spec.text_pair_column)
+    examples = [Example(text, pair, label) for text, pair, label in _labelled(rows, spec, path)]
     validation, calibration, train = split(stratified_order(examples, spec.seed)[: spec.max_examples], spec, path)
     return EmbeddingTask(spec, name=spec.data if spec.data in TASK_FILES else path.stem, train=train,
                          validation=validation, calibration=calibration,
                          fingerprint=fingerprint({"file": file_digest(path), "spec": spec.model_dump()}),
                          max_length=spec.max_length, batch_size=spec.batch_size)
+
+
+def _labelled(rows: list[tuple[str, str | None, str | None]], spec: EmbeddingSpec,
+              path: Path) -> list[tuple[str, str | None, int | float | None]]:
+    """Rows with their labels as class ids (texts) or as numbers (pairs, whose labels are similarity scores)."""
+    if spec.label_column is None:
+        return [(text, pair, None) for text, pair, _ in rows]
+    if spec.text_pair_column is None:
+        ids = {name: i for i, name in enumerate(sorted({label for _, _, label in rows}))}
+        return [(text, pair, ids[label]) for text, pair, label in rows]
+    try:
+        return [(text, pair, float(label)) for text, pair, label in rows]
+    except ValueError as error:
+        raise BadInputError(f"{path}: the pairs' labels in column '{spec.label_column}' must be numbers (a similarity "
+                            f"score, or 0/1 for pair classes): {error}") from error

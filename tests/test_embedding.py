@@ -7,6 +7,7 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -23,7 +24,7 @@ from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.stages.distill import DistillSettings, distill
 from ziplm.stages.export import export_checked
 from ziplm.tasks import EmbeddingSpec, load_task
-from ziplm.tasks.embedding import EmbeddingTask, Pooling
+from ziplm.tasks.embedding import EmbeddingTask, Pooling, pair_scores
 
 
 def write_sentence_encoder(out: Path, mode: str = "mean", normalize: bool = True) -> Path:
@@ -92,6 +93,32 @@ def test_without_a_label_column_there_is_no_probe(toy_sentiment_csv, encoder_dir
     task = load_task(EmbeddingSpec(type="embedding", data=str(toy_sentiment_csv), label_column=None, max_length=32))
     adopted, dense = task.adopt(str(encoder_dir))
     assert adopted.evaluate(dense, AutoTokenizer.from_pretrained(encoder_dir)).extra == {}
+
+
+def test_pair_scores_rank_cosines_against_scores_and_find_the_best_threshold():
+    cosines = np.array([0.9, 0.8, 0.3, 0.1])
+    assert pair_scores(cosines, np.array([5.0, 4.0, 2.0, 0.5])) == {"spearman": pytest.approx(1.0)}
+    scores = pair_scores(cosines, np.array([1.0, 0.0, 1.0, 0.0]))  # no threshold separates them: 3 of 4 at best
+    assert scores["pair_accuracy"] == pytest.approx(0.75) and scores["spearman"] < 1.0
+
+
+def test_scored_pairs_are_embedded_one_text_at_a_time_and_scored_by_rank(write_task_file, encoder_dir, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    rows = toy_sentiment_rows(120)
+    pairs = [{"a": a["text"], "b": b["text"], "same": str(int(a["label"] == b["label"]))}
+             for a, b in zip(rows[::2], rows[1::2])]
+    spec = EmbeddingSpec(type="embedding", data=str(write_task_file("pairs.csv", pairs)), text_column="a",
+                         text_pair_column="b", label_column="same", max_length=32)
+    adopted, dense = load_task(spec).adopt(str(encoder_dir))
+    assert adopted.reference.shape[0] == 2 * len(adopted.validation)  # both texts of every pair
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
+    assert adopted.encode(tokenizer, adopted.validation[:2])["input_ids"].shape[0] == 2
+    metric = adopted.evaluate(dense, tokenizer)
+    assert metric.value == pytest.approx(1.0, abs=1e-6) and set(metric.extra) == {"spearman", "pair_accuracy"}
+    words = [{**pair, "same": "yes"} for pair in pairs]
+    with pytest.raises(BadInputError, match="pairs' labels in column 'same' must be numbers"):
+        load_task(spec.model_copy(update={"data": str(write_task_file("words.csv", words))}))
 
 
 def test_the_deployed_file_outputs_the_sentence_embedding_and_scores_as_the_model(task, encoder_dir, tmp_path):
