@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer
 
 from ziplm.assets import resolve_model
 from ziplm.cache import StageCache, cache_root, fingerprint, write_json_atomic
-from ziplm.families.loading import build_model
+from ziplm.families import adapter_for
+from ziplm.families.loading import RANDOM_SHAPES, build_model, load_config
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.run import Inputs, prepare_inputs
 from ziplm.runtimes.policy import policy
@@ -24,6 +25,7 @@ from ziplm.tasks import TaskSpec, load_task
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"bert-base": "bert-base shape (random weights)", "minilm": "MiniLM fine-tuned on MR"}
+MODELS |= {name: f"{name} shape (random weights)" for name in RANDOM_SHAPES if name not in MODELS}
 
 
 def progress(stage: str) -> Callable[[str], None]:
@@ -50,16 +52,18 @@ def write_results(name: str, result: Any, markdown: str) -> None:
 
 
 def load_subject(model: str, targets: list[float]) -> tuple[Recipe, Inputs]:
-    """MiniLM: the MR teacher as `ziplm run minilm_mr` builds it. bert-base: the shape with random weights (latency
-    does not depend on the values), calibrated on real MR sentences through MiniLM's tokenizer (the same vocabulary)."""
+    """MiniLM: the MR teacher as `ziplm run minilm_mr` builds it. A random shape (bert-base, roberta-base, ...):
+    random weights (latency does not depend on the values), calibrated on real MR sentences through MiniLM's
+    tokenizer (the BERT vocabulary, within every such shape's), fed only the inputs the family takes."""
     if model == "minilm":
         recipe = load_recipe("minilm_mr").model_copy(update={"targets": targets})
         return recipe, prepare_inputs(recipe, stage_cache())
-    recipe = Recipe(name="bert-base-random", model="bert-base", task=TaskSpec(data="mr"), targets=targets,
+    recipe = Recipe(name=f"{model}-random", model=model, task=TaskSpec(data="mr"), targets=targets,
                     calibration=CalibrationSettings(samples=128))
     torch.manual_seed(0)
-    dense = build_model(BertConfig())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    dense = build_model(load_config(model))
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model("minilm"), model_input_names=list(adapter_for(dense.config).input_names(dense.config)))
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
                                   policy(recipe.effort), stages=stage_cache())
     return recipe, Inputs(load_task(recipe.task), dense, tokenizer, table, fingerprint({"random": model, "seed": 0}))

@@ -1,18 +1,21 @@
-"""Target vs achieved speedup (the paper's Table 5) in ONNX Runtime CPU, for the bert-base shape and for MiniLM.
+"""Target vs achieved speedup (the paper's Table 5) in ONNX Runtime CPU, for the bert-base shape and for MiniLM (and
+the base-sized random shapes of the other encoder families).
 
 bert-base: random weights serve for latency (ASSETS.md); calibration runs real MR sentences through MiniLM's
 tokenizer (the same 30,522-token BERT vocabulary). MiniLM: the dense teacher fine-tuned on MR, as `ziplm run`
 builds it. Each target goes through the closed loop; the first round is the open-loop result (the table alone),
 the chosen round the closed-loop one. Every member is measured end to end against the dense model, interleaved.
 
-    python -m benchmarks.speedup_guarantee [--models bert-base minilm] [--targets 1.5 2 3 4 6 8]
+    python -m benchmarks.speedup_guarantee [--models bert-base minilm] [--targets 1.5 2 3 4 6 8] [--name NAME]
 
-writes benchmarks/results/speedup_guarantee.md and .json.
+writes benchmarks/results/speedup_guarantee.md and .json (NAME.md and .json: the random shapes of other families,
+    --models roberta-base distilbert-base modernbert-base --targets 2 4 --name speedup_guarantee_families).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,7 +61,7 @@ def _row(member: Member, tolerance: float) -> dict[str, Any]:
     }
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def markdown(results: list[dict[str, Any]], command: str = COMMAND) -> str:
     lines = [
         "# Speedup guarantee: target vs measured speedup",
         "",
@@ -87,16 +90,18 @@ def markdown(results: list[dict[str, Any]]) -> str:
                 f"| {r['deviation']:+.1%} | {r['rounds']} | {'yes' if r['within_tolerance'] else 'NO'} |")
         lines += ["", f"Family built and verified in {result['seconds']:.0f} s (table cached), at commit "
                   f"{result['commit']}.", ""]
-    return "\n".join(lines + [f"Reproduce: `{COMMAND}`.", ""])
+    return "\n".join(lines + [f"Reproduce: `{command}`.", ""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bert-base", "minilm"])
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8])
+    parser.add_argument("--name", default="speedup_guarantee", help="results file name (benchmarks/results/NAME.md)")
     args = parser.parse_args()
     results = [run(model, args.targets) for model in args.models]
-    write_results("speedup_guarantee", {"models": results, "command": COMMAND}, markdown(results))
+    command = " ".join(["python -m benchmarks.speedup_guarantee", *sys.argv[1:]])
+    write_results(args.name, {"models": results, "command": command}, markdown(results, command))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "int8_speedup": ("benchmarks.int8_speedup", lambda m, r: m.markdown(r)),
     "latency_prediction": ("benchmarks.latency_prediction", lambda m, r: m.markdown(m.Result.from_json(r))),
     "obert_oneshot": ("benchmarks.obert_oneshot", lambda m, r: m.markdown(r)),
-    "speedup_guarantee": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"])),
+    "speedup_guarantee": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "contention": ("benchmarks.measurement.contention", lambda m, r: m.markdown(r)),
     "round_structures": ("benchmarks.measurement.round_structures", lambda m, r: m.markdown(r)),
     "table_contention": ("benchmarks.measurement.table_contention", lambda m, r: m.markdown(r)),
