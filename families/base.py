@@ -15,6 +15,7 @@ correct, and which counters a shrunken attention module must be told about. docs
 
 from __future__ import annotations
 
+import copy
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -162,6 +163,10 @@ class FamilyAdapter(ABC):
         """The model's inputs, in export order (all int64 [batch, sequence])."""
         return ("input_ids", "attention_mask")
 
+    def max_sequence_length(self, config: PretrainedConfig) -> int:
+        """The longest sequence the model's position embeddings take."""
+        return config.max_position_embeddings
+
     def example_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
                        seed: int = 0) -> dict[str, np.ndarray]:
         """Random token ids, a full attention mask and zeros for any other input (token types)."""
@@ -272,6 +277,13 @@ class FamilyAdapter(ABC):
                 raise BadInputError(
                     f"layer {index}: {layer} is outside 0..{shape.num_units} units and 0..{shape.ffn_size} neurons"
                 )
+
+
+def eager_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of `config` that selects eager attention (the attention that single layers are built with for export)."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    return config
 
 
 def record_structure(config: PretrainedConfig, structure: ModelStructure) -> None:

@@ -1,13 +1,16 @@
-"""BERT-like post-LayerNorm encoders (BERT, MiniLM, ...)."""
+"""BERT-like post-LayerNorm encoders (BERT, MiniLM, ...). The RoBERTa and ELECTRA adapters are this one with their own
+layer class, inputs and tiny config."""
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import BertConfig, PretrainedConfig
 from transformers.models.bert.modeling_bert import BertLayer
 
-from ziplm.families.base import FamilyAdapter, ModelShape
+from ziplm.families.base import FamilyAdapter, ModelShape, eager_config
 from ziplm.families.registry import register_family
 
 
@@ -37,10 +40,17 @@ class RemovedFFNOutput(ResidualNorm):
         return self.residual(input_tensor)
 
 
+# The sizes every BERT-like tiny config shares: 3 layers, hidden 64, 4 heads of 16, FFN 128.
+TINY_SIZES: dict[str, Any] = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                              "intermediate_size": 128, "num_labels": 2}
+
+
 @register_family
 class BertAdapter(FamilyAdapter):
     name = "bert"
     model_types = ("bert",)
+    layer_class: ClassVar[type[nn.Module]] = BertLayer
+    token_types: ClassVar[bool] = True  # the model takes token_type_ids
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
         return ModelShape(
@@ -91,20 +101,14 @@ class BertAdapter(FamilyAdapter):
         layer.output = RemovedFFNOutput(output.dense.bias, output.LayerNorm)
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
-        return BertLayer(_eager(config))
+        return self.layer_class(eager_config(config))
 
     def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
         return layer(block_inputs["hidden_states"], block_inputs["attention_mask"])
 
     def input_names(self, config: PretrainedConfig) -> tuple[str, ...]:
-        return ("input_ids", "attention_mask", "token_type_ids")
+        names = super().input_names(config)
+        return (*names, "token_type_ids") if self.token_types else names
 
     def tiny_config(self) -> PretrainedConfig:
-        return BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          intermediate_size=128, max_position_embeddings=160, num_labels=2)
-
-
-def _eager(config: PretrainedConfig) -> PretrainedConfig:
-    config = BertConfig.from_dict(config.to_dict())
-    config._attn_implementation = "eager"
-    return config
+        return BertConfig(**TINY_SIZES, max_position_embeddings=160)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ziplm.errors import ZipLMError
 from ziplm.families import adapter_for
@@ -79,9 +79,11 @@ def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
     return path
 
 
-def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int = 128) -> Path:
-    """Export a model of a registered family (with its head, or without) with dynamic batch and sequence axes."""
-    example = adapter_for(model.config).example_inputs(model.config, batch_size, sequence_length)
+def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int | None = None) -> Path:
+    """Export a model of a registered family (with its head, or without) with dynamic batch and sequence axes, traced
+    at `sequence_length` (default: the longest up to 128 that the model takes)."""
+    example = adapter_for(model.config).example_inputs(model.config, batch_size,
+                                                       sequence_length or longest_sequence(model.config))
     axes = {name: {0: "batch", 1: "sequence"} for name in example}
     return export_module(model, path, example, axes, output_name=output_name(model, example))
 
@@ -98,6 +100,11 @@ def output_name(model: nn.Module, example: dict[str, np.ndarray]) -> str:
     with torch.no_grad():
         output = model.eval()(**{name: torch.from_numpy(value) for name, value in example.items()})
     return "output" if isinstance(output, torch.Tensor) else next(iter(output.keys()))
+
+
+def longest_sequence(config: PretrainedConfig) -> int:
+    """The longest sequence up to 128 that a model of `config` takes: what export and parity checks use by default."""
+    return min(128, adapter_for(config).max_sequence_length(config))
 
 
 @dataclass
@@ -119,9 +126,9 @@ def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_
     """
     import onnxruntime as ort  # the runtime of record for parity, whatever runtime serves latency
 
-    longest = min(128, getattr(model.config, "max_position_embeddings", 128))
-    shapes = shapes or ((1, longest), (2, min(17, longest)))
     adapter = adapter_for(model.config)
+    longest = longest_sequence(model.config)
+    shapes = shapes or ((1, longest), (2, min(17, longest)))
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     session_inputs = {i.name for i in session.get_inputs()}
