@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
+                          PretrainedConfig, PreTrainedModel, RobertaConfig)
 
 from ziplm.assets import load_pretrained, resolve_model
 from ziplm.errors import BadInputError
@@ -34,8 +35,13 @@ def model_class(head: str) -> type:
     return HEADS[head]
 
 
-# Shapes by name, for latency work where weights do not matter (ASSETS.md: a random bert-base serves).
-RANDOM_SHAPES = {"bert-base": BertConfig}
+# Shapes by name, for latency work where weights do not matter (ASSETS.md: a random bert-base serves). roberta-base
+# has 514 position rows (512 tokens after the padding offset) and one token type.
+RANDOM_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
+    "bert-base": BertConfig,
+    "roberta-base": partial(RobertaConfig, max_position_embeddings=514, type_vocab_size=1),
+    "distilbert-base": DistilBertConfig,
+}
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
