@@ -56,7 +56,8 @@ class _KeywordCall(nn.Module):
 
 def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
                   dynamic_axes: dict[str, dict[int, str]], output_name: str) -> Path:
-    """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically)."""
+    """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically); the module is left
+    in eval mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -65,7 +66,7 @@ def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _KeywordCall(module.eval(), names),
+            _KeywordCall(module, names).eval(),  # the exporter puts back the wrapper's mode on the module too
             tensors,
             str(tmp),
             input_names=names,

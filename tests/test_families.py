@@ -72,6 +72,18 @@ def test_shrunken_model_reloads_and_matches_its_onnx_export(tiny_config, tmp_pat
     assert len(report.checked_shapes) >= 2
 
 
+def test_export_leaves_the_model_in_eval_mode(tiny_config, tmp_path):
+    """The exporter restores the training flag of the module it is given: exporting must not turn dropout on."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        export_model(model, tmp_path / "model.onnx")
+        assert not any(module.training for module in model.modules())
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
 def test_parity_check_catches_a_mismatch(tiny_config, tmp_path):
     model = build_model(tiny_config, structure=UNEVEN)
     onnx_path = export_model(model, tmp_path / "model.onnx")
