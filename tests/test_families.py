@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import T5Config
+from transformers import AlbertConfig, T5Config
 
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.base import recorded_structure
@@ -102,9 +102,12 @@ def test_structure_outside_the_model_is_rejected(tiny_config):
         adapter_for(tiny_config).apply_structure(model, ModelStructure((LayerStructure(1, 1),)))
 
 
-def test_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(BadInputError, match=r"unsupported architecture 't5'.*supported model types: .*bert"):
-        adapter_for(T5Config())
+@pytest.mark.parametrize("config", [T5Config(), AlbertConfig()], ids=["t5", "albert"])
+def test_unsupported_architecture_names_the_supported_ones(config):
+    """ALBERT looks BERT-like but shares one layer's weights across all layers: it is refused like any other."""
+    with pytest.raises(BadInputError, match=rf"unsupported architecture '{config.model_type}'.*supported model types: "
+                                            r"bert, .*distilbert, electra, .*roberta"):
+        adapter_for(config)
 
 
 def test_building_a_shrunk_model_leaves_the_given_config_alone(tiny_config):
