@@ -13,6 +13,7 @@ from tests.conftest import QUICK_UNGUARDED as QUICK
 from tests.conftest import tiny_bert_config
 from ziplm.errors import BadInputError
 from ziplm.families import LayerStructure, ModelStructure, adapter_for
+from ziplm.families.loading import RANDOM_SHAPES, load_config
 from ziplm.runtimes import InferenceEnv, base, get_runtime
 from ziplm.runtimes.timing import BusyMachineWarning
 from ziplm.stages import latency_table as lt
@@ -25,6 +26,19 @@ ENV = InferenceEnv(threads=1, sequence_length=16)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM_SHAPES))
+def test_a_named_random_shape_is_base_sized_and_its_blocks_export(name, tmp_path):
+    """`--model bert-base|roberta-base|distilbert-base`: the table needs only the config, served by its family."""
+    config = load_config(name)
+    adapter = adapter_for(config)
+    shape = adapter.shape(config)
+    assert (shape.family, shape.hidden_size, shape.num_units, shape.ffn_size) == (name.split("-")[0], 768, 12, 3072)
+    assert adapter.max_sequence_length(config) >= 512
+    session = get_runtime(ENV).load(lt.export_block(adapter, config, LayerStructure(3, 96), ENV, tmp_path))
+    (output,) = session.run(adapter.block_inputs(config, 1, 16))
+    assert output.shape == (1, 16, 768)
 
 
 def test_ffn_levels_include_zero_and_full_width():
