@@ -47,6 +47,13 @@ class ModelShape:
     ffn_size: int
     vocab_size: int
 
+    @classmethod
+    def multi_head(cls, family: str, num_layers: int, hidden_size: int, num_heads: int, ffn_size: int,
+                   vocab_size: int) -> ModelShape:
+        """The shape of plain multi-head attention: every head its own KV head, heads of hidden_size / num_heads."""
+        return cls(family, num_layers, hidden_size, num_heads, num_heads, hidden_size // num_heads, ffn_size,
+                   vocab_size)
+
     @property
     def num_units(self) -> int:
         """Prunable attention units per layer (KV groups; one per head without grouped-query attention)."""

@@ -53,16 +53,8 @@ class BertAdapter(FamilyAdapter):
     token_types: ClassVar[bool] = True  # the model takes token_type_ids
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
-        return ModelShape(
-            family=self.name,
-            num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_attention_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            ffn_size=config.intermediate_size,
-            vocab_size=config.vocab_size,
-        )
+        return ModelShape.multi_head(self.name, config.num_hidden_layers, config.hidden_size,
+                                     config.num_attention_heads, config.intermediate_size, config.vocab_size)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.base_model.encoder.layer

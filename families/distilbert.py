@@ -44,16 +44,8 @@ class DistilBertAdapter(FamilyAdapter):
     model_types = ("distilbert",)
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
-        return ModelShape(
-            family=self.name,
-            num_layers=config.n_layers,
-            hidden_size=config.dim,
-            num_heads=config.n_heads,
-            num_kv_heads=config.n_heads,
-            head_dim=config.dim // config.n_heads,
-            ffn_size=config.hidden_dim,
-            vocab_size=config.vocab_size,
-        )
+        return ModelShape.multi_head(self.name, config.n_layers, config.dim, config.n_heads, config.hidden_dim,
+                                     config.vocab_size)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.base_model.transformer.layer
