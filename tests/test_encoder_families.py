@@ -1,8 +1,11 @@
 """What the conformance test cannot see of the BERT-like families: RoBERTa's position ids follow the padding index in
 the exported graph for every model type it serves, ELECTRA's fixture keeps its embedding width apart from the
-hidden size, and DistilBERT's shrunk or removed modules compute what the dense layer computes without them."""
+hidden size, DistilBERT's shrunk or removed modules compute what the dense layer computes without them, and MPNet's
+pruned layers read their own heads' rows of the shared relative position bias."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import onnxruntime as ort
@@ -14,7 +17,9 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.families.bert import TINY_SIZES
 from ziplm.families.distilbert import DistilBertAdapter
 from ziplm.families.electra import ElectraAdapter
-from ziplm.families.loading import build_model
+from ziplm.families.base import record_structure
+from ziplm.families.loading import build_model, load_model, save_model
+from ziplm.families.mpnet import MPNetAdapter
 from ziplm.families.roberta import RobertaAdapter
 from ziplm.stages.export import export_model
 
@@ -92,3 +97,30 @@ def test_distilbert_removed_modules_leave_the_output_bias_in_the_residual_norm(d
         h = layer.sa_layer_norm(x + attention_bias)
         assert torch.allclose(adapter.run_layer(layer, hidden_states=x, attention_mask=mask),
                               layer.output_layer_norm(h + ffn_bias))
+
+
+def test_mpnet_keeps_its_own_heads_rows_of_the_shared_position_bias_through_a_reload(tmp_path):
+    """Heads 2 and 0 of layer 1 kept (out of order): the pruned model must equal the dense one with heads 1 and 3's
+    columns of that layer's output projection zeroed, which holds only if the layer adds heads 2 and 0's rows of the
+    relative position bias that the encoder computes for all heads; and again after a save and reload."""
+    adapter = MPNetAdapter()
+    config = adapter.tiny_config()
+    shape = adapter.shape(config)
+    torch.manual_seed(0)
+    dense = build_model(config).eval()
+    with torch.no_grad():  # initialised at std 0.02, the bias barely moves the outputs: make it matter
+        dense.mpnet.encoder.relative_attention_bias.weight.normal_(0.0, 3.0)
+    pruned, zeroed = copy.deepcopy(dense), copy.deepcopy(dense)
+    adapter.shrink_attention(adapter.layers(pruned)[1], shape, [2, 0])
+    with torch.no_grad():
+        out_proj = adapter.attention_out_proj(adapter.layers(zeroed)[1])
+        for head in (1, 3):
+            out_proj.weight[:, adapter.unit_columns(shape, head)] = 0.0
+    inputs = {name: torch.from_numpy(value) for name, value in adapter.example_inputs(config, 2, 12).items()}
+    with torch.no_grad():
+        expected = zeroed(**inputs).logits
+        assert torch.allclose(pruned(**inputs).logits, expected, atol=1e-5)
+        structure = ModelStructure.from_json({"units": [4, 2, 4], "ffn": [128, 128, 128]})
+        record_structure(pruned.config, structure)
+        save_model(pruned, tmp_path / "member")
+        assert torch.allclose(load_model(str(tmp_path / "member"))(**inputs).logits, expected, atol=1e-5)
