@@ -1,6 +1,6 @@
 """Model-family adapters. Importing this package registers every family."""
 
-from ziplm.families import bert, distilbert, electra, mpnet, roberta  # noqa: F401  (each registers its adapter)
+from ziplm.families import bert, distilbert, electra, modernbert, mpnet, roberta  # noqa: F401  (each registers its adapter)
 from ziplm.families.base import FamilyAdapter, LayerStructure, ModelShape, ModelStructure
 from ziplm.families.registry import adapter_for, supported_model_types
 

@@ -100,11 +100,14 @@ Side = Literal["out", "in"]  # a module's output features (rows of nn.Linear) or
 
 @dataclass(frozen=True)
 class Slice:
-    """One module's part of a pruning unit: the output or input features `indices` of a linear (or Conv1D)."""
+    """One module's part of a pruning unit: the output or input features `indices` of a linear (or Conv1D). A fused
+    projection (Q, K and V in one; up and gate in one) gives each of its parts a `part` number: the features kept of
+    one part stay together, in part order, as the module's forward splits them."""
 
     module: nn.Module
     side: Side
     indices: tuple[int, ...]
+    part: int = 0
 
 
 class FamilyAdapter(ABC):
@@ -121,8 +124,8 @@ class FamilyAdapter(ABC):
     def layers(self, model: nn.Module) -> nn.ModuleList: ...
 
     @abstractmethod
-    def attention_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        """(query, key, value) projections of a layer."""
+    def attention_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """(query, key, value) projections of a layer, or the one fused projection that computes all three."""
 
     @abstractmethod
     def attention_out_proj(self, layer: nn.Module) -> nn.Linear: ...
@@ -312,13 +315,15 @@ def shape_as_dict(shape: ModelShape) -> dict[str, int | str]:
 
 
 def keep_slices(units: Sequence[list[Slice]]) -> None:
-    """Shrink every module the units touch to the features the units keep, in the units' order."""
-    kept: dict[tuple[int, Side], tuple[nn.Module, list[int]]] = {}
+    """Shrink every module the units touch to the features the units keep, in the units' order (within each part of
+    a fused module, the parts in order)."""
+    kept: dict[tuple[int, Side], tuple[nn.Module, dict[int, list[int]]]] = {}
     for unit in units:
-        for part in unit:
-            kept.setdefault((id(part.module), part.side), (part.module, []))[1].extend(part.indices)
-    for (_, side), (module, indices) in kept.items():
-        keep_features(module, side, indices)
+        for piece in unit:
+            parts = kept.setdefault((id(piece.module), piece.side), (piece.module, {}))[1]
+            parts.setdefault(piece.part, []).extend(piece.indices)
+    for (_, side), (module, parts) in kept.items():
+        keep_features(module, side, [index for part in sorted(parts) for index in parts[part]])
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

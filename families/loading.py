@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
-                          PretrainedConfig, PreTrainedModel, RobertaConfig)
+                          ModernBertConfig, PretrainedConfig, PreTrainedModel, RobertaConfig)
 
 from ziplm.assets import load_pretrained, resolve_model
 from ziplm.errors import BadInputError
@@ -41,6 +41,7 @@ RANDOM_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
     "bert-base": BertConfig,
     "roberta-base": partial(RobertaConfig, max_position_embeddings=514, type_vocab_size=1),
     "distilbert-base": DistilBertConfig,
+    "modernbert-base": ModernBertConfig,
 }
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.families import FamilyAdapter, ModelStructure
-from ziplm.families.base import record_structure
+from ziplm.families.base import record_structure, weight_matrix
 from ziplm.stages.latency_table import LatencyTable
 from ziplm.stages.masks import Masks, global_lowest_masks
 
@@ -46,8 +46,7 @@ def magnitude_prune(dense: PreTrainedModel, adapter: FamilyAdapter, structure: M
         out_proj = adapter.attention_out_proj(layer).weight.detach()
         unit_norms = torch.stack([out_proj[:, adapter.unit_columns(shape, u)].norm()
                                   for u in range(shape.num_units)])
-        ffn_in, ffn_out = adapter.ffn_in_projs(layer)[0].weight.detach(), adapter.ffn_out_proj(layer).weight.detach()
-        neuron_norms = ffn_in.norm(dim=1) * ffn_out.norm(dim=0)
+        neuron_norms = torch.stack([_neuron_norm(adapter, layer, n) for n in range(shape.ffn_size)])
         adapter.shrink_attention(layer, shape, _largest(unit_norms, layer_structure.units))
         adapter.shrink_ffn(layer, _largest(neuron_norms, layer_structure.ffn))
     record_structure(model.config, structure)
@@ -63,6 +62,15 @@ def drop_layers(dense: PreTrainedModel, adapter: FamilyAdapter, keep: int) -> Pr
     del adapter.layers(model)[keep:]
     model.config.num_hidden_layers = keep
     return model.eval()
+
+
+@torch.no_grad()
+def _neuron_norm(adapter: FamilyAdapter, layer: nn.Module, neuron: int) -> torch.Tensor:
+    """The norm of a neuron's rows of the up (and gate) projection times that of its column of the down projection."""
+    parts = adapter.ffn_unit(layer, neuron)
+    rows = [weight_matrix(p.module)[list(p.indices)] for p in parts if p.side == "out"]
+    columns = [weight_matrix(p.module)[:, list(p.indices)] for p in parts if p.side == "in"]
+    return torch.cat(rows).norm() * torch.cat(columns, dim=1).norm()
 
 
 def _largest(scores: torch.Tensor, count: int) -> list[int]:

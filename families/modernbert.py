@@ -1,0 +1,107 @@
+"""ModernBERT: pre-norm layers with one fused Q/K/V projection (`attn.Wqkv`, rows [Q | K | V], each head by head), a
+gated GeGLU FFN whose `mlp.Wi` holds the up and the gate projection ([up | gate], neuron by neuron), rotary positions,
+alternating local and global attention, no biases by default. A removed attention or FFN adds nothing to the residual
+stream: the module and its input norm vanish."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import ModernBertConfig, PretrainedConfig
+from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
+
+from ziplm.families.base import FamilyAdapter, ModelShape, Slice, eager_config
+from ziplm.families.registry import register_family
+
+
+class RemovedAttention(nn.Module):
+    """Stands in for ModernBertAttention: adds nothing to the residual, returning (output, attention weights)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """Stands in for ModernBertMLP: adds nothing to the residual."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+@register_family
+class ModernBertAdapter(FamilyAdapter):
+    name = "modernbert"
+    model_types = ("modernbert",)
+
+    def shape(self, config: PretrainedConfig) -> ModelShape:
+        return ModelShape.multi_head(self.name, config.num_hidden_layers, config.hidden_size,
+                                     config.num_attention_heads, config.intermediate_size, config.vocab_size)
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.base_model.layers
+
+    def attention_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        return (layer.attn.Wqkv,)
+
+    def attention_out_proj(self, layer: nn.Module) -> nn.Linear:
+        return layer.attn.Wo
+
+    def ffn_in_projs(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        return (layer.mlp.Wi,)
+
+    def ffn_out_proj(self, layer: nn.Module) -> nn.Linear:
+        return layer.mlp.Wo
+
+    def attention_unit(self, layer: nn.Module, shape: ModelShape, unit: int) -> list[Slice]:
+        """A head's rows of each of Q, K and V in the fused projection (three parts), its columns of `Wo`."""
+        qkv, width = layer.attn.Wqkv, shape.head_dim
+        heads = qkv.out_features // (3 * width)  # the heads the layer has now
+        rows = self.unit_columns(shape, unit)
+        return [*(Slice(qkv, "out", tuple(part * heads * width + row for row in rows), part) for part in range(3)),
+                Slice(layer.attn.Wo, "in", tuple(rows))]
+
+    def ffn_unit(self, layer: nn.Module, neuron: int) -> list[Slice]:
+        """A neuron's row of the up half and of the gate half of `Wi` (two parts), its column of `Wo`."""
+        wi, width = layer.mlp.Wi, layer.mlp.Wo.in_features
+        return [Slice(wi, "out", (neuron,), 0), Slice(wi, "out", (width + neuron,), 1),
+                Slice(layer.mlp.Wo, "in", (neuron,))]
+
+    def has_attention(self, layer: nn.Module) -> bool:
+        return not isinstance(layer.attn, RemovedAttention)
+
+    def has_ffn(self, layer: nn.Module) -> bool:
+        return not isinstance(layer.mlp, RemovedMLP)
+
+    def remove_attention(self, layer: nn.Module) -> None:
+        layer.attn, layer.attn_norm = RemovedAttention(), nn.Identity()
+
+    def remove_ffn(self, layer: nn.Module) -> None:
+        layer.mlp, layer.mlp_norm = RemovedMLP(), nn.Identity()
+
+    def new_layer(self, config: PretrainedConfig) -> nn.Module:
+        """A layer with an input norm (layer 0 has none) and local attention, as most of the model's layers."""
+        return ModernBertEncoderLayer(eager_config(config), layer_idx=1)
+
+    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
+        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
+                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]))
+
+    def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+        """The default block inputs and the rotary cosines and sines of each position [b, s, head_dim]."""
+        angles = np.arange(sequence_length)[:, None] / 10000 ** (np.arange(self.shape(config).head_dim) /
+                                                                  self.shape(config).head_dim)
+        rotary = np.broadcast_to(angles, (batch_size, *angles.shape))
+        return {**super().block_inputs(config, batch_size, sequence_length, seed),
+                "cos": np.cos(rotary).astype(np.float32), "sin": np.sin(rotary).astype(np.float32)}
+
+    def block_axes(self) -> dict[str, dict[int, str]]:
+        rotary = {0: "batch", 1: "sequence"}
+        return {**super().block_axes(), "cos": rotary, "sin": rotary}
+
+    def tiny_config(self) -> PretrainedConfig:
+        return ModernBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                intermediate_size=128, max_position_embeddings=160, num_labels=2,
+                                global_attn_every_n_layers=3, local_attention=16, pad_token_id=0, bos_token_id=1,
+                                cls_token_id=1, eos_token_id=2, sep_token_id=2)
