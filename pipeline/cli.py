@@ -215,7 +215,7 @@ class TablePrecision(str, Enum):
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
-    model: Annotated[str, typer.Option(help="minilm, bert-base, roberta-base, distilbert-base (random shapes), a "
+    model: Annotated[str, typer.Option(help="minilm, bert-base, roberta-base, distilbert-base, modernbert-base (random shapes), a "
                                             "model directory or hub id")] = "minilm",
     runtime: str = "onnxruntime",
     threads: int = 2,
