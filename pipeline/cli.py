@@ -215,8 +215,8 @@ class TablePrecision(str, Enum):
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
-    model: Annotated[str, typer.Option(help="minilm, bert-base, roberta-base, distilbert-base, modernbert-base (random shapes), a "
-                                            "model directory or hub id")] = "minilm",
+    model: Annotated[str, typer.Option(help="minilm, bert-base, roberta-base, distilbert-base, modernbert-base "
+                                            "(random shapes), a model directory or hub id")] = "minilm",
     runtime: str = "onnxruntime",
     threads: int = 2,
     batch_size: int = 1,

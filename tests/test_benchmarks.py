@@ -33,6 +33,8 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "obert_oneshot": ("benchmarks.obert_oneshot", lambda m, r: m.markdown(r)),
     "speedup_guarantee": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_families": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
+    "speedup_guarantee_modernbert": ("benchmarks.speedup_guarantee",
+                                     lambda m, r: m.markdown(r["models"], r["command"])),
     "contention": ("benchmarks.measurement.contention", lambda m, r: m.markdown(r)),
     "round_structures": ("benchmarks.measurement.round_structures", lambda m, r: m.markdown(r)),
     "table_contention": ("benchmarks.measurement.table_contention", lambda m, r: m.markdown(r)),
