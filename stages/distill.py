@@ -6,8 +6,8 @@ L_task is the task's own loss (cross-entropy with the labels for classification)
 the student's and the teacher's outputs (Task.output_distance: for logits, the KL divergence of the output
 distributions at temperature T, scaled by T^2 so its gradients keep their size as T changes; for sentence
 embeddings, one minus their cosine), and L_token the mean squared error between student and teacher hidden states
-over the real (unpadded) tokens, summed over every layer output. Structured pruning keeps depth and hidden size, so layer l of the student
-learns from layer l of the teacher.
+over the real (unpadded) tokens, summed over every layer output. Structured pruning keeps depth and hidden size, so
+layer l of the student learns from layer l of the teacher.
 
 Recipe snippet (the fields of FinetuneConfig plus the loss weights)::
 

@@ -33,7 +33,8 @@ def test_second_call_is_cached(tiny_bert_dir: Path, toy_task: Task) -> None:
     assert second.metric == first.metric
     assert (first.metric.name, first.metric.size) == ("accuracy", len(toy_task.validation))
     assert len(toy_task.validation) == 20
-    assert lines[0] == f"{tiny_bert_dir} is fine-tuned with its own sequence-classification head"  # 2 labels, as the task
+    # the tiny checkpoint's head has 2 labels, as the task: it is kept and fine-tuned
+    assert lines[0] == f"{tiny_bert_dir} is fine-tuned with its own sequence-classification head"
     assert lines[-4].startswith("epoch 1/1 [####################] step 8/8, loss ")
     assert lines[-3].startswith("teacher: validation accuracy")
     assert lines[-2] == f"done in {lines[-2].split()[2]} s ({first.fingerprint})"  # the first call built the stage
