@@ -189,12 +189,12 @@ def test_a_timing_given_seconds_stops_at_an_even_round_after_them():
 
 
 def test_a_paired_timing_with_a_span_stops_after_its_seconds_but_not_before_its_minimum_of_rounds():
-    slow = lambda: time.sleep(0.02)  # noqa: E731
-    _, short, _ = time_paired(slow, lambda: None, rounds=1000, warmup=0, max_relative_width=10.0,
+    slow, fast = (lambda: time.sleep(0.02)), (lambda: time.sleep(0.01))  # sleeps: a speedup near 2x, never wide
+    _, short, _ = time_paired(slow, fast, rounds=1000, warmup=0, max_relative_width=10.0,
                               span=TimingSpan(seconds=0.2, min_rounds=4))
-    _, floored, _ = time_paired(slow, lambda: None, rounds=1000, warmup=0, max_relative_width=10.0,
+    _, floored, _ = time_paired(slow, fast, rounds=1000, warmup=0, max_relative_width=10.0,
                                 span=TimingSpan(seconds=0.01, min_rounds=12))
-    _, unbounded, _ = time_paired(slow, lambda: None, rounds=14, warmup=0, max_relative_width=10.0)
+    _, unbounded, _ = time_paired(slow, fast, rounds=14, warmup=0, max_relative_width=10.0)
     assert 4 <= len(short.samples_ms) <= 14
     assert len(floored.samples_ms) == 12
     assert len(unbounded.samples_ms) == 14
