@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ziplm.errors import BadInputError
@@ -115,6 +115,7 @@ class FamilyAdapter(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter serves
+    default_head: ClassVar[str] = "sequence-classification"  # the head a model is built with when none is named
 
     # --- declarative part: a subclass names its modules -------------------------------------------------------
     @abstractmethod
@@ -167,6 +168,16 @@ class FamilyAdapter(ABC):
     def tiny_config(self) -> PretrainedConfig:
         """A tiny randomly initialisable config of this family for tests: several layers, more than one attention
         unit and an FFN width of at least 64, so that layers can be shrunk unevenly."""
+
+    def tiny_config_of(self, model_type: str) -> PretrainedConfig:
+        """The tiny config under another model type this adapter serves (the types one adapter serves share their
+        settings' names; a type with settings of its own overrides this)."""
+        tiny = self.tiny_config()
+        if tiny.model_type == model_type:
+            return tiny
+        settings = {key: value for key, value in tiny.to_dict().items()
+                    if key not in ("model_type", "architectures", "transformers_version")}
+        return AutoConfig.for_model(model_type, **settings)
 
     # --- the model contract: what export, timing and the latency table feed a model or one of its layers ----------
     def input_names(self, config: PretrainedConfig) -> tuple[str, ...]:
@@ -287,6 +298,15 @@ class FamilyAdapter(ABC):
                 raise BadInputError(
                     f"layer {index}: {layer} is outside 0..{shape.num_units} units and 0..{shape.ffn_size} neurons"
                 )
+
+
+def fused_attention_unit(qkv: nn.Module, out_proj: nn.Module, shape: ModelShape, unit: int) -> list[Slice]:
+    """One head of multi-head attention whose Q, K and V are one fused projection (outputs [Q | K | V], each head by
+    head): its rows of each of the three parts, and its columns of the output projection."""
+    part_width = weight_matrix(qkv).shape[0] // 3  # the heads the layer has now, times head_dim
+    rows = range(shape.head_dim * unit, shape.head_dim * (unit + 1))
+    return [*(Slice(qkv, "out", tuple(part * part_width + row for row in rows), part) for part in range(3)),
+            Slice(out_proj, "in", tuple(rows))]
 
 
 def eager_config(config: PretrainedConfig) -> PretrainedConfig:

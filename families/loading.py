@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, BertConfig, DistilBertConfig,
-                          ModernBertConfig, PretrainedConfig, PreTrainedModel, RobertaConfig)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
+                          DistilBertConfig, GPT2Config, ModernBertConfig, PretrainedConfig, PreTrainedModel,
+                          RobertaConfig)
 
 from ziplm.assets import load_pretrained, resolve_model
 from ziplm.errors import BadInputError
@@ -26,7 +27,8 @@ RECORD_PREFIX = "ziplm_"  # config.json keys the pipeline writes
 # Re-applies one recorded transformation to a rebuilt model whose float weights are loaded: (model, adapter, record).
 Restore = Callable[[PreTrainedModel, FamilyAdapter, Any], None]
 
-HEADS = {"sequence-classification": AutoModelForSequenceClassification, "base": AutoModel}
+HEADS = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM,
+         "base": AutoModel}
 
 
 def model_class(head: str) -> type:
@@ -42,6 +44,7 @@ RANDOM_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
     "roberta-base": partial(RobertaConfig, max_position_embeddings=514, type_vocab_size=1),
     "distilbert-base": DistilBertConfig,
     "modernbert-base": ModernBertConfig,
+    "gpt2-small": GPT2Config,
 }
 
 
@@ -52,13 +55,14 @@ def load_config(name_or_path: str) -> PretrainedConfig:
     return load_pretrained(AutoConfig.from_pretrained, resolve_model(name_or_path))
 
 
-def load_model(name_or_path: str, head: str = "sequence-classification",
+def load_model(name_or_path: str, head: str | None = None,
                restore: Mapping[str, Restore] | None = None) -> PreTrainedModel:
-    """Load a Hugging Face model directory or hub id, rebuilding a ZipLM-shrunk skeleton first when recorded, and
-    re-applying each recorded transformation that `restore` knows (by its config key)."""
+    """Load a Hugging Face model directory or hub id with `head` (default: its family's), rebuilding a ZipLM-shrunk
+    skeleton first when recorded, and re-applying each recorded transformation that `restore` knows (by its config
+    key)."""
     source = resolve_model(name_or_path)
     config = load_config(source)
-    adapter_for(config)  # fail early, and clearly, on an unsupported family
+    head = head or adapter_for(config).default_head  # also fails early, and clearly, on an unsupported family
     restore = dict(restore or {})
     records = {key: value for key, value in config.to_dict().items()
                if key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY}
@@ -72,13 +76,15 @@ def load_model(name_or_path: str, head: str = "sequence-classification",
     return _load_rebuilt(Path(source), config, head, {key: (restore[key], records[key]) for key in records})
 
 
-def build_model(config: PretrainedConfig, head: str = "sequence-classification",
+def build_model(config: PretrainedConfig, head: str | None = None,
                 structure: ModelStructure | None = None) -> PreTrainedModel:
-    """A randomly initialised model of `config`, shrunk to `structure` (latency work: weights do not matter).
+    """A randomly initialised model of `config` with `head` (default: its family's), shrunk to `structure` (latency
+    work: weights do not matter).
 
     The model gets its own copy of `config` (from_config keeps the object it is given), so recording the structure
     in it leaves the caller's config, often a real model's, untouched."""
-    model = model_class(head).from_config(copy.deepcopy(config), attn_implementation="eager")
+    model = model_class(head or adapter_for(config).default_head).from_config(copy.deepcopy(config),
+                                                                           attn_implementation="eager")
     if structure is not None:
         adapter_for(config).apply_structure(model, structure)
     return model.eval()
@@ -119,8 +125,18 @@ def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], model_dir: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if name not in _tied_to(model, state)]
     if missing or unexpected:
         raise BadInputError(
             f"weights in {model_dir} do not fit its recorded structure: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+
+
+def _tied_to(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the model's parameters that are one tensor with a parameter in `state` (a language model's output
+    embedding tied to its input embedding: saved once, under one name)."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_by_tensor.setdefault(id(parameter), []).append(name)
+    return {name for names in names_by_tensor.values() if set(names) & set(state) for name in names}

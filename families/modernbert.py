@@ -11,22 +11,9 @@ from torch import nn
 from transformers import ModernBertConfig, PretrainedConfig
 from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
 
-from ziplm.families.base import FamilyAdapter, ModelShape, Slice, eager_config
+from ziplm.families.base import FamilyAdapter, ModelShape, Slice, eager_config, fused_attention_unit
+from ziplm.families.prenorm import ROTARY_AXES, RemovedAttention, RemovedMLP, rotary_inputs
 from ziplm.families.registry import register_family
-
-
-class RemovedAttention(nn.Module):
-    """Stands in for ModernBertAttention: adds nothing to the residual, returning (output, attention weights)."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
-        return torch.zeros_like(hidden_states), None
-
-
-class RemovedMLP(nn.Module):
-    """Stands in for ModernBertMLP: adds nothing to the residual."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
 
 
 @register_family
@@ -54,12 +41,7 @@ class ModernBertAdapter(FamilyAdapter):
         return layer.mlp.Wo
 
     def attention_unit(self, layer: nn.Module, shape: ModelShape, unit: int) -> list[Slice]:
-        """A head's rows of each of Q, K and V in the fused projection (three parts), its columns of `Wo`."""
-        qkv, width = layer.attn.Wqkv, shape.head_dim
-        heads = qkv.out_features // (3 * width)  # the heads the layer has now
-        rows = self.unit_columns(shape, unit)
-        return [*(Slice(qkv, "out", tuple(part * heads * width + row for row in rows), part) for part in range(3)),
-                Slice(layer.attn.Wo, "in", tuple(rows))]
+        return fused_attention_unit(layer.attn.Wqkv, layer.attn.Wo, shape, unit)
 
     def ffn_unit(self, layer: nn.Module, neuron: int) -> list[Slice]:
         """A neuron's row of the up half and of the gate half of `Wi` (two parts), its column of `Wo`."""
@@ -74,10 +56,10 @@ class ModernBertAdapter(FamilyAdapter):
         return not isinstance(layer.mlp, RemovedMLP)
 
     def remove_attention(self, layer: nn.Module) -> None:
-        layer.attn, layer.attn_norm = RemovedAttention(), nn.Identity()
+        layer.attn, layer.attn_norm = RemovedAttention(layer.attn.Wo.bias), nn.Identity()
 
     def remove_ffn(self, layer: nn.Module) -> None:
-        layer.mlp, layer.mlp_norm = RemovedMLP(), nn.Identity()
+        layer.mlp, layer.mlp_norm = RemovedMLP(layer.mlp.Wo.bias), nn.Identity()
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         """A layer with an input norm (layer 0 has none) and local attention, as most of the model's layers."""
@@ -89,16 +71,12 @@ class ModernBertAdapter(FamilyAdapter):
 
     def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
                      seed: int = 0) -> dict[str, np.ndarray]:
-        """The default block inputs and the rotary cosines and sines of each position [b, s, head_dim]."""
-        angles = np.arange(sequence_length)[:, None] / 10000 ** (np.arange(self.shape(config).head_dim) /
-                                                                  self.shape(config).head_dim)
-        rotary = np.broadcast_to(angles, (batch_size, *angles.shape))
+        """The default block inputs and the rotary cosines and sines of each position."""
         return {**super().block_inputs(config, batch_size, sequence_length, seed),
-                "cos": np.cos(rotary).astype(np.float32), "sin": np.sin(rotary).astype(np.float32)}
+                **rotary_inputs(self.shape(config).head_dim, batch_size, sequence_length)}
 
     def block_axes(self) -> dict[str, dict[int, str]]:
-        rotary = {0: "batch", 1: "sequence"}
-        return {**super().block_axes(), "cos": rotary, "sin": rotary}
+        return {**super().block_axes(), **ROTARY_AXES}
 
     def tiny_config(self) -> PretrainedConfig:
         return ModernBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -1,6 +1,7 @@
 """Loads a ZipLM Deploy member folder with plain transformers:
 
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)   # a classifier member
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)                 # a decoder member
     AutoModel.from_pretrained(folder, trust_remote_code=True)                            # a sentence-encoder member
 
 A pruned member's layers have their own head counts and FFN widths (recorded in config.json as `ziplm_structure`),
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 # a ZipLM head -> (the transformers Auto class a user calls, the class of this file it resolves to)
 AUTO_CLASSES = {"sequence-classification": ("AutoModelForSequenceClassification", "ZipLMForSequenceClassification"),
+                "causal-lm": ("AutoModelForCausalLM", "ZipLMForCausalLM"),
                 "base": ("AutoModel", "ZipLMModel")}
 
 
@@ -37,6 +39,14 @@ class ZipLMForSequenceClassification(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PreTrainedModel:
         return _load(pretrained_model_name_or_path, "sequence-classification")
+
+
+class ZipLMForCausalLM(PreTrainedModel):
+    """Resolves `AutoModelForCausalLM` for a pruned decoder member."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> PreTrainedModel:
+        return _load(pretrained_model_name_or_path, "causal-lm")
 
 
 class ZipLMModel(PreTrainedModel):

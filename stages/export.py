@@ -55,9 +55,10 @@ class _KeywordCall(nn.Module):
 
 
 def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
-                  dynamic_axes: dict[str, dict[int, str]], output_name: str) -> Path:
-    """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically); the module is left
-    in eval mode."""
+                  dynamic_axes: dict[str, dict[int, str]], output_name: str,
+                  output_axes: dict[int, str] | None = None) -> Path:
+    """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically), its output's
+    dynamic axes `output_axes` (default: batch first); the module is left in eval mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -71,7 +72,7 @@ def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
             str(tmp),
             input_names=names,
             output_names=[output_name],
-            dynamic_axes={**dynamic_axes, output_name: {0: "batch"}},
+            dynamic_axes={**dynamic_axes, output_name: output_axes or {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
@@ -86,7 +87,7 @@ def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequen
     example = adapter_for(model.config).example_inputs(model.config, batch_size,
                                                        sequence_length or longest_sequence(model.config))
     axes = {name: {0: "batch", 1: "sequence"} for name in example}
-    return export_module(model, path, example, axes, output_name=output_name(model, example))
+    return export_module(model, path, example, axes, *output_signature(model, example))
 
 
 def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> ParityReport:
@@ -96,11 +97,15 @@ def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Par
                          atol=parity_atol(env.precision))
 
 
-def output_name(model: nn.Module, example: dict[str, np.ndarray]) -> str:
-    """The name of the first field of the model's output on `example` (what `_KeywordCall` returns)."""
+def output_signature(model: nn.Module, example: dict[str, np.ndarray]) -> tuple[str, dict[int, str]]:
+    """The name of the first field of the model's output on `example` (what `_KeywordCall` returns) and its dynamic
+    axes: batch, and sequence where it has one value per token (a language model's logits)."""
     with torch.no_grad():
         output = model.eval()(**{name: torch.from_numpy(value) for name, value in example.items()})
-    return "output" if isinstance(output, torch.Tensor) else next(iter(output.keys()))
+    name = "output" if isinstance(output, torch.Tensor) else next(iter(output.keys()))
+    tensor = output if isinstance(output, torch.Tensor) else output[name]
+    per_token = tensor.dim() == 3 and tensor.shape[1] == example["input_ids"].shape[1]
+    return name, {0: "batch", 1: "sequence"} if per_token else {0: "batch"}
 
 
 def longest_sequence(config: PretrainedConfig) -> int:

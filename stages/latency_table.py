@@ -238,7 +238,7 @@ def export_block(adapter: FamilyAdapter, config: PretrainedConfig, structure: La
     inputs = adapter.block_inputs(config, env.batch_size, env.sequence_length)
     block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
                        [_as_tensors(inputs)])
-    return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out")
+    return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out", {0: "batch", 1: "sequence"})
 
 
 def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -318,7 +318,8 @@ def restore_quantization(model: PreTrainedModel, adapter: FamilyAdapter, record:
     prepare_qat(model, adapter, QuantSettings(**{"weight_bits": 8, **recorded}))
 
 
-def load_model(name_or_path: str, head: str = "sequence-classification") -> PreTrainedModel:
-    """Load any model the pipeline writes: dense, ZipLM-shrunk, or INT8 fake-quant (whose recorded quantization is
-    re-applied after the float weights are in, because it keeps the zeros it finds, then its scales are loaded)."""
+def load_model(name_or_path: str, head: str | None = None) -> PreTrainedModel:
+    """Load any model the pipeline writes, with `head` (default: its family's): dense, ZipLM-shrunk, or INT8
+    fake-quant (whose recorded quantization is re-applied after the float weights are in, because it keeps the zeros
+    it finds, then its scales are loaded)."""
     return loading.load_model(name_or_path, head, {QUANTIZATION_KEY: restore_quantization})

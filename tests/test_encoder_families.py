@@ -19,7 +19,6 @@ from ziplm.families.distilbert import DistilBertAdapter
 from ziplm.families.electra import ElectraAdapter
 from ziplm.families.base import record_structure
 from ziplm.families.loading import build_model, load_model, save_model
-from ziplm.families.modernbert import ModernBertAdapter
 from ziplm.families.mpnet import MPNetAdapter
 from ziplm.families.roberta import RobertaAdapter
 from ziplm.stages.export import export_model
@@ -125,42 +124,3 @@ def test_mpnet_keeps_its_own_heads_rows_of_the_shared_position_bias_through_a_re
         record_structure(pruned.config, structure)
         save_model(pruned, tmp_path / "member")
         assert torch.allclose(load_model(str(tmp_path / "member"))(**inputs).logits, expected, atol=1e-5)
-
-
-def test_modernbert_fused_projections_keep_the_chosen_heads_and_neurons_in_each_part():
-    """Heads 2 and 0 and three FFN neurons (out of order) of layer 1 kept: the model must equal the dense one with the
-    other heads' and neurons' columns of `Wo` zeroed, which holds only if Q, K and V (and up and gate) are each cut
-    to the same units in the fused projections."""
-    adapter = ModernBertAdapter()
-    config = adapter.tiny_config()
-    shape = adapter.shape(config)
-    torch.manual_seed(0)
-    dense = build_model(config).eval()
-    pruned, zeroed = copy.deepcopy(dense), copy.deepcopy(dense)
-    kept_neurons = [100, 5, 17]
-    adapter.shrink_attention(adapter.layers(pruned)[1], shape, [2, 0])
-    adapter.shrink_ffn(adapter.layers(pruned)[1], kept_neurons)
-    layer = adapter.layers(zeroed)[1]
-    with torch.no_grad():
-        for head in (1, 3):
-            adapter.attention_out_proj(layer).weight[:, adapter.unit_columns(shape, head)] = 0.0
-        dropped = [n for n in range(shape.ffn_size) if n not in kept_neurons]
-        adapter.ffn_out_proj(layer).weight[:, dropped] = 0.0
-    inputs = {name: torch.from_numpy(value) for name, value in adapter.example_inputs(config, 2, 12).items()}
-    with torch.no_grad():
-        assert torch.allclose(pruned(**inputs).logits, zeroed(**inputs).logits, atol=1e-5)
-
-
-def test_a_removed_modernbert_module_leaves_the_residual_stream_untouched():
-    adapter = ModernBertAdapter()
-    config = adapter.tiny_config()
-    torch.manual_seed(0)
-    layer = adapter.new_layer(config).eval()
-    inputs = {name: torch.from_numpy(value) for name, value in adapter.block_inputs(config, 1, 8).items()}
-    with torch.no_grad():
-        ffn_only = inputs["hidden_states"] + layer.mlp(layer.mlp_norm(inputs["hidden_states"]))
-        adapter.remove_attention(layer)
-        assert torch.allclose(adapter.run_layer(layer, **inputs), ffn_only, atol=1e-6)
-        adapter.remove_ffn(layer)
-        assert torch.equal(adapter.run_layer(layer, **inputs), inputs["hidden_states"])
-    assert not any(True for _ in layer.attn_norm.parameters()) and not any(True for _ in layer.mlp_norm.parameters())

@@ -1,37 +1,38 @@
-"""Every registered model family, run through what the pipeline does with it: shrink unevenly, remove modules, reload
-from a folder, export to ONNX with parity on a padded batch, and build latency-table blocks. A family is covered by
-registering its adapter (whose `tiny_config` is its fixture); nothing here names a family.
+"""Every registered model type, run through what the pipeline does with it: shrink unevenly, remove modules, reload
+from a folder, export to ONNX with parity on a padded batch, and build latency-table blocks. A model type is covered
+by registering its adapter (whose `tiny_config_of` is its fixture); nothing here names a family.
 
-The grouped-query attention path of the generic adapter (a unit is one KV head with its group of query heads) is
-checked on a real Llama attention module, whose output must equal the dense one with the removed groups' heads cut
-out of the output projection."""
+What pruning must mean in every family is checked against the dense model itself: keeping some attention units and
+FFN neurons (out of order) equals the dense model with the others' output-projection columns zeroed, and removing a
+module equals zeroing its output projection's weights. Both hold only if every coupled slice (fused parts, KV groups,
+shared position biases, the bias or norm a removed module leaves) is cut consistently."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
-from transformers import LlamaConfig, PretrainedConfig
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+from transformers import PretrainedConfig
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
+from ziplm.families.base import weight_matrix
 from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.families.registry import _FAMILIES
 from ziplm.runtimes import InferenceEnv
 from ziplm.stages.export import export_model, verify_export
 from ziplm.stages.latency_table import export_block
 
-ADAPTERS = sorted({adapter.name: adapter for adapter in _FAMILIES.values()}.items())
+MODEL_TYPES = sorted(_FAMILIES)
 
 
-@pytest.fixture(params=[adapter for _, adapter in ADAPTERS], ids=[name for name, _ in ADAPTERS])
+@pytest.fixture(params=MODEL_TYPES)
 def family(request) -> tuple[FamilyAdapter, PretrainedConfig, ModelShape]:
-    adapter = request.param
-    config = adapter.tiny_config()
+    adapter = _FAMILIES[request.param]
+    config = adapter.tiny_config_of(request.param)
     return adapter, config, adapter.shape(config)
 
 
@@ -42,9 +43,9 @@ def uneven(shape: ModelShape) -> ModelStructure:
     return ModelStructure(tuple(options[i % 3] for i in range(shape.num_layers)))
 
 
-def test_every_family_has_a_tiny_fixture_that_can_be_shrunk_unevenly(family):
+def test_every_model_type_has_a_tiny_fixture_that_can_be_shrunk_unevenly(family, request):
     adapter, config, shape = family
-    assert adapter_for(config) is adapter
+    assert adapter_for(config) is adapter and config.model_type == request.node.callspec.params["family"]
     assert shape.num_layers >= 3 and shape.num_units >= 2 and shape.ffn_size >= 64
 
 
@@ -81,81 +82,58 @@ def test_latency_table_blocks_build_and_run(family, tmp_path, kept):
     assert output.shape == (1, 16, shape.hidden_size) and np.isfinite(output).all()
 
 
-# --- grouped-query attention ------------------------------------------------------------------------------------------
-class GroupedQueryAttention(FamilyAdapter):
-    """Just enough of a Llama-style adapter to shrink one attention module holder (`layer.self_attn`) by KV groups."""
-
-    name = "gqa-test"
-    model_types = ()
-
-    def shape(self, config):
-        head_dim = config.hidden_size // config.num_attention_heads
-        return ModelShape("gqa-test", config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                          config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size)
-
-    def layers(self, model):
-        return model.layers
-
-    def attention_in_projs(self, layer):
-        return layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
-
-    def attention_out_proj(self, layer):
-        return layer.self_attn.o_proj
-
-    def ffn_in_projs(self, layer):
-        return ()
-
-    def ffn_out_proj(self, layer):
-        raise AssertionError("this test adapter has no FFN")
-
-    def remove_attention(self, layer):
-        raise AssertionError("this test shrinks attention, it does not remove it")
-
-    remove_ffn = remove_attention
-
-    def has_attention(self, layer):
-        return True
-
-    def has_ffn(self, layer):
-        return False
-
-    def new_layer(self, config):
-        holder = nn.Module()
-        holder.self_attn = LlamaAttention(config, layer_idx=0)
-        return holder
-
-    def run_layer(self, layer, **block_inputs):
-        return layer.self_attn(**block_inputs)[0]
-
-    def tiny_config(self):
-        config = LlamaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
-                             num_key_value_heads=3, intermediate_size=64, max_position_embeddings=64)
-        config._attn_implementation = "eager"
-        return config
 
 
-def test_a_grouped_query_unit_is_one_kv_head_with_its_query_heads():
-    adapter = GroupedQueryAttention()
-    config = adapter.tiny_config()
-    shape = adapter.shape(config)
-    assert (shape.num_units, shape.heads_per_unit, shape.head_dim) == (3, 2, 8)
-    assert list(adapter.unit_columns(shape, 1)) == list(range(16, 32)) and list(adapter.kv_rows(shape, 1)) == list(
-        range(8, 16))
-    torch.manual_seed(0)
-    layer = adapter.new_layer(config).eval()
-    x = torch.randn(2, 5, config.hidden_size)
-    rotary = LlamaRotaryEmbedding(config)
-    inputs = {"hidden_states": x, "position_embeddings": rotary(x, torch.arange(5)[None].expand(2, 5)),
-              "attention_mask": None}
+def test_kept_units_and_neurons_equal_the_dense_model_with_the_others_zeroed(family):
+    """Layer 1 keeps its last and first attention units (in that order) and three FFN neurons out of order."""
+    adapter, config, shape = family
+    dense = random_model(config)
+    pruned, zeroed = copy.deepcopy(dense), copy.deepcopy(dense)
+    kept_units, kept_neurons = [shape.num_units - 1, 0], [shape.ffn_size - 1, 5, 17]
+    adapter.shrink_attention(adapter.layers(pruned)[1], shape, kept_units)
+    adapter.shrink_ffn(adapter.layers(pruned)[1], kept_neurons)
+    layer = adapter.layers(zeroed)[1]
     with torch.no_grad():
-        reference = nn.Module()
-        reference.self_attn = LlamaAttention(config, layer_idx=0).eval()
-        reference.self_attn.load_state_dict(layer.self_attn.state_dict())
-        reference.self_attn.o_proj.weight[:, 16:32] = 0.0  # unit 1 (query heads 2 and 3, KV head 1) contributes 0
-        expected = adapter.run_layer(reference, **inputs)
-        adapter.shrink_attention(layer, shape, [2, 0])  # kept in this order: the pairing of heads must follow
-        actual = adapter.run_layer(layer, **inputs)
-    attention = layer.self_attn
-    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features,
-            attention.o_proj.in_features) == (32, 16, 16, 32)
-    assert torch.allclose(actual, expected, atol=1e-5)
+        for unit in set(range(shape.num_units)) - set(kept_units):
+            weight_matrix(adapter.attention_out_proj(layer))[:, adapter.unit_columns(shape, unit)] = 0.0
+        dropped = [n for n in range(shape.ffn_size) if n not in kept_neurons]
+        weight_matrix(adapter.ffn_out_proj(layer))[:, dropped] = 0.0
+    assert weight_matrix(adapter.attention_out_proj(adapter.layers(pruned)[1])).shape[1] == 2 * shape.head_dim * (
+        shape.heads_per_unit)
+    assert_same_outputs(adapter, config, pruned, zeroed)
+
+
+def test_a_removed_module_equals_its_output_projection_zeroed(family):
+    """Layer 0 loses its attention and layer 1 its FFN: what remains of them (an output bias, a norm) must keep the
+    model exactly where zeroing those modules' output weights puts it."""
+    adapter, config, shape = family
+    dense = random_model(config)
+    removed, zeroed = copy.deepcopy(dense), copy.deepcopy(dense)
+    adapter.remove_attention(adapter.layers(removed)[0])
+    adapter.remove_ffn(adapter.layers(removed)[1])
+    with torch.no_grad():
+        weight_matrix(adapter.attention_out_proj(adapter.layers(zeroed)[0])).zero_()
+        weight_matrix(adapter.ffn_out_proj(adapter.layers(zeroed)[1])).zero_()
+    assert not adapter.has_attention(adapter.layers(removed)[0]) and not adapter.has_ffn(adapter.layers(removed)[1])
+    assert_same_outputs(adapter, config, removed, zeroed)
+
+
+def random_model(config: PretrainedConfig) -> torch.nn.Module:
+    """A model of `config` whose biases are random too (initialisation zeroes many), so that what a removed module
+    leaves of its bias shows."""
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, 0.1)
+    return model
+
+
+def assert_same_outputs(adapter: FamilyAdapter, config: PretrainedConfig, actual: torch.nn.Module,
+                        expected: torch.nn.Module) -> None:
+    example = adapter.example_inputs(config, 2, 12)
+    example["attention_mask"][1, 8:] = 0  # a padded row
+    inputs = {name: torch.from_numpy(value) for name, value in example.items()}
+    with torch.no_grad():
+        assert torch.allclose(actual(**inputs).logits, expected(**inputs).logits, atol=1e-5)

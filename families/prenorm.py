@@ -1,0 +1,49 @@
+"""What pre-norm families share (ModernBERT, GPT-2, Llama-style decoders): a removed attention or FFN module adds only
+its output projection's bias to the residual stream, so the module and its input norm vanish; and the rotary cosines
+and sines that their layers are called with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RemovedModule(nn.Module):
+    """What a removed pre-norm module adds to the residual stream: its output projection's bias, where it had one (a
+    constant, so OBS keeps it), else nothing."""
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def added(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros_like(hidden_states)
+        return zeros if self.bias is None else zeros + self.bias
+
+
+class RemovedAttention(RemovedModule):
+    """Stands in for a pre-norm attention module, returning (output, attention weights) as transformers' do."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+        return self.added(hidden_states), None
+
+
+class RemovedMLP(RemovedModule):
+    """Stands in for a pre-norm FFN."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.added(hidden_states)
+
+
+def rotary_inputs(head_dim: int, batch_size: int, sequence_length: int, base: float = 10000.0
+                  ) -> dict[str, np.ndarray]:
+    """The rotary cosines and sines of each position [b, s, head_dim] that a layer is called with (each frequency
+    twice, as transformers' rotary embeddings lay them out)."""
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    angles = np.arange(sequence_length)[:, None] * inv_freq[None, :]
+    angles = np.broadcast_to(np.concatenate([angles, angles], axis=-1), (batch_size, sequence_length, head_dim))
+    return {"cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+
+
+ROTARY_AXES = {"cos": {0: "batch", 1: "sequence"}, "sin": {0: "batch", 1: "sequence"}}
