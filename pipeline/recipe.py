@@ -127,6 +127,12 @@ class Recipe(BaseModel):
                                  "leave teacher out)")
             self.teacher = "none"
         env = self.environment
+        if self.task.blocks_of_sequence_length and self.task.max_length != env.sequence_length:
+            if "max_length" in self.task.model_fields_set:
+                raise ValueError(f"the {self.task.type} task's blocks are max_length {self.task.max_length} tokens, "
+                                 f"but environment.sequence_length is {env.sequence_length}: set them equal, so that a "
+                                 "model is scored on the inputs its latency is measured on (or leave max_length out)")
+            self.task = self.task.model_copy(update={"max_length": env.sequence_length})
         for stage in self.chain:
             if stage.needs_int8 and env.precision != "int8":
                 raise ValueError(f"chain stage {stage.name} trains the INT8 model, but environment.precision is "

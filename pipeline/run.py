@@ -71,12 +71,12 @@ def prepare_inputs(recipe: Recipe, stages: StageCache) -> Inputs:
     progress = stages.stage("task")
     adapter_for(load_config(recipe.model))  # an unsupported architecture fails before anything is trained
     task = load_task(recipe.task)
-    progress(f"{task.name}: {len(task.train)} train / {len(task.validation)} validation / "
-             f"{len(task.calibration)} calibration examples")
     if recipe.teacher == "none" or not recipe.task.fine_tunes:
-        task, teacher = given_teacher(recipe.model, task, stages)
+        task, teacher = given_teacher(recipe.model, task, stages)  # the task as the model reads it (LM: its blocks)
     else:
         teacher = finetune_teacher(recipe.model, task, recipe.teacher, stages=stages)
+    progress(f"{task.name}: {len(task.train)} train / {len(task.validation)} validation / "
+             f"{len(task.calibration)} calibration examples")
     dense = load_model(str(teacher.path), task.head)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher.path))
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,

@@ -6,12 +6,14 @@ from typing import Annotated, Any
 from pydantic import Discriminator, Tag
 
 from ziplm.tasks.base import Example, Metric, Task, batches
+from ziplm.tasks.causal_lm import CausalLMSpec, load_causal_lm
 from ziplm.tasks.classification import TaskSpec, load_classification
 from ziplm.tasks.data import DataSpec
 from ziplm.tasks.embedding import EmbeddingSpec, load_embedding
 
 # task.type -> its loader; a new task type adds its loader here and its spec to AnyTaskSpec (docs/extending.md)
-TASK_TYPES: dict[str, Callable[[Any], Task]] = {"classification": load_classification, "embedding": load_embedding}
+TASK_TYPES: dict[str, Callable[[Any], Task]] = {"classification": load_classification, "embedding": load_embedding,
+                                                "causal_lm": load_causal_lm}
 
 
 def _task_type(section: Any) -> str:
@@ -19,7 +21,8 @@ def _task_type(section: Any) -> str:
     return section.get("type", "classification") if isinstance(section, dict) else section.type
 
 
-AnyTaskSpec = Annotated[Annotated[TaskSpec, Tag("classification")] | Annotated[EmbeddingSpec, Tag("embedding")],
+AnyTaskSpec = Annotated[Annotated[TaskSpec, Tag("classification")] | Annotated[EmbeddingSpec, Tag("embedding")]
+                        | Annotated[CausalLMSpec, Tag("causal_lm")],
                         Discriminator(_task_type, custom_error_type="task_type",
                                       custom_error_message=f"the task type is one of {', '.join(TASK_TYPES)}")]
 
@@ -29,4 +32,5 @@ def load_task(spec: DataSpec) -> Task:
     return TASK_TYPES[spec.type](spec)
 
 
-__all__ = ["AnyTaskSpec", "EmbeddingSpec", "Example", "Metric", "Task", "TaskSpec", "batches", "load_task"]
+__all__ = ["AnyTaskSpec", "CausalLMSpec", "EmbeddingSpec", "Example", "Metric", "Task", "TaskSpec", "batches",
+           "load_task"]

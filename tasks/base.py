@@ -23,11 +23,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 @dataclass(frozen=True)
 class Example:
     """One example: a text (and an optional second segment) and its label id, or a score where the task's labels are
-    scores (a sentence pair's similarity); None where the task has none."""
+    scores (a sentence pair's similarity); None where the task has none. A language-modelling block is its token
+    ids instead (its text left empty)."""
 
     text: str
     text_pair: str | None
     label: int | float | None
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

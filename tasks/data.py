@@ -35,6 +35,7 @@ class DataSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     fine_tunes: ClassVar[bool] = True  # False: the task always uses the given model as it is (Task.adopt)
+    blocks_of_sequence_length: ClassVar[bool] = False  # True: examples are max_length tokens, the environment's length
 
     data: str
     text_column: str = "text"

