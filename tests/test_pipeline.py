@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import tiny_recipe
+from tests.conftest import tiny_recipe, write_gguf_header
 from ziplm.families.loading import load_model
 from ziplm.pipeline.cli import app
 from ziplm.pipeline.recipe import builtin_recipes, load_recipe, parse_recipe
@@ -131,6 +131,15 @@ def test_unsupported_architecture_exits_2_before_training(recipe, tmp_path):
     assert "unsupported architecture 'albert'" in result.output and "supported model types: bert" in result.output
     assert_nothing_written(tmp_path)
     assert not (tmp_path / "cache" / "stages" / "teacher").exists()
+
+
+def test_a_gguf_model_without_an_adapter_exits_2_before_anything_is_read_or_written(recipe, tmp_path):
+    model = write_gguf_header(tmp_path / "state-space.gguf", "mamba")
+    result = invoke("run", str(recipe(model=str(model))), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "unsupported architecture 'mamba' (GGUF mamba)" in result.output and "llama" in result.output
+    assert_nothing_written(tmp_path)
+    assert not (tmp_path / "cache" / "models").exists()
 
 
 @pytest.mark.parametrize("rows, message", [

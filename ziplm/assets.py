@@ -95,7 +95,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == "smollm2":
         return str(gguf_folder(_smollm2_gguf()))
     path = Path(name_or_path).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
+    if is_gguf(name_or_path):
         return str(gguf_folder(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -157,6 +157,23 @@ def resolve_text_source(name_or_path: str) -> Path:
         raise BadInputError(f"text source {name_or_path} does not exist: pass a text file, a folder of text files, a "
                             f"CSV or JSONL file, or one of {', '.join(TEXT_CORPORA)}")
     return path
+
+
+def gguf_architecture(gguf: Path) -> str:
+    """The architecture a GGUF file names (`general.architecture`, e.g. llama), read without loading its tensors."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(gguf)).fields.get("general.architecture")
+    except (ValueError, OSError) as error:
+        raise BadInputError(f"{gguf} is not a readable GGUF file: {error}") from error
+    if field is None:
+        raise BadInputError(f"{gguf} names no architecture (general.architecture): it is not a model GGUF file")
+    return str(field.contents())
+
+
+def is_gguf(name_or_path: str) -> bool:
+    return name_or_path.lower().endswith(".gguf") and Path(name_or_path).expanduser().is_file()
 
 
 def gguf_folder(gguf: Path) -> Path:
