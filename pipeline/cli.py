@@ -215,8 +215,9 @@ class TablePrecision(str, Enum):
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
-    model: Annotated[str, typer.Option(help="minilm, bert-base, roberta-base, distilbert-base, modernbert-base "
-                                            "(random shapes), a model directory or hub id")] = "minilm",
+    model: Annotated[str, typer.Option(help="minilm, smollm2, bert-base, roberta-base, distilbert-base, "
+                                            "modernbert-base, gpt2-small (random shapes), a model directory, GGUF "
+                                            "file or hub id")] = "minilm",
     runtime: str = "onnxruntime",
     threads: int = 2,
     batch_size: int = 1,
@@ -263,7 +264,8 @@ def show_table(table: LatencyTable) -> None:
         view.add_row("ffn", f"{width} neurons", f"{ms:.3f}")
     console.print(view)
     console.print(f"base {table.base_ms:.3f} ms; correction: measured = {table.correction.scale:.4f} x predicted "
-                  f"{table.correction.offset:+.3f} ms; dense predicted {table.dense_ms():.2f} ms")
+                  f"{table.correction.offset:+.3f} ms; dense predicted {table.dense_ms():.2f} ms; largest reachable "
+                  f"speedup {table.max_speedup():.2f}x (every attention and FFN module removed)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -150,7 +150,8 @@ def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dic
               "latency_table_load": table.machine_load,
               "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
               "precision_factor": factor.to_json() if factor else None,
-              "max_reachable_speedup": round(reachable, 3)}
+              "max_reachable_speedup": round(reachable, 3),
+              "fixed_cost": {"base_ms": round(table.base_ms, 3), "dense_predicted_ms": round(table.dense_ms(), 3)}}
     markdown = report_markdown(report, draw_figures(out, report))
     write_text_atomic(out / "report.md", markdown)
     write_json_atomic(out / "report.json", report)  # last: a report.json says the whole report is there
@@ -207,6 +208,17 @@ def draw_figures(out: Path, report: dict[str, Any]) -> list[str]:
     return [figure, "structure.png"]
 
 
+def _reachable_lines(report: dict[str, Any]) -> list[str]:
+    """The largest reachable speedup, and the fixed cost it follows from (embeddings, output head: what no pruning of
+    attention or FFN removes)."""
+    cost = report.get("fixed_cost")
+    if cost is None:  # a report written before the fixed cost was recorded
+        return []
+    return ["", f"The largest reachable speedup here is {report['max_reachable_speedup']:.2f}x: the latency table puts "
+                f"{cost['base_ms']:.2f} ms of the dense model's {cost['dense_predicted_ms']:.2f} ms in what pruning "
+                "attention and FFN modules cannot remove (embeddings, the output head)."]
+
+
 def _table_load_lines(report: dict[str, Any]) -> list[str]:
     """A line when other work on the machine disturbed the latency table's timing (every member is aimed by it)."""
     loads = {timing: MachineLoad.from_json(load) for timing, load in report.get("latency_table_load", {}).items()}
@@ -241,6 +253,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         f"{dense['metric']['name']} "
         f"{dense['metric']['value']:.4f}{_extra_scores(dense['metric'])} on "
         f"{dense['metric']['validation_size']} validation examples, {dense['parameters']:,} parameters.",
+        *_reachable_lines(report),
         "",
         f"| member | target | measured speedup | deviation | rounds | p90 ms | {dense['metric']['name']} | kept heads "
         "| FFN width "

@@ -31,8 +31,8 @@ OPSET = 17
 # near a rounding tie can land one integer apart and the flips compound through the layers
 # (benchmarks/results/int8_parity.md); a wrong scale or a float file is far off this.
 PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 0.3}
-# fp32 outputs may also differ by this fraction of their own size: ONNX Runtime's fused kernels sum in another order,
-# and a language model's logits (tens, over a vocabulary of tens of thousands, after 30 layers) differ by ~1e-4.
+# fp32 outputs may also differ by this fraction of their largest value: ONNX Runtime's fused kernels sum in another
+# order, and a 30-layer language model's logits (up to tens) differ by ~1.3e-4.
 PARITY_RTOL: dict[str, float] = {"fp32": 1e-5, "int8": 0.0}
 
 
@@ -130,7 +130,7 @@ def parity_atol(precision: Precision) -> float:
 def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_ATOL["fp32"],
                   shapes: Sequence[tuple[int, int]] | None = None, rtol: float = 0.0) -> ParityReport:
     """Run PyTorch and ONNX Runtime on several input shapes; raise with every failure at once. An output passes
-    where |onnx - torch| <= atol + rtol * |torch| everywhere.
+    where |onnx - torch| <= atol + rtol * max |torch| everywhere (float error grows with the activations' scale).
 
     Default shapes: batch 1 at the longest sequence up to 128 the model takes, and batch 2 at a short, odd length.
     """
@@ -156,9 +156,10 @@ def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_
             continue
         diff = np.abs(actual - expected)
         report.max_abs_diff = max(report.max_abs_diff, float(diff.max()))
-        if np.any(diff > atol + rtol * np.abs(expected)):
-            report.failures.append(f"shape {batch}x{sequence}: max |diff| {diff.max():.2e} > {atol:.0e}"
-                                   + (f" + {rtol:.0e} x |output|" if rtol else ""))
+        allowed = atol + rtol * float(np.abs(expected).max())
+        if diff.max() > allowed:
+            report.failures.append(f"shape {batch}x{sequence}: max |diff| {diff.max():.2e} > {allowed:.2e}"
+                                   + (f" ({atol:.0e} + {rtol:.0e} x the largest output)" if rtol else ""))
     if report.failures:
         raise ExportParityError(f"ONNX export of {onnx_path} does not match PyTorch: " + "; ".join(report.failures))
     return report
