@@ -7,22 +7,31 @@ latency table, and it goes through the same closed loop, so both are compared at
 Layer dropping: keep the first k layers whole and drop the rest (the structured step of the paper's compound
 baseline). Its speedups are whatever k layers give, so it is measured at each k instead of solved for a target.
 
+Layer dropping by block influence (ShortGPT, Men et al. 2024): remove whole layers (attention and FFN), those whose
+output changes the residual stream least on calibration data first (influence = 1 - cosine between a layer's input
+and output hidden states, over real tokens). As a structure it is solved for a target from the same latency table
+(the number of layers whose predicted speedup is closest) and goes through the same closed loop.
+
 Global magnitude pruning: the unstructured baseline for oBERT (ziplm.stages.obert), at the same sparsity.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ziplm.families import FamilyAdapter, ModelStructure
+from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
 from ziplm.families.base import record_structure, weight_matrix
 from ziplm.stages.latency_table import LatencyTable
 from ziplm.stages.masks import Masks, global_lowest_masks
+from ziplm.tasks import Task, batches
 
 
 def uniform_structure(table: LatencyTable, speedup: float) -> ModelStructure:
@@ -50,6 +59,59 @@ def magnitude_prune(dense: PreTrainedModel, adapter: FamilyAdapter, structure: M
         adapter.shrink_attention(layer, shape, _largest(unit_norms, layer_structure.units))
         adapter.shrink_ffn(layer, _largest(neuron_norms, layer_structure.ffn))
     record_structure(model.config, structure)
+    return model.eval()
+
+
+@torch.no_grad()
+def block_influence(model: PreTrainedModel, adapter: FamilyAdapter, tokenizer: PreTrainedTokenizerBase,
+                    task: Task, samples: int) -> list[float]:
+    """Each layer's block influence on up to `samples` of the task's calibration examples: 1 - the mean cosine
+    similarity between the hidden states entering and leaving it, over real tokens."""
+    examples = list(task.calibration)[:samples]
+    sums, count = torch.zeros(len(adapter.layers(model))), 0
+    states: dict[int, torch.Tensor] = {}
+
+    def record(index: int) -> Callable[..., None]:
+        def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            states[index] = F.cosine_similarity(entering, leaving, dim=-1)  # [batch, sequence]
+        return hook
+
+    handles = [layer.register_forward_hook(record(index), with_kwargs=True)
+               for index, layer in enumerate(adapter.layers(model))]
+    try:
+        for batch in batches(examples, task.batch_size):
+            encoded = task.encode(tokenizer, batch)
+            model.eval()(**encoded)
+            real = encoded["attention_mask"].bool()
+            sums += torch.stack([states[i][real].sum() for i in range(len(sums))])
+            count += int(real.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (1.0 - sums / count).tolist()
+
+
+def influence_structure(table: LatencyTable, influence: Sequence[float], speedup: float) -> ModelStructure:
+    """The layers of least influence removed whole, as many as give the predicted speedup closest to `speedup`."""
+    shape = table.model_shape
+    order = sorted(range(shape.num_layers), key=lambda i: influence[i])
+    candidates = []
+    for dropped in range(shape.num_layers):
+        gone = set(order[:dropped])
+        structure = ModelStructure(tuple(LayerStructure(0, 0) if i in gone else LayerStructure(shape.num_units,
+                                                                                               shape.ffn_size)
+                                         for i in range(shape.num_layers)))
+        candidates.append((abs(table.dense_ms() / table.predict_ms(structure) - speedup), structure))
+    return min(candidates, key=lambda c: c[0])[1]
+
+
+def remove_modules(dense: PreTrainedModel, adapter: FamilyAdapter, structure: ModelStructure) -> PreTrainedModel:
+    """A copy of `dense` whose layers lose the modules `structure` removes (a structure of whole modules, kept or
+    removed, as `influence_structure` gives)."""
+    model = copy.deepcopy(dense)
+    adapter.apply_structure(model, structure)
     return model.eval()
 
 

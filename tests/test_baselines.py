@@ -1,13 +1,19 @@
-"""Uniform magnitude pruning: one structure for every layer, the largest-norm structures kept."""
+"""Uniform magnitude pruning: one structure for every layer, the largest-norm structures kept. Layer dropping: the
+first layers kept, or the layers of least block influence removed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ziplm.families import ModelStructure, adapter_for
+from transformers import AutoTokenizer
+
+from tests.test_causal_lm import spec, write_texts, write_tiny_decoder
+from ziplm.families import LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model
-from ziplm.stages.baselines import drop_layers, magnitude_prune, uniform_structure
+from ziplm.stages.baselines import (block_influence, drop_layers, influence_structure, magnitude_prune,
+                                    remove_modules, uniform_structure)
+from ziplm.tasks import load_task
 from ziplm.stages.export import export_model, verify_export
 
 
@@ -44,3 +50,25 @@ def test_drop_layers_keeps_the_first_layers_and_runs(tiny_config, tmp_path):
     verify_export(dropped, export_model(dropped, tmp_path / "dropped.onnx", 1, 16))
     with pytest.raises(ValueError, match="1..3"):
         drop_layers(dense, adapter, 0)
+
+
+def test_a_layer_that_leaves_the_residual_stream_as_it_is_has_no_block_influence(tmp_path):
+    decoder = write_tiny_decoder(tmp_path / "decoder")
+    task, model = load_task(spec(write_texts(tmp_path / "texts"))).adopt(str(decoder))
+    adapter = adapter_for(model.config)
+    tokenizer = AutoTokenizer.from_pretrained(decoder)
+    before = block_influence(model, adapter, tokenizer, task, samples=8)
+    passthrough = remove_modules(model, adapter, ModelStructure((LayerStructure(3, 64), LayerStructure(0, 0),
+                                                                 LayerStructure(3, 64))))
+    after = block_influence(passthrough, adapter, tokenizer, task, samples=8)
+    assert min(before) > 1e-3 and after[1] == pytest.approx(0.0, abs=1e-6)
+    assert after[0] == pytest.approx(before[0], abs=1e-6)  # the layers before it see the same inputs
+
+
+def test_the_layers_of_least_influence_go_first(tiny_table):
+    shape = tiny_table.model_shape
+    full, gone = LayerStructure(shape.num_units, shape.ffn_size), LayerStructure(0, 0)
+    one_dropped = ModelStructure((full, gone, full))
+    target = tiny_table.dense_ms() / tiny_table.predict_ms(one_dropped)
+    assert influence_structure(tiny_table, [0.3, 0.1, 0.2], target) == one_dropped
+    assert influence_structure(tiny_table, [0.3, 0.1, 0.2], 1.0) == ModelStructure.dense(shape)

@@ -84,13 +84,15 @@ def test_export_leaves_the_model_in_eval_mode(tiny_config, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, before)
 
 
-def test_parity_check_catches_a_mismatch(tiny_config, tmp_path):
+@pytest.mark.parametrize("fp32_slack", [False, True], ids=["exact", "with PyTorch's fp32 error"])
+def test_parity_check_catches_a_mismatch(tiny_config, tmp_path, fp32_slack):
     model = build_model(tiny_config, structure=UNEVEN)
     onnx_path = export_model(model, tmp_path / "model.onnx")
+    assert verify_export(model, onnx_path, fp32_slack=fp32_slack).fp32_error < 1e-5
     with torch.no_grad():
-        model.classifier.bias += 1.0
+        model.classifier.bias += 1e-3
     with pytest.raises(ExportParityError, match="does not match PyTorch"):
-        verify_export(model, onnx_path)
+        verify_export(model, onnx_path, fp32_slack=fp32_slack)
 
 
 def test_structure_outside_the_model_is_rejected(tiny_config):
