@@ -10,7 +10,6 @@ model without a head).
 
 from __future__ import annotations
 
-import copy
 import io
 import warnings
 from collections.abc import Sequence
@@ -32,10 +31,11 @@ OPSET = 17
 # near a rounding tie can land one integer apart and the flips compound through the layers
 # (benchmarks/results/int8_parity.md); a wrong scale or a float file is far off this.
 PARITY_ATOL: dict[str, float] = {"fp32": 1e-4, "int8": 0.3}
-# An fp32 export may also differ from PyTorch by this many times PyTorch's own fp32 rounding error (its distance from
-# the same model in float64): a language model's residual stream carries activations in the ten thousands, where
-# fp32 itself is off by ~1e-2 in the logits, and ONNX Runtime only sums in another order.
-FP32_ERROR_MULTIPLE = 2.0
+# An fp32 export may also differ from PyTorch by this fraction of the output's largest value. A language model's
+# residual stream carries activations in the ten thousands (SmolLM2: up to 22,000), where fp32 rounding alone moves
+# logits of ~35 by 2e-3 to 1e-2 (PyTorch fp32 against float64, and ONNX Runtime, which sums in another order, as much
+# again); an export bug moves outputs by a sizeable part of their scale.
+PARITY_RTOL: dict[str, float] = {"fp32": 1e-3, "int8": 0.0}
 
 
 class ExportParityError(ZipLMError):
@@ -99,7 +99,7 @@ def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Par
     """Export at the environment's batch and sequence, then check parity at its precision's tolerance (raises
     ExportParityError): every artifact that is timed or shipped goes through here."""
     return verify_export(model, export_model(model, path, env.batch_size, env.sequence_length),
-                         atol=parity_atol(env.precision), fp32_slack=env.precision == "fp32")
+                         atol=parity_atol(env.precision), rtol=PARITY_RTOL[env.precision])
 
 
 def output_signature(model: nn.Module, example: dict[str, np.ndarray]) -> tuple[str, dict[int, str]]:
@@ -123,14 +123,12 @@ class ParityReport:
     max_abs_diff: float
     checked_shapes: list[tuple[int, int]]
     failures: list[str] = field(default_factory=list)
-    fp32_error: float = 0.0  # PyTorch's own fp32 error against float64, where it was measured
 
 
 def _torch_output(model: nn.Module, feed: dict[str, np.ndarray]) -> np.ndarray:
-    """The model's exported output on `feed`, in the model's own precision, as float64 numbers."""
+    """The model's exported output on `feed`."""
     with torch.no_grad():
-        output = _KeywordCall(model.eval(), list(feed))(*(torch.from_numpy(v) for v in feed.values()))
-    return output.double().numpy()
+        return _KeywordCall(model.eval(), list(feed))(*(torch.from_numpy(v) for v in feed.values())).numpy()
 
 
 def parity_atol(precision: Precision) -> float:
@@ -138,10 +136,9 @@ def parity_atol(precision: Precision) -> float:
 
 
 def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_ATOL["fp32"],
-                  shapes: Sequence[tuple[int, int]] | None = None, fp32_slack: bool = False) -> ParityReport:
+                  shapes: Sequence[tuple[int, int]] | None = None, rtol: float = 0.0) -> ParityReport:
     """Run PyTorch and ONNX Runtime on several input shapes; raise with every failure at once. An output passes where
-    max |onnx - torch| <= atol, plus, with `fp32_slack`, FP32_ERROR_MULTIPLE times PyTorch's own fp32 error (the
-    largest distance of its output from the same model's in float64).
+    max |onnx - torch| <= atol + rtol * max |torch|.
 
     Default shapes: batch 1 at the longest sequence up to 128 the model takes, and batch 2 at a short, odd length.
     """
@@ -150,7 +147,6 @@ def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_
     adapter = adapter_for(model.config)
     longest = longest_sequence(model.config)
     shapes = shapes or ((1, longest), (2, min(17, longest)))
-    exact = copy.deepcopy(model).double() if fp32_slack else None
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     session_inputs = {i.name for i in session.get_inputs()}
@@ -166,14 +162,11 @@ def verify_export(model: PreTrainedModel, onnx_path: Path, atol: float = PARITY_
             report.failures.append(f"shape {batch}x{sequence}: ONNX {actual.shape} vs torch {expected.shape}")
             continue
         diff = float(np.abs(actual - expected).max())
-        fp32_error = float(np.abs(expected - _torch_output(exact, feed)).max()) if exact is not None else 0.0
         report.max_abs_diff = max(report.max_abs_diff, diff)
-        report.fp32_error = max(report.fp32_error, fp32_error)
-        allowed = atol + FP32_ERROR_MULTIPLE * fp32_error
+        allowed = atol + rtol * float(np.abs(expected).max())
         if diff > allowed:
             report.failures.append(f"shape {batch}x{sequence}: max |diff| {diff:.2e} > {allowed:.2e}"
-                                   + (f" ({atol:.0e} + {FP32_ERROR_MULTIPLE:g} x PyTorch's own fp32 error "
-                                      f"{fp32_error:.1e})" if exact is not None else ""))
+                                   + (f" ({atol:.0e} + {rtol:.0e} x the largest output)" if rtol else ""))
     if report.failures:
         raise ExportParityError(f"ONNX export of {onnx_path} does not match PyTorch: " + "; ".join(report.failures))
     return report
