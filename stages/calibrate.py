@@ -4,6 +4,10 @@ Forward hooks on each layer's attention output projection and FFN down projectio
 calibration sequences of the task (encoded as the task encodes) run through the model; padded positions are left
 out, so n counts real tokens only. Sums are kept in float64.
 
+Hooks on each layer also record the energy of the residual stream around it (the mean squared norm per token of the
+hidden states entering and leaving it): a module's output error is added to that stream, and the norm that the next
+module reads divides it by the stream's scale, so the search weighs each module's error relative to it (stages.ziplm).
+
     calibration: {samples: 512}
 """
 
@@ -41,6 +45,8 @@ class LayerHessians:
     attention: torch.Tensor | None
     ffn: torch.Tensor | None
     tokens: int
+    stream_in: float = 1.0  # mean squared norm per token of the hidden states entering the layer
+    stream_out: float = 1.0  # ... and leaving it
 
 
 class _HessianAccumulator:
@@ -74,21 +80,44 @@ def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     accumulators = [tuple(_HessianAccumulator(weight_matrix(proj).shape[1]) if proj else None for proj in pair)
                     for pair in projections]
     live = [(proj, acc) for pairs in zip(projections, accumulators) for proj, acc in zip(*pairs) if proj]
+    streams = [_StreamEnergy() for _ in projections]
     handles = [proj.register_forward_pre_hook(acc.hook) for proj, acc in live]
+    handles += [layer.register_forward_hook(stream.hook, with_kwargs=True)
+                for layer, stream in zip(adapter.layers(model), streams)]
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches(examples, task.batch_size):
                 encoded = task.encode(tokenizer, batch)
-                for _, acc in live:
-                    acc.token_mask = encoded["attention_mask"]
+                for watcher in [acc for _, acc in live] + streams:
+                    watcher.token_mask = encoded["attention_mask"]
                 model(**encoded)
         tokens = max((acc.tokens for _, acc in live), default=0)
         progress(f"calibration: {len(examples)} samples, {tokens} tokens")
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerHessians(*(acc.hessian() if acc else None for acc in pair), tokens) for pair in accumulators]
+    return [LayerHessians(*(acc.hessian() if acc else None for acc in pair), tokens, *stream.energy())
+            for pair, stream in zip(accumulators, streams)]
+
+
+class _StreamEnergy:
+    """Sums the squared norms of a layer's input and output hidden states over real tokens."""
+
+    def __init__(self) -> None:
+        self.sums, self.tokens = [0.0, 0.0], 0
+        self.token_mask: torch.Tensor | None = None
+
+    def hook(self, layer: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        entering = args[0] if args else kwargs["hidden_states"]
+        leaving = output[0] if isinstance(output, tuple) else output
+        real = self.token_mask.bool() if self.token_mask is not None else torch.ones(entering.shape[:2], dtype=bool)
+        for index, hidden in enumerate((entering, leaving)):
+            self.sums[index] += float(hidden[real].double().pow(2).sum())
+        self.tokens += int(real.sum())
+
+    def energy(self) -> tuple[float, float]:
+        return self.sums[0] / max(self.tokens, 1), self.sums[1] / max(self.tokens, 1)
 
 
 def save_hessians(hessians: list[LayerHessians], folder: Path) -> None:
@@ -96,10 +125,13 @@ def save_hessians(hessians: list[LayerHessians], folder: Path) -> None:
     tensors = {f"{i}.{kind}": H.contiguous() for i, layer in enumerate(hessians)
                for kind, H in (("attention", layer.attention), ("ffn", layer.ffn)) if H is not None}
     save_file(tensors, str(folder / "hessians.safetensors"))
-    (folder / "hessians.json").write_text(json.dumps({"tokens": [layer.tokens for layer in hessians]}))
+    (folder / "hessians.json").write_text(json.dumps({"tokens": [layer.tokens for layer in hessians],
+                                                      "stream": [[layer.stream_in, layer.stream_out]
+                                                                 for layer in hessians]}))
 
 
 def load_hessians(folder: Path) -> list[LayerHessians]:
     tensors = load_file(str(folder / "hessians.safetensors"))
-    tokens = json.loads((folder / "hessians.json").read_text())["tokens"]
-    return [LayerHessians(tensors.get(f"{i}.attention"), tensors.get(f"{i}.ffn"), n) for i, n in enumerate(tokens)]
+    layout = json.loads((folder / "hessians.json").read_text())
+    return [LayerHessians(tensors.get(f"{i}.attention"), tensors.get(f"{i}.ffn"), n, *stream)
+            for i, (n, stream) in enumerate(zip(layout["tokens"], layout["stream"]))]

@@ -10,7 +10,11 @@ Orchestration around the pure math in obs.py and search.py:
     ziplm: {damping_frac: 0.01, gradual: false}
 
 The search minimises the summed layer-output reconstruction errors measured along each greedy path (ALGORITHMS.md
-section 1: the better of the two errors a path records).
+section 1: the better of the two errors a path records), each relative to the energy of the residual stream the
+module's output is added to (attention: the stream entering its layer; FFN: the stream leaving it). The norm the next
+module reads divides an error by that stream's scale, which differs by orders of magnitude between the layers of a
+decoder with massive activations (SmolLM2: a mean squared norm of 8 entering layer 0, 2e6 from layer 12 on); the
+absolute errors would cut the first layers, whose errors look small and are not.
 """
 
 from __future__ import annotations
@@ -56,16 +60,18 @@ class ModuleDatabase:
     kind: Literal["attention", "ffn"]
     groups: torch.Tensor  # [structures, columns per structure]; no rows when the module is already removed
     path: obs.ObsPath | None  # None when the module is already removed
+    stream: float = 1.0  # energy of the residual stream the module's output is added to (the module docstring)
 
     @property
     def size(self) -> int:
         return len(self.groups)
 
     def error(self) -> np.ndarray:
-        """The reconstruction error at every level index 0..size (index = structures kept)."""
+        """The reconstruction error at every level index 0..size (index = structures kept), relative to the energy of
+        the residual stream it is added to."""
         if self.path is None:
             return np.zeros(1)
-        return np.asarray(self.path.reconstruction[::-1])
+        return np.asarray(self.path.reconstruction[::-1]) / self.stream
 
     def kept(self, level: int) -> list[int]:
         """Indices of the structures kept at a level, in their original order."""
@@ -108,9 +114,10 @@ def save_database(database: Database, folder: Path) -> None:
         path = module.path
         if path is not None:
             tensors |= {f"{index}.{name}": getattr(path, name).contiguous() for name in PATH_TENSORS}
-        modules.append({"layer": module.layer, "kind": module.kind, "path": None if path is None else {
-            "order": path.order, "saliency": path.saliency, "reconstruction": path.reconstruction,
-            "dead_columns": path.dead_columns, "damping": path.damping}})
+        modules.append({"layer": module.layer, "kind": module.kind, "stream": module.stream,
+                        "path": None if path is None else {
+                            "order": path.order, "saliency": path.saliency, "reconstruction": path.reconstruction,
+                            "dead_columns": path.dead_columns, "damping": path.damping}})
     save_file(tensors, str(folder / DATABASE_TENSORS))
     layout = {"modules": modules, "settings": database.settings.model_dump(), "group_size": database.group_size}
     (folder / DATABASE_LAYOUT).write_text(json.dumps(layout))
@@ -125,7 +132,8 @@ def load_database(folder: Path) -> Database:
         obs_path = None if path is None else obs.ObsPath(
             path["order"], path["saliency"], path["reconstruction"], path["dead_columns"], path["damping"],
             *(tensors[f"{index}.{name}"] for name in PATH_TENSORS))
-        modules.append(ModuleDatabase(module["layer"], module["kind"], tensors[f"{index}.groups"], obs_path))
+        modules.append(ModuleDatabase(module["layer"], module["kind"], tensors[f"{index}.groups"], obs_path,
+                                      module["stream"]))
     return Database(modules, ZipLMSettings(**layout["settings"]), layout["group_size"])
 
 
@@ -142,26 +150,27 @@ def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: lis
     for index, (layer, H, kept) in enumerate(zip(adapter.layers(model), hessians, current)):
         attention_groups = obs.column_groups(kept.units, unit_width)
         modules.append(_module_database(index, "attention", adapter.attention_out_proj(layer) if kept.units else None,
-                                        H.attention, attention_groups, settings))
+                                        H.attention, attention_groups, settings, H.stream_in))
         W_ffn = weight_matrix(adapter.ffn_out_proj(layer)).detach() if kept.ffn else None
         ffn_groups = (obs.saliency_groups(W_ffn, H.ffn, group_size, settings.damping_frac) if kept.ffn
                       else torch.zeros(0, group_size, dtype=torch.long))
         modules.append(_module_database(index, "ffn", adapter.ffn_out_proj(layer) if kept.ffn else None, H.ffn,
-                                        ffn_groups, settings))
+                                        ffn_groups, settings, H.stream_out))
         dead = sum(m.path.dead_columns for m in modules[-2:] if m.path)
         progress(f"database: layer {index + 1}/{shape.num_layers} ({dead} dead columns)")
     return Database(modules, settings, group_size)
 
 
 def _module_database(layer: int, kind: Literal["attention", "ffn"], projection: nn.Linear | None,
-                     H: torch.Tensor | None, groups: torch.Tensor, settings: ZipLMSettings) -> ModuleDatabase:
+                     H: torch.Tensor | None, groups: torch.Tensor, settings: ZipLMSettings,
+                     stream: float) -> ModuleDatabase:
     if projection is None:
-        return ModuleDatabase(layer, kind, groups, None)
+        return ModuleDatabase(layer, kind, groups, None, stream)
     try:
         path = obs.greedy_path(weight_matrix(projection).detach(), H, groups, settings.damping_frac)
     except obs.HessianNotPositiveDefinite as error:
         raise BadInputError(f"layer {layer} {kind}: {error}") from error
-    return ModuleDatabase(layer, kind, groups, path)
+    return ModuleDatabase(layer, kind, groups, path, stream)
 
 
 def solve(database: Database, table: LatencyTable, speedup: float) -> ModelStructure:

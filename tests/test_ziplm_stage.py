@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertForSequenceClassification, BertTokenizerFast
@@ -12,7 +13,7 @@ from tests.conftest import TINY_VOCAB, tiny_bert_config, toy_sentiment_rows
 from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure, adapter_for
 from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.families.registry import _FAMILIES
-from ziplm.tasks import TaskSpec, load_task
+from ziplm.tasks import TaskSpec, batches, load_task
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import CalibrationSettings, collect_hessians
 from ziplm.stages.export import export_model, verify_export
@@ -43,11 +44,34 @@ def pruning_setup(tmp_path_factory):
     hessians = collect_hessians(model, tokenizer, adapter, task, CalibrationSettings(samples=64),
                                 progress=lambda _: None)
     database = zipl.build_database(model, adapter, hessians, group_size=32, progress=lambda _: None)
-    return model, adapter, hessians, database
+    return model, adapter, hessians, database, tokenizer, task
+
+
+def test_the_stream_energy_around_each_layer_is_the_mean_squared_norm_of_its_hidden_states(pruning_setup):
+    model, _, hessians, _, tokenizer, task = pruning_setup
+    energies, tokens = torch.zeros(4, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches(task.calibration[:64], task.batch_size):
+            encoded = task.encode(tokenizer, batch)
+            states = model(**encoded, output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+            real = encoded["attention_mask"].bool()
+            energies += torch.stack([h[real].double().pow(2).sum() for h in states])
+            tokens += int(real.sum())
+    energies /= tokens
+    assert [(layer.stream_in, layer.stream_out) for layer in hessians] == [
+        pytest.approx((float(energies[i]), float(energies[i + 1])), rel=1e-6) for i in range(3)]
+
+
+def test_the_search_weighs_each_error_relative_to_the_stream_it_is_added_to(pruning_setup):
+    _, _, hessians, database, _, _ = pruning_setup
+    for module in database.modules:
+        stream = hessians[module.layer].stream_in if module.kind == "attention" else hessians[module.layer].stream_out
+        assert module.stream == stream
+        assert module.error() == pytest.approx(list(module.path.reconstruction[::-1] / np.float64(stream)))
 
 
 def test_hessians_are_symmetric_and_sized(pruning_setup):
-    _, _, hessians, _ = pruning_setup
+    _, _, hessians, *_ = pruning_setup
     assert len(hessians) == 3
     for layer in hessians:
         assert layer.attention.shape == (64, 64) and layer.ffn.shape == (128, 128)
@@ -55,7 +79,7 @@ def test_hessians_are_symmetric_and_sized(pruning_setup):
 
 
 def test_database_covers_every_level(pruning_setup, tiny_table):
-    _, _, _, database = pruning_setup
+    _, _, _, database, *_ = pruning_setup
     assert [m.kind for m in database.modules] == ["attention", "ffn"] * 3
     for module, times in zip(database.modules, database.times(tiny_table)):
         errors = module.error()
@@ -64,7 +88,7 @@ def test_database_covers_every_level(pruning_setup, tiny_table):
 
 
 def test_solution_fits_the_budget_and_stitches_to_a_matching_onnx(pruning_setup, tiny_table, tmp_path):
-    model, adapter, _, database = pruning_setup
+    model, adapter, _, database, *_ = pruning_setup
     structure = zipl.solve(database, tiny_table, 1.6)
     raw_modules = tiny_table.predict_ms(structure, corrected=False) - tiny_table.base_ms
     assert raw_modules <= tiny_table.module_budget(1.6) + 1e-9
@@ -80,7 +104,7 @@ def test_solution_fits_the_budget_and_stitches_to_a_matching_onnx(pruning_setup,
 
 
 def test_stitching_the_dense_levels_gives_the_teacher_back(pruning_setup):
-    model, adapter, _, database = pruning_setup
+    model, adapter, _, database, *_ = pruning_setup
     dense = zipl.stitch(model, adapter, database, ModelStructure.dense(adapter.shape(model.config)))
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -89,7 +113,7 @@ def test_stitching_the_dense_levels_gives_the_teacher_back(pruning_setup):
 
 def test_stitched_weights_are_the_obs_update(pruning_setup):
     """The kept FFN columns carry the OBS-updated weights, not the teacher's originals."""
-    model, adapter, _, database = pruning_setup
+    model, adapter, _, database, *_ = pruning_setup
     shape = adapter.shape(model.config)
     structure = ModelStructure.uniform(shape, shape.num_units, 64)
     member = zipl.stitch(model, adapter, database, structure)
@@ -105,7 +129,7 @@ def test_stitched_weights_are_the_obs_update(pruning_setup):
 
 def test_a_pruned_model_is_pruned_further_from_what_it_keeps(pruning_setup, tiny_table, tmp_path):
     """Gradual ZipLM: calibrate and build the database again on a member, then solve for a larger target."""
-    model, adapter, _, database = pruning_setup
+    model, adapter, _, database, *_ = pruning_setup
     shape = adapter.shape(model.config)
     first = ModelStructure((LayerStructure(0, 64), LayerStructure(2, 128), LayerStructure(4, 0)))
     member = zipl.stitch(model, adapter, database, first)
