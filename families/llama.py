@@ -10,8 +10,6 @@ Served model types (each checked by the family conformance tests): llama, mistra
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -21,7 +19,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ziplm.families.base import ModelShape, eager_config
 from ziplm.families.decoder import DecoderAdapter
-from ziplm.families.prenorm import ROTARY_AXES, RemovedAttention, RemovedMLP, rotary_inputs
+from ziplm.families.prenorm import RemovedAttention, RemovedMLP, RotaryLayers
 from ziplm.families.registry import register_family
 
 LAYER_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaDecoderLayer, "mistral": MistralDecoderLayer,
@@ -29,7 +27,7 @@ LAYER_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaDecoderLayer, "mistra
 
 
 @register_family
-class LlamaAdapter(DecoderAdapter):
+class LlamaAdapter(RotaryLayers, DecoderAdapter):
     name = "llama"
     model_types = tuple(LAYER_CLASSES)
 
@@ -67,19 +65,6 @@ class LlamaAdapter(DecoderAdapter):
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         return LAYER_CLASSES[config.model_type](eager_config(config), layer_idx=0)
-
-    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
-        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
-                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]))
-
-    def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
-                     seed: int = 0) -> dict[str, np.ndarray]:
-        """The causal block inputs and the rotary cosines and sines of each position."""
-        return {**super().block_inputs(config, batch_size, sequence_length, seed),
-                **rotary_inputs(self.shape(config).head_dim, batch_size, sequence_length)}
-
-    def block_axes(self) -> dict[str, dict[int, str]]:
-        return {**super().block_axes(), **ROTARY_AXES}
 
     def tiny_config(self) -> PretrainedConfig:
         """Grouped-query attention: 6 query heads in 3 KV groups of 2."""

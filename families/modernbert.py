@@ -5,19 +5,17 @@ stream: the module and its input norm vanish."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torch import nn
 from transformers import ModernBertConfig, PretrainedConfig
 from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
 
 from ziplm.families.base import FamilyAdapter, ModelShape, Slice, eager_config, fused_attention_unit
-from ziplm.families.prenorm import ROTARY_AXES, RemovedAttention, RemovedMLP, rotary_inputs
+from ziplm.families.prenorm import RemovedAttention, RemovedMLP, RotaryLayers
 from ziplm.families.registry import register_family
 
 
 @register_family
-class ModernBertAdapter(FamilyAdapter):
+class ModernBertAdapter(RotaryLayers, FamilyAdapter):
     name = "modernbert"
     model_types = ("modernbert",)
 
@@ -64,19 +62,6 @@ class ModernBertAdapter(FamilyAdapter):
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         """A layer with an input norm (layer 0 has none) and local attention, as most of the model's layers."""
         return ModernBertEncoderLayer(eager_config(config), layer_idx=1)
-
-    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
-        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
-                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]))
-
-    def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
-                     seed: int = 0) -> dict[str, np.ndarray]:
-        """The default block inputs and the rotary cosines and sines of each position."""
-        return {**super().block_inputs(config, batch_size, sequence_length, seed),
-                **rotary_inputs(self.shape(config).head_dim, batch_size, sequence_length)}
-
-    def block_axes(self) -> dict[str, dict[int, str]]:
-        return {**super().block_axes(), **ROTARY_AXES}
 
     def tiny_config(self) -> PretrainedConfig:
         return ModernBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -1,12 +1,15 @@
 """What pre-norm families share (ModernBERT, GPT-2, Llama-style decoders): a removed attention or FFN module adds only
 its output projection's bias to the residual stream, so the module and its input norm vanish; and the rotary cosines
-and sines that their layers are called with."""
+and sines that their layers are called with (`RotaryLayers`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import PretrainedConfig
+
+from ziplm.families.base import FamilyAdapter
 
 
 class RemovedModule(nn.Module):
@@ -47,3 +50,20 @@ def rotary_inputs(head_dim: int, batch_size: int, sequence_length: int, base: fl
 
 
 ROTARY_AXES = {"cos": {0: "batch", 1: "sequence"}, "sin": {0: "batch", 1: "sequence"}}
+
+
+class RotaryLayers(FamilyAdapter):
+    """The part of an adapter whose layers take rotary positions (listed before its other base class): its block
+    inputs add the cosines and sines of each position, and its layers are called with them as `position_embeddings`."""
+
+    def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
+        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
+                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]))
+
+    def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+        return {**super().block_inputs(config, batch_size, sequence_length, seed),
+                **rotary_inputs(self.shape(config).head_dim, batch_size, sequence_length)}
+
+    def block_axes(self) -> dict[str, dict[int, str]]:
+        return {**super().block_axes(), **ROTARY_AXES}

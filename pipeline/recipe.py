@@ -166,7 +166,7 @@ class Recipe(BaseModel):
     @property
     def stage_names(self) -> list[str]:
         """The stages a member of this recipe goes through, in order (its manifest's `stages`)."""
-        return stage_names(self.chain, self.ziplm.gradual, self.environment.precision == "int8")
+        return stage_names(self.chain, self.ziplm.gradual, self.environment.precision == "int8", self.teacher == "none")
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -181,8 +181,9 @@ def finish(model: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrain
     return Finished(state.model.eval(), structured or copy.deepcopy(state.model).eval(), state.metric_by_stage)
 
 
-def stage_names(chain: list[ChainStage], gradual: bool, int8: bool) -> list[str]:
+def stage_names(chain: list[ChainStage], gradual: bool, int8: bool, given_teacher: bool = False) -> list[str]:
     """The stages a member went through, in order (its manifest's `stages`)."""
-    names = ["teacher-finetune", "ziplm-gradual" if gradual else "ziplm-oneshot", *(stage.name for stage in chain)]
+    names = ["teacher-given" if given_teacher else "teacher-finetune", "ziplm-gradual" if gradual else "ziplm-oneshot",
+             *(stage.name for stage in chain)]
     names += [] if not int8 or any(stage.needs_int8 for stage in chain) else ["int8-calibration"]
     return names + ["onnx-export", "paired-verification"]

@@ -136,6 +136,7 @@ def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_di
     (member,) = report["members"]
     assert report["dense"]["origin"] == "given" and member["metric"]["name"] == "perplexity"
     assert member["metric"]["higher_is_better"] is False and member["metric"]["value"] > 1.0
+    assert member["stages"][0] == "teacher-given"
     folder = tmp_path / "out" / member["name"]
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits"]
