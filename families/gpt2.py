@@ -12,14 +12,16 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from ziplm.families.base import ModelShape, Slice, eager_config, fused_attention_unit
 from ziplm.families.decoder import DecoderAdapter
-from ziplm.families.prenorm import RemovedAttention, RemovedMLP
+from ziplm.families.prenorm import PreNormModules
 from ziplm.families.registry import register_family
 
 
 @register_family
-class GPT2Adapter(DecoderAdapter):
+class GPT2Adapter(PreNormModules, DecoderAdapter):
     name = "gpt2"
     model_types = ("gpt2",)
+    attention_modules = ("attn", "ln_1")
+    ffn_modules = ("mlp", "ln_2")
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
         return ModelShape.multi_head(self.name, config.n_layer, config.n_embd, config.n_head,
@@ -47,18 +49,6 @@ class GPT2Adapter(DecoderAdapter):
         """GPT2Attention splits c_attn's output at `split_size` into Q, K and V."""
         layer.attn.num_heads = units
         layer.attn.split_size = units * layer.attn.head_dim
-
-    def has_attention(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.attn, RemovedAttention)
-
-    def has_ffn(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.mlp, RemovedMLP)
-
-    def remove_attention(self, layer: nn.Module) -> None:
-        layer.attn, layer.ln_1 = RemovedAttention(layer.attn.c_proj.bias), nn.Identity()
-
-    def remove_ffn(self, layer: nn.Module) -> None:
-        layer.mlp, layer.ln_2 = RemovedMLP(layer.mlp.c_proj.bias), nn.Identity()
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         return GPT2Block(eager_config(config), layer_idx=0)

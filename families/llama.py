@@ -19,7 +19,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 from ziplm.families.base import ModelShape, eager_config
 from ziplm.families.decoder import DecoderAdapter
-from ziplm.families.prenorm import RemovedAttention, RemovedMLP, RotaryLayers
+from ziplm.families.prenorm import PreNormModules, RotaryLayers
 from ziplm.families.registry import register_family
 
 LAYER_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaDecoderLayer, "mistral": MistralDecoderLayer,
@@ -27,9 +27,11 @@ LAYER_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaDecoderLayer, "mistra
 
 
 @register_family
-class LlamaAdapter(RotaryLayers, DecoderAdapter):
+class LlamaAdapter(RotaryLayers, PreNormModules, DecoderAdapter):
     name = "llama"
     model_types = tuple(LAYER_CLASSES)
+    attention_modules = ("self_attn", "input_layernorm")
+    ffn_modules = ("mlp", "post_attention_layernorm")
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -50,18 +52,6 @@ class LlamaAdapter(RotaryLayers, DecoderAdapter):
 
     def ffn_out_proj(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
-
-    def has_attention(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.self_attn, RemovedAttention)
-
-    def has_ffn(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.mlp, RemovedMLP)
-
-    def remove_attention(self, layer: nn.Module) -> None:
-        layer.self_attn, layer.input_layernorm = RemovedAttention(layer.self_attn.o_proj.bias), nn.Identity()
-
-    def remove_ffn(self, layer: nn.Module) -> None:
-        layer.mlp, layer.post_attention_layernorm = RemovedMLP(layer.mlp.down_proj.bias), nn.Identity()
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         return LAYER_CLASSES[config.model_type](eager_config(config), layer_idx=0)

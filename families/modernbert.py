@@ -9,15 +9,17 @@ from torch import nn
 from transformers import ModernBertConfig, PretrainedConfig
 from transformers.models.modernbert.modeling_modernbert import ModernBertEncoderLayer
 
-from ziplm.families.base import FamilyAdapter, ModelShape, Slice, eager_config, fused_attention_unit
-from ziplm.families.prenorm import RemovedAttention, RemovedMLP, RotaryLayers
+from ziplm.families.base import ModelShape, Slice, eager_config, fused_attention_unit
+from ziplm.families.prenorm import PreNormModules, RotaryLayers
 from ziplm.families.registry import register_family
 
 
 @register_family
-class ModernBertAdapter(RotaryLayers, FamilyAdapter):
+class ModernBertAdapter(RotaryLayers, PreNormModules):
     name = "modernbert"
     model_types = ("modernbert",)
+    attention_modules = ("attn", "attn_norm")
+    ffn_modules = ("mlp", "mlp_norm")
 
     def shape(self, config: PretrainedConfig) -> ModelShape:
         return ModelShape.multi_head(self.name, config.num_hidden_layers, config.hidden_size,
@@ -46,18 +48,6 @@ class ModernBertAdapter(RotaryLayers, FamilyAdapter):
         wi, width = layer.mlp.Wi, layer.mlp.Wo.in_features
         return [Slice(wi, "out", (neuron,), 0), Slice(wi, "out", (width + neuron,), 1),
                 Slice(layer.mlp.Wo, "in", (neuron,))]
-
-    def has_attention(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.attn, RemovedAttention)
-
-    def has_ffn(self, layer: nn.Module) -> bool:
-        return not isinstance(layer.mlp, RemovedMLP)
-
-    def remove_attention(self, layer: nn.Module) -> None:
-        layer.attn, layer.attn_norm = RemovedAttention(layer.attn.Wo.bias), nn.Identity()
-
-    def remove_ffn(self, layer: nn.Module) -> None:
-        layer.mlp, layer.mlp_norm = RemovedMLP(layer.mlp.Wo.bias), nn.Identity()
 
     def new_layer(self, config: PretrainedConfig) -> nn.Module:
         """A layer with an input norm (layer 0 has none) and local attention, as most of the model's layers."""

@@ -4,6 +4,8 @@ and sines that their layers are called with (`RotaryLayers`)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,6 +39,31 @@ class RemovedMLP(RemovedModule):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.added(hidden_states)
+
+
+class PreNormModules(FamilyAdapter):
+    """The part of an adapter of a pre-norm family (listed before its base class) that removes modules: it names, in
+    `attention_modules` and `ffn_modules`, a layer's attribute of the module and of its input norm; a removed module
+    is replaced by a stand-in that adds only its output projection's bias, and its norm by the identity."""
+
+    attention_modules: ClassVar[tuple[str, str]]  # (attention module, its input norm)
+    ffn_modules: ClassVar[tuple[str, str]]  # (FFN module, its input norm)
+
+    def has_attention(self, layer: nn.Module) -> bool:
+        return not isinstance(getattr(layer, self.attention_modules[0]), RemovedAttention)
+
+    def has_ffn(self, layer: nn.Module) -> bool:
+        return not isinstance(getattr(layer, self.ffn_modules[0]), RemovedMLP)
+
+    def remove_attention(self, layer: nn.Module) -> None:
+        module, norm = self.attention_modules
+        setattr(layer, module, RemovedAttention(self.attention_out_proj(layer).bias))
+        setattr(layer, norm, nn.Identity())
+
+    def remove_ffn(self, layer: nn.Module) -> None:
+        module, norm = self.ffn_modules
+        setattr(layer, module, RemovedMLP(self.ffn_out_proj(layer).bias))
+        setattr(layer, norm, nn.Identity())
 
 
 def rotary_inputs(head_dim: int, batch_size: int, sequence_length: int, base: float = 10000.0
