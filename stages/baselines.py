@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
 from ziplm.families.base import record_structure, weight_matrix
+from ziplm.stages.calibrate import hidden_states_around
 from ziplm.stages.latency_table import LatencyTable
 from ziplm.stages.masks import Masks, global_lowest_masks
 from ziplm.tasks import Task, batches
@@ -73,8 +74,7 @@ def block_influence(model: PreTrainedModel, adapter: FamilyAdapter, tokenizer: P
 
     def record(index: int) -> Callable[..., None]:
         def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            entering = args[0] if args else kwargs["hidden_states"]
-            leaving = output[0] if isinstance(output, tuple) else output
+            entering, leaving = hidden_states_around(args, kwargs, output)
             states[index] = F.cosine_similarity(entering, leaving, dim=-1)  # [batch, sequence]
         return hook
 

@@ -101,6 +101,12 @@ def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             for pair, stream in zip(accumulators, streams)]
 
 
+def hidden_states_around(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states entering and leaving a layer, as a forward hook (with_kwargs) sees its call."""
+    entering = args[0] if args else kwargs["hidden_states"]
+    return entering, output[0] if isinstance(output, tuple) else output
+
+
 class _StreamEnergy:
     """Sums the squared norms of a layer's input and output hidden states over real tokens."""
 
@@ -109,8 +115,7 @@ class _StreamEnergy:
         self.token_mask: torch.Tensor | None = None
 
     def hook(self, layer: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        entering = args[0] if args else kwargs["hidden_states"]
-        leaving = output[0] if isinstance(output, tuple) else output
+        entering, leaving = hidden_states_around(args, kwargs, output)
         real = self.token_mask.bool() if self.token_mask is not None else torch.ones(entering.shape[:2], dtype=bool)
         for index, hidden in enumerate((entering, leaving)):
             self.sums[index] += float(hidden[real].double().pow(2).sum())
