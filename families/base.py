@@ -289,6 +289,15 @@ class FamilyAdapter(ABC):
         """What a model keeps now: its recorded structure once pruned, else the dense one."""
         return recorded_structure(config) or ModelStructure.dense(self.shape(config))
 
+    def kv_cache_bytes_per_token(self, config: PretrainedConfig, bytes_per_value: int = 4) -> int | None:
+        """What one more token of context adds to the key/value cache; None for a family that serves none (encoders
+        see the whole sequence at once)."""
+        return None
+
+    def config_record(self, config: PretrainedConfig) -> dict[str, object]:
+        """What config.json records beyond the structure so that other tools read the model right (none by default)."""
+        return {}
+
     def validate_structure(self, config: PretrainedConfig, structure: ModelStructure) -> None:
         shape = self.shape(config)
         if len(structure.layers) != shape.num_layers:

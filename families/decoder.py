@@ -1,13 +1,19 @@
-"""What decoder families share: a causal language-model head by default, and layers called with a causal mask."""
+"""What decoder families share: a causal language-model head by default, layers called with a causal mask, and the
+shape of their key/value cache once pruned (each layer caches its own KV-head count; a layer whose attention was
+removed caches nothing)."""
 
 from __future__ import annotations
 
+
 import numpy as np
+from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer
 
 from ziplm.families.base import FamilyAdapter
 
 MASKED = np.float32(np.finfo(np.float32).min)  # the additive mask value of a position that may not be attended
+KV_HEADS_KEY = "num_key_value_heads_per_layer"  # config.json: KV heads each layer caches, 0: attention removed
 
 
 class DecoderAdapter(FamilyAdapter):
@@ -28,3 +34,25 @@ class DecoderAdapter(FamilyAdapter):
     def block_axes(self) -> dict[str, dict[int, str]]:
         return {"hidden_states": {0: "batch", 1: "sequence"},
                 "attention_mask": {0: "batch", 2: "sequence", 3: "sequence"}}
+
+    # --- the KV cache ------------------------------------------------------------------------------------------
+    def kv_heads(self, config: PretrainedConfig) -> list[int]:
+        """The KV heads each layer caches: its attention units (one unit is one KV head with its query heads), 0 where
+        the attention was removed."""
+        return [layer.units for layer in self.structure(config).layers]
+
+    def kv_cache_bytes_per_token(self, config: PretrainedConfig, bytes_per_value: int = 4) -> int:
+        """A key and a value of head_dim per KV head per layer."""
+        return 2 * sum(self.kv_heads(config)) * self.shape(config).head_dim * bytes_per_value
+
+    def generation_cache(self, model: nn.Module) -> DynamicCache:
+        """An empty cache for `model`: a layer whose attention was removed holds a DummyLayer, which keeps nothing and
+        which transformers' sequence lengths and masks skip (they read the first layer that attends)."""
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() if self.has_attention(layer) else DummyLayer() for layer in self.layers(model)]
+        return cache
+
+    def config_record(self, config: PretrainedConfig) -> dict[str, object]:
+        """`head_dim` written out (tools that derive it as hidden_size / num_attention_heads go wrong once heads are
+        pruned) and the KV heads of each layer, so that a runtime can size the cache from config.json alone."""
+        return {"head_dim": self.shape(config).head_dim, KV_HEADS_KEY: self.kv_heads(config)}

@@ -95,6 +95,9 @@ def build_model(config: PretrainedConfig, head: str | None = None,
 
 
 def save_model(model: PreTrainedModel, out_dir: Path) -> None:
+    """Save weights and config.json, with what the family records for other tools (a decoder: head_dim, KV heads)."""
+    for key, value in adapter_for(model.config).config_record(model.config).items():
+        setattr(model.config, key, value)
     model.save_pretrained(out_dir, safe_serialization=True)
 
 

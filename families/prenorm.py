@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer
 
 from ziplm.families.base import FamilyAdapter
 
@@ -28,9 +29,22 @@ class RemovedModule(nn.Module):
 
 
 class RemovedAttention(RemovedModule):
-    """Stands in for a pre-norm attention module, returning (output, attention weights) as transformers' do."""
+    """Stands in for a pre-norm attention module, returning (output, attention weights) as transformers' do.
 
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+    Called with a key/value cache (a decoder generating), it turns its own layer's entry into a DummyLayer: the entry
+    keeps nothing, and transformers then reads sequence lengths and masks from the first layer that attends, as it
+    must (an empty entry at layer 0 would otherwise say the cache is empty and mis-mask a padded batch)."""
+
+    def __init__(self, bias: torch.Tensor | None, layer_idx: int | None = None) -> None:
+        super().__init__(bias)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, past_key_values: Cache | None = None,
+                **kwargs: object) -> tuple[torch.Tensor, None]:
+        if isinstance(past_key_values, DynamicCache) and self.layer_idx is not None:
+            layers = past_key_values.layers
+            layers.extend(DynamicLayer() for _ in range(len(layers), self.layer_idx + 1))
+            layers[self.layer_idx] = DummyLayer()
         return self.added(hidden_states), None
 
 
@@ -57,7 +71,8 @@ class PreNormModules(FamilyAdapter):
 
     def remove_attention(self, layer: nn.Module) -> None:
         module, norm = self.attention_modules
-        setattr(layer, module, RemovedAttention(self.attention_out_proj(layer).bias))
+        index = getattr(getattr(layer, module), "layer_idx", None)  # where a decoder's cache keeps this layer
+        setattr(layer, module, RemovedAttention(self.attention_out_proj(layer).bias, index))
         setattr(layer, norm, nn.Identity())
 
     def remove_ffn(self, layer: nn.Module) -> None:

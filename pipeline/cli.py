@@ -150,6 +150,11 @@ def verify(
     min_speedup: Annotated[float | None, typer.Option(help="required speedup (default: target x (1 - tolerance))")]
     = None,
     effort: Annotated[Effort, typer.Option(help="how hard to measure (docs/measurement.md)")] = Effort.standard,
+    max_ttft_ms: Annotated[float | None, typer.Option(help="decoders: time to first token (a prompt of the sequence "
+                                                          "length) in ms")] = None,
+    max_tpot_ms: Annotated[float | None, typer.Option(help="decoders: time per output token in ms")] = None,
+    context_length: Annotated[int | None, typer.Option(min=1, help="decoders: the cache length a token is timed on "
+                                                             "(default: the sequence length)")] = None,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
@@ -157,7 +162,8 @@ def verify(
         raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
     loaded = load_artifact(artifact)
     env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
-    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, Effort(effort).value)
+    verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, Effort(effort).value, max_ttft_ms,
+                              max_tpot_ms, context_length)
     if junit is not None:
         write_junit(verdict, junit)
     print(verdict.line())

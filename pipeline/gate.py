@@ -2,6 +2,7 @@
 
     ziplm verify runs/demo/minilm-mr-2x                      # in the environment its manifest records
     ziplm verify runs/demo/minilm-mr-2x --threads 4 --max-latency-ms 12 --min-speedup 1.9 --junit verify.xml
+    ziplm verify runs/smollm2/smollm2-shakespeare-1.5x --max-tpot-ms 25 --context-length 512 --max-ttft-ms 400
 
 The member and the dense reference its manifest names (`dense_reference`, by default ../dense/model.onnx) are
 timed interleaved in one run (the paired timing of `ziplm run`); the verdict is taken as `ziplm run` takes one
@@ -14,6 +15,11 @@ Checks, each one JUnit test case:
   member unless --min-speedup is given.
 - latency: the measured statistic (--metric, default p90; an SLA member's own metric) <= --max-latency-ms, or
   else <= the member's SLA from the manifest. Left out when neither is set.
+- TTFT / TPOT (a decoder member's generation.onnx, docs/generation.md): with --max-ttft-ms, the time to first token
+  of a prompt of the environment's sequence length on an empty cache; with --max-tpot-ms, the time of one new token
+  on a cache of --context-length tokens (default: the sequence length). Each is timed paired beside the dense
+  model's generation.onnx and bounded by the statistic of --metric. Given either, the manifest's own speedup and SLA
+  checks are left out unless --min-speedup or --max-latency-ms asks for them.
 The line also says when other work kept the machine busy while it measured (measurements taken again, or left
 disturbed: the speedup may be off either way; JUnit properties machine_load.*), and when the manifest was measured on
 another CPU (kernels, and so speedups, differ between CPU generations).
@@ -36,8 +42,10 @@ from ziplm.families import adapter_for
 from ziplm.families.loading import load_config
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
+from ziplm.runtimes.base import Phase
 from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
 from ziplm.runtimes.policy import Effort, policy
+from ziplm.stages.generation import phase_feeds
 
 MANIFEST = "manifest.json"
 
@@ -67,7 +75,7 @@ class Verdict:
     runtime: dict[str, Any]
     checks: list[Check]
     seconds: float
-    measurement: LatencyCheck
+    measurements: dict[Phase, tuple[InferenceEnv, LatencyCheck]]  # each phase measured beside the dense model
     recorded_device: str  # where `ziplm run` measured the member (its manifest)
 
     @property
@@ -76,9 +84,10 @@ class Verdict:
 
     def line(self) -> str:
         checks = "; ".join(check.describe() for check in self.checks)
-        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({self.measurement.interval_note()} "
-                f"over the dense model; {environment_line(self.runtime)})"
-                f"{self.measurement.load_note()}{self.device_note()}")
+        measured = "; ".join(f"{', '.join(filter(None, [env.describe_phase(), check.interval_note()]))} over the "
+                             f"dense model{check.load_note()}" for env, check in self.measurements.values())
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.artifact}: {checks} ({measured}; "
+                f"{environment_line(self.runtime)}){self.device_note()}")
 
     def device_note(self) -> str:
         """Kernels differ between CPU generations (the same dense INT8 file runs at different speeds over FP32):
@@ -88,12 +97,31 @@ class Verdict:
         return f" [the manifest was measured on another CPU: {self.recorded_device}]"
 
 
+GENERATION_CHECKS: dict[Phase, str] = {"prefill": "TTFT", "decode": "TPOT"}
+
+
 @dataclass(frozen=True)
 class Artifact:
     folder: Path
     manifest: dict[str, Any]
     onnx: Path
     dense_onnx: Path
+
+    def generation_files(self) -> tuple[Path, Path]:
+        """The member's generation.onnx (checked against its manifest) and the dense reference's beside its
+        model.onnx; the time-to-first-token and time-per-token gates time these."""
+        record = self.manifest.get("generation")
+        if record is None:
+            raise BadInputError(f"{self.folder} has no generation artifact: time-to-first-token and time-per-token "
+                                "gates apply to fp32 decoder members written by `ziplm run`")
+        member, dense = self.folder / record["file"], self.dense_onnx.parent / record["file"]
+        for file, what in ((member, "the member's generation artifact"), (dense, "the dense generation artifact")):
+            if not file.is_file():
+                raise BadInputError(f"{what} {file} is missing: keep the folders of `ziplm run` as it wrote them")
+        if file_digest(member) != record["sha256"]:
+            raise BadInputError(f"{member} is corrupt or was changed: its sha256 differs from the manifest's; use the "
+                                "artifact as `ziplm run` wrote it")
+        return member, dense
 
 
 def load_artifact(folder: Path) -> Artifact:
@@ -129,29 +157,47 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
-                    min_speedup: float | None = None, metric: str | None = None,
-                    effort: Effort = "standard") -> Verdict:
+                    min_speedup: float | None = None, metric: str | None = None, effort: Effort = "standard",
+                    max_ttft_ms: float | None = None, max_tpot_ms: float | None = None,
+                    context_length: int | None = None) -> Verdict:
     """Measure the member against its dense reference in `env` and check it (see the module docstring)."""
     manifest = artifact.manifest
     tolerance = manifest.get("tolerance", 0.03)
     runtime = get_runtime(env)
     config = load_config(str(artifact.folder))
-    example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
     start = time.perf_counter()
-    verifier = PairedVerifier(runtime, env, artifact.dense_onnx, example, policy(effort), tolerance)
-    check = verifier.verdict(artifact.onnx)
     sla = manifest.get("sla")
-    checks = []
-    if min_speedup is not None or sla is None:
-        required = min_speedup if min_speedup is not None else manifest["target_speedup"] * (1 - tolerance)
-        checks.append(Check("speedup", check.speedup.value, required, "x", at_least=True))
-    if max_latency_ms is not None or sla is not None:
-        metric = metric or (sla["metric"] if sla else "p90")
-        required = max_latency_ms if max_latency_ms is not None else sla["ms"]
-        checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
+    generation = {"prefill": max_ttft_ms, "decode": max_tpot_ms}
+    generation_only = any(ms is not None for ms in generation.values())
+    speedup_gate = min_speedup is not None or (sla is None and not generation_only)
+    latency_gate = max_latency_ms is not None or (sla is not None and not generation_only)
+    metric = metric or (sla["metric"] if sla else "p90")
+    checks, measurements = [], {}
+    if speedup_gate or latency_gate:
+        example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
+        check = PairedVerifier(runtime, env, artifact.dense_onnx, example, policy(effort), tolerance).verdict(
+            artifact.onnx)
+        measurements["sequence"] = env, check
+        if speedup_gate:
+            required = min_speedup if min_speedup is not None else manifest["target_speedup"] * (1 - tolerance)
+            checks.append(Check("speedup", check.speedup.value, required, "x", at_least=True))
+        if latency_gate:
+            required = max_latency_ms if max_latency_ms is not None else sla["ms"]
+            checks.append(Check(f"{metric} latency", statistic(check.member, metric), required, " ms", at_least=False))
+    for phase, required_ms in generation.items():
+        if required_ms is None:
+            continue
+        member, dense = artifact.generation_files()
+        phase_env = env.in_phase(phase, (context_length or env.sequence_length) if phase == "decode" else None)
+        check = PairedVerifier(runtime, phase_env, dense, phase_feeds(phase_env, config.vocab_size), policy(effort),
+                               tolerance).verdict(member)
+        measurements[phase] = phase_env, check
+        checks.append(Check(f"{metric} {GENERATION_CHECKS[phase]}", statistic(check.member, metric), required_ms,
+                            " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
             "precision": env.precision}
-    return Verdict(manifest["name"], info, checks, time.perf_counter() - start, check, manifest["runtime"]["device"])
+    return Verdict(manifest["name"], info, checks, time.perf_counter() - start, measurements,
+                   manifest["runtime"]["device"])
 
 
 def junit_xml(verdict: Verdict) -> ET.ElementTree:
@@ -162,11 +208,16 @@ def junit_xml(verdict: Verdict) -> ET.ElementTree:
     properties = ET.SubElement(suite, "properties")
     for key, value in verdict.runtime.items():
         ET.SubElement(properties, "property", name=f"runtime.{key}", value=property_value(value))
-    speedup = {**verdict.measurement.speedup.to_json(), "measurements": len(verdict.measurement.blocks)}
-    for key, value in speedup.items():
-        ET.SubElement(properties, "property", name=f"speedup.{key}", value=str(value))
-    for key, value in verdict.measurement.load_json().items():
-        ET.SubElement(properties, "property", name=f"machine_load.{key}", value=str(value))
+    for phase, (env, measurement) in verdict.measurements.items():
+        prefix = "" if phase == "sequence" else f"{phase}."
+        speedup = {**measurement.speedup.to_json(), "measurements": len(measurement.blocks),
+                   **({} if phase == "sequence" else {"member_median_ms": measurement.member.median_ms,
+                                                     "member_p90_ms": measurement.member.p90_ms,
+                                                     "context_length": env.context_length})}
+        for key, value in speedup.items():
+            ET.SubElement(properties, "property", name=f"{prefix}speedup.{key}", value=str(value))
+        for key, value in measurement.load_json().items():
+            ET.SubElement(properties, "property", name=f"{prefix}machine_load.{key}", value=str(value))
     for check in verdict.checks:
         case = ET.SubElement(suite, "testcase", classname=f"ziplm.verify.{verdict.artifact}", name=check.name,
                              time=f"{verdict.seconds / len(verdict.checks):.3f}")

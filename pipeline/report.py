@@ -49,9 +49,9 @@ ORIGINS = {"fine-tuned": "fine-tuned here on the task", "given": "the given mode
 
 
 def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, metric: Metric,
-                  latencies: list[TimingStats], origin: str) -> dict[str, Any]:
+                  latencies: list[TimingStats], origin: str, runtime: dict[str, Any]) -> dict[str, Any]:
     """A dense model (in `precision`): its latency is the median over the paired runs that timed the members beside
-    it (`latencies`); `origin` says how it came to be (a key of ORIGINS)."""
+    it (`latencies`) in `runtime`; `origin` says how it came to be (a key of ORIGINS)."""
     medians = [stats.median_ms for stats in latencies]
     p90s = [stats.p90_ms for stats in latencies]
     return {
@@ -62,6 +62,7 @@ def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, metr
         "parameters": parameter_count(dense),
         "file_bytes": dense_onnx.stat().st_size,
         "structure": structure_json(dense, ModelStructure.dense(adapter_for(dense.config).shape(dense.config))),
+        "kv_cache": kv_cache_json(dense, runtime),
     }
 
 
@@ -96,6 +97,7 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "metric": {**member.metric.to_json(), "dense_value": dense_info["metric"]["value"],
                    "onnx_value": member.onnx_metric},
         "structure": structure_json(member.model, member.final.structure),
+        "kv_cache": kv_cache_json(member.model, runtime),
         "sparsity": weight_sparsity(member.model),
         "parameters": parameter_count(member.model),
         "file_bytes": onnx_path.stat().st_size,
@@ -128,6 +130,16 @@ def _speedup_json(check: LatencyCheck) -> dict[str, Any]:
 def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[str, list[int]]:
     shape = adapter_for(model.config).shape(model.config)
     return {"heads": [layer.units * shape.heads_per_unit for layer in structure.layers], **structure.to_json()}
+
+
+def kv_cache_json(model: PreTrainedModel, runtime: dict[str, Any]) -> dict[str, int] | None:
+    """A decoder's key/value cache (fp32 values): bytes per token of context, and at the environment's sequence
+    length; None for a model that keeps none."""
+    per_token = adapter_for(model.config).kv_cache_bytes_per_token(model.config)
+    if per_token is None:
+        return None
+    context = runtime["sequence_length"]
+    return {"bytes_per_token": per_token, "context_length": context, "bytes": per_token * context}
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -237,6 +249,17 @@ def _extra_scores(metric: dict[str, Any]) -> str:
     return f" ({', '.join(f'{name} {value:.4f}' for name, value in extra.items())})" if extra else ""
 
 
+def _kv_cache_lines(report: dict[str, Any]) -> list[str]:
+    dense = report["dense"].get("kv_cache")
+    if dense is None:
+        return []
+    members = ", ".join(f"{m['name']} {m['kv_cache']['bytes_per_token'] / 1024:.1f} KiB "
+                        f"({m['kv_cache']['bytes_per_token'] / dense['bytes_per_token']:.0%})"
+                        for m in report["members"])
+    return ["", f"Key/value cache (fp32) per token of context: dense {dense['bytes_per_token'] / 1024:.1f} KiB "
+                f"({dense['bytes'] / 2**20:.1f} MiB at {dense['context_length']} tokens); {members}."]
+
+
 def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     runtime, dense = report["runtime"], report["dense"]
     lines = [
@@ -269,6 +292,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
+    lines += _kv_cache_lines(report)
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
     lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model, "
               f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model (each timed beside "

@@ -19,7 +19,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ziplm.cache import StageCache, StageProgress, StageResult, atomic_directory, cache_root, write_json_atomic
+from ziplm.cache import (StageCache, StageProgress, StageResult, atomic_directory, cache_root, file_digest,
+                         write_json_atomic)
 from ziplm.errors import UnreachableTargetError
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
@@ -38,6 +39,7 @@ from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
+from ziplm.stages.generation import check_generation, export_for_generation
 from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.quantize import load_model as load_deployed
@@ -396,10 +398,12 @@ def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precis
                 inputs: Inputs, runtime: dict[str, Any]) -> dict[str, Any]:
     """A dense model's folder (model.onnx, manifest.json); returns its summary."""
     dense_onnx = dense.path / "model.onnx"
-    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies, inputs.dense_origin)
+    info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies, inputs.dense_origin, runtime)
     with atomic_directory(folder_path) as folder:
         (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
-        write_json_atomic(folder / "manifest.json", dense_manifest(runtime, info, folder / "model.onnx"))
+        generation = write_generation_artifact(inputs.dense, folder, precision)
+        write_json_atomic(folder / "manifest.json",
+                          {**dense_manifest(runtime, info, folder / "model.onnx"), "generation": generation})
     return info
 
 
@@ -428,5 +432,25 @@ def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs
         (folder / "model.onnx").write_bytes(member.onnx_path.read_bytes())
         payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", inputs.dense_key,
                            inputs.task, factor)
+        payload["generation"] = write_generation_artifact(member.model, folder, recipe.environment.precision)
         write_json_atomic(folder / "manifest.json", payload)
     return payload
+
+
+GENERATION_ONNX = "generation.onnx"
+PARITY_PROMPT, PARITY_TOKENS = 16, 32  # greedy generation that must match transformers' token for token
+
+
+def write_generation_artifact(model: PreTrainedModel, folder: Path, precision: Precision) -> dict[str, Any] | None:
+    """A decoder member's generation.onnx (ziplm.stages.generation: KV cache in and out), checked by greedy generation
+    in ONNX Runtime against transformers' generate; its manifest entry. None for a model without a KV cache, and for
+    INT8 members, whose generation artifact is not built yet."""
+    config = model.config
+    adapter = adapter_for(config)
+    if adapter.kv_cache_bytes_per_token(config) is None or precision != "fp32":
+        return None
+    path = export_for_generation(model, folder / GENERATION_ONNX)
+    prompt = adapter.example_inputs(config, 1, PARITY_PROMPT)["input_ids"]
+    parity = check_generation(model, path, prompt, PARITY_TOKENS)
+    return {"file": GENERATION_ONNX, "file_bytes": path.stat().st_size, "sha256": file_digest(path),
+            "greedy_parity_tokens": parity.new_tokens}

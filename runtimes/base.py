@@ -11,13 +11,17 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ziplm.errors import BadInputError
 
 
 Precision = Literal["fp32", "int8"]  # int8: QuantizeLinear/DequantizeLinear models (ziplm.stages.quantize)
+# sequence: the whole sequence in, every position's output out (model.onnx). A decoder generating (generation.onnx):
+# prefill, a prompt of sequence_length tokens on an empty KV cache (time to first token); decode, one token on a cache
+# of context_length tokens (time per output token).
+Phase = Literal["sequence", "prefill", "decode"]
 
 
 class InferenceEnv(BaseModel):
@@ -31,6 +35,27 @@ class InferenceEnv(BaseModel):
     sequence_length: int = Field(128, ge=1)
     precision: Precision = "fp32"
     options: dict[str, Any] = Field(default_factory=dict)
+    phase: Phase = "sequence"
+    context_length: int | None = Field(None, ge=1, description="decode: the cache length one new token is timed on")
+
+    @model_validator(mode="after")
+    def _context_for_decode(self) -> InferenceEnv:
+        if self.phase == "decode" and self.context_length is None:
+            raise ValueError("phase decode times one new token on a cache of context_length tokens: set "
+                             "context_length")
+        if self.phase != "decode" and self.context_length is not None:
+            raise ValueError(f"context_length is the cache length of phase decode; phase {self.phase} has none")
+        return self
+
+    def in_phase(self, phase: Phase, context_length: int | None = None) -> InferenceEnv:
+        """This environment in another phase (validated: decode needs its context length)."""
+        return InferenceEnv.model_validate({**self.model_dump(), "phase": phase, "context_length": context_length})
+
+    def describe_phase(self) -> str:
+        """e.g. "time per token at context 512" ("" for the whole-sequence phase)."""
+        if self.phase == "prefill":
+            return f"time to first token of {self.sequence_length} prompt tokens"
+        return f"time per token at context {self.context_length}" if self.phase == "decode" else ""
 
 
 @dataclass(frozen=True)
@@ -46,9 +71,10 @@ class RuntimeInfo:
 
 
 class Session(Protocol):
-    """A loaded model, ready to run."""
+    """A loaded model, ready to run; `input_shapes` as the file declares them (a name for a dynamic axis)."""
 
     input_names: tuple[str, ...]
+    input_shapes: dict[str, tuple[int | str, ...]]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 

@@ -33,6 +33,7 @@ class OrtSession:
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session = session
         self.input_names = tuple(i.name for i in session.get_inputs())
+        self.input_shapes = {i.name: tuple(i.shape) for i in session.get_inputs()}
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(None, {name: inputs[name] for name in self.input_names})

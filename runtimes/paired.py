@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,17 +80,22 @@ class LatencyCheck:
         return f" [{note}{either_way}]" if note else ""
 
 
-class PairedVerifier:
-    """Holds the session of a dense model and the inputs, and measures members timed beside it."""
+Feeds = Callable[[Session], dict[str, np.ndarray]]  # what a loaded file is fed, where files take different inputs
 
-    def __init__(self, runtime: Runtime, env: InferenceEnv, dense_onnx: Path, inputs: dict[str, np.ndarray],
-                 policy: MeasurementPolicy, tolerance: float) -> None:
+
+class PairedVerifier:
+    """Holds the session of a dense model and the inputs, and measures members timed beside it. `inputs` are the
+    same for every file, or a function of the loaded file (a decoder's KV cache has each file's own head counts)."""
+
+    def __init__(self, runtime: Runtime, env: InferenceEnv, dense_onnx: Path,
+                 inputs: dict[str, np.ndarray] | Feeds, policy: MeasurementPolicy, tolerance: float) -> None:
         self.runtime = runtime
         self.env = env
         self.policy = policy
         self.tolerance = tolerance
-        self.inputs = inputs
+        self.feeds: Feeds = inputs if callable(inputs) else (lambda _: inputs)
         self.dense: Session = runtime.load(dense_onnx)
+        self.dense_inputs = self.feeds(self.dense)
 
     def measure(self, member_onnx: Path, repeats: int = 1) -> LatencyCheck:
         """The member's speedup, timed interleaved. With `repeats`, that many independent measurements and the
@@ -136,8 +142,9 @@ class PairedVerifier:
     def quiet_block(self, member: Session) -> LatencyCheck:
         """One paired measurement, taken again while other work kept cores busy during it (LoadGuard); the least
         disturbed counts."""
+        inputs = self.feeds(member)
         kept, retaken, disturbed = self.policy.guard.take(
-            lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.inputs), lambda: member.run(self.inputs),
+            lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.dense_inputs), lambda: member.run(inputs),
                                               self.policy.timing_rounds, self.policy.warmup,
                                               max_relative_width=2 * self.tolerance, span=self.policy.span)),
             lambda check: check.speedup.other_load)
@@ -145,7 +152,7 @@ class PairedVerifier:
 
     def measure_dense(self) -> TimingStats:
         """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
-        return time_interleaved({"dense": lambda: self.dense.run(self.inputs)}, self.policy.timing_rounds,
+        return time_interleaved({"dense": lambda: self.dense.run(self.dense_inputs)}, self.policy.timing_rounds,
                                 self.policy.warmup)["dense"]
 
 

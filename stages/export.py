@@ -66,24 +66,23 @@ def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
                   output_axes: dict[int, str] | None = None) -> Path:
     """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically), its output's
     dynamic axes `output_axes` (default: batch first); the module is left in eval mode."""
+    names = list(example)
+    return write_onnx(_KeywordCall(module, names), path, {name: torch.from_numpy(example[name]) for name in names},
+                      [output_name], {**dynamic_axes, output_name: output_axes or {0: "batch"}})
+
+
+def write_onnx(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor], output_names: Sequence[str],
+               dynamic_axes: dict[str, dict[int, str]]) -> Path:
+    """Trace `call(*inputs.values())` into one self-contained ONNX file at `path`, written atomically (the exporter
+    leaves `call` in eval mode, and the modules inside it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    names = list(example)
-    tensors = tuple(torch.from_numpy(example[name]) for name in names)
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _KeywordCall(module, names).eval(),  # the exporter puts back the wrapper's mode on the module too
-            tensors,
-            str(tmp),
-            input_names=names,
-            output_names=[output_name],
-            dynamic_axes={**dynamic_axes, output_name: output_axes or {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+        torch.onnx.export(call.eval(), tuple(inputs.values()), str(tmp), input_names=list(inputs),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=OPSET,
+                          dynamo=False, do_constant_folding=True)
     tmp.replace(path)
     return path
 

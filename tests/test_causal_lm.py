@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import onnxruntime as ort
@@ -19,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from tests.conftest import FILLER_WORDS, NEGATIVE_WORDS, POSITIVE_WORDS, tiny_recipe, toy_sentiment_rows, \
     write_tiny_bert
 from tests.test_pipeline import invoke
+from ziplm.cache import file_digest
 from ziplm.errors import BadInputError
 from ziplm.families.llama import LlamaAdapter
 from ziplm.pipeline.recipe import parse_recipe
@@ -123,22 +126,76 @@ def test_blocks_are_the_environments_sequence_length_unless_the_recipe_says_othe
         parse_recipe(base.replace("data:", "max_length: 32, data:"))
 
 
-def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_dir, texts, tmp_path, monkeypatch):
-    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
-    payload = tiny_recipe(decoder_dir, texts, task={"type": "causal_lm", "data": str(texts), "batch_size": 8,
-                                                    "calibration_fraction": 0.25})
-    del payload["teacher"]
-    payload["environment"]["sequence_length"] = BLOCK
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(payload))
-    result = invoke("run", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "out"))
+def test_a_recipe_for_a_generation_phase_is_refused_until_run_builds_one(texts):
+    recipe = (f"name: lm\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\n"
+              "environment: {sequence_length: 64, phase: decode, context_length: 128}\ntargets: [2]\n")
+    with pytest.raises(BadInputError, match="builds families for the whole-sequence phase so far"):
+        parse_recipe(recipe)
+
+
+@pytest.fixture(scope="module")
+def decoder_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ziplm run` of the causal-LM task on the tiny decoder: one member at 1.3x."""
+    root = tmp_path_factory.mktemp("decoder-family")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZIPLM_CACHE", str(root / "cache"))
+        texts = write_texts(root / "texts")
+        payload = tiny_recipe(write_tiny_decoder(root / "decoder"), texts,
+                              task={"type": "causal_lm", "data": str(texts), "batch_size": 8,
+                                    "calibration_fraction": 0.25})
+        del payload["teacher"]
+        payload["environment"]["sequence_length"] = BLOCK
+        (root / "recipe.yaml").write_text(yaml.safe_dump(payload))
+        result = invoke("run", str(root / "recipe.yaml"), "--out", str(root / "out"))
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    return root / "out"
+
+
+def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_family):
+    report = json.loads((decoder_family / "report.json").read_text())
     (member,) = report["members"]
     assert report["dense"]["origin"] == "given" and member["metric"]["name"] == "perplexity"
     assert member["metric"]["higher_is_better"] is False and member["metric"]["value"] > 1.0
     assert member["stages"][0] == "teacher-given"
-    folder = tmp_path / "out" / member["name"]
+    dense_cache, cache = report["dense"]["kv_cache"], member["kv_cache"]
+    units = member["structure"]["units"]
+    assert cache["bytes_per_token"] * 3 * len(units) == dense_cache["bytes_per_token"] * sum(units)  # 3 KV groups
+    assert cache["bytes"] == cache["bytes_per_token"] * BLOCK == cache["bytes_per_token"] * cache["context_length"]
+    assert "Key/value cache (fp32) per token of context: dense" in (decoder_family / "report.md").read_text()
+    folder = decoder_family / member["name"]
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits"]
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert loaded.config.ziplm_structure == json.loads((folder / "config.json").read_text())["ziplm_structure"]
+
+
+def test_member_and_dense_folders_ship_a_checked_generation_artifact(decoder_family):
+    for folder in (decoder_family / "dense", next(decoder_family.glob("*-1.3x"))):
+        record = json.loads((folder / "manifest.json").read_text())["generation"]
+        assert record["file"] == "generation.onnx" and record["sha256"] == file_digest(folder / "generation.onnx")
+        assert record["greedy_parity_tokens"] > 0
+        session = ort.InferenceSession(str(folder / "generation.onnx"), providers=["CPUExecutionProvider"])
+        assert [o.name for o in session.get_outputs()][0] == "logits"
+
+
+def test_verify_gates_time_to_first_token_and_time_per_token(decoder_family, tmp_path):
+    member = next(decoder_family.glob("*-1.3x"))
+    junit = tmp_path / "verify.xml"
+    result = invoke("verify", str(member), "--max-ttft-ms", "10000", "--max-tpot-ms", "10000", "--context-length",
+                    "40", "--effort", "quick", "--junit", str(junit))
+    assert result.exit_code == 0, result.output
+    assert "p90 TTFT" in result.output and "p90 TPOT" in result.output and "speedup" not in result.output.split("(")[0]
+    assert "time per token at context 40" in result.output
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert [case.get("name") for case in suite.iter("testcase")] == ["p90 TTFT", "p90 TPOT"]
+    assert suite.find(".//property[@name='decode.speedup.context_length']").get("value") == "40"
+    assert float(suite.find(".//property[@name='decode.speedup.member_p90_ms']").get("value")) > 0
+    strict = invoke("verify", str(member), "--max-tpot-ms", "0.000001", "--effort", "quick")
+    assert strict.exit_code == 1 and strict.output.startswith("FAIL") and "p90 TPOT" in strict.output
+
+
+def test_verify_of_time_per_token_needs_the_generation_artifacts(decoder_family, tmp_path):
+    family = Path(shutil.copytree(decoder_family, tmp_path / "family"))
+    (family / "dense" / "generation.onnx").unlink()
+    result = invoke("verify", str(next(family.glob("*-1.3x"))), "--max-tpot-ms", "10")
+    assert result.exit_code == 2 and "the dense generation artifact" in " ".join(result.output.split())

@@ -130,6 +130,11 @@ def test_verify_bad_options_exit_2(tiny_family, args, message):
     assert result.exit_code == 2 and message in result.output
 
 
+def test_time_per_token_gates_of_an_encoder_member_exit_2(tiny_family):
+    result = invoke("verify", speedup_member(tiny_family), "--max-tpot-ms", "10")
+    assert result.exit_code == 2 and "apply to fp32 decoder members" in " ".join(result.output.split())
+
+
 def test_verify_a_folder_without_manifest_exits_2(tmp_path):
     result = invoke("verify", tmp_path)
     assert result.exit_code == 2 and "has no manifest.json" in result.output

@@ -1,0 +1,189 @@
+"""Every decoder model type exported for generation: greedy decoding over the KV cache in ONNX Runtime (our loop)
+equals transformers' `generate` token for token, dense and pruned (uneven KV-head counts, the first layer's attention
+removed, so its cache entry is absent), on one prompt and on a left-padded batch; and the artifact and config.json
+describe the pruned cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from ziplm.errors import BadInputError
+from ziplm.families import LayerStructure, ModelShape, ModelStructure
+from ziplm.families.decoder import KV_HEADS_KEY, DecoderAdapter
+from ziplm.families.loading import build_model, load_model, save_model
+from ziplm.families.registry import _FAMILIES
+from ziplm.runtimes import InferenceEnv
+from ziplm.runtimes.onnxruntime_cpu import OnnxRuntimeCPU
+from ziplm.stages.export import ExportParityError
+from ziplm.stages.generation import (GenerationParity, StopTokens, check_generation, export_for_generation,
+                                     onnx_greedy_generate, phase_feeds, torch_greedy_generate)
+
+DECODER_TYPES = sorted(name for name, adapter in _FAMILIES.items() if isinstance(adapter, DecoderAdapter))
+NEW_TOKENS = 32
+
+
+def test_the_decoder_families_are_registered():
+    assert {"gpt2", "llama", "mistral", "qwen2", "qwen3"} <= set(DECODER_TYPES)
+
+
+def pruned(shape: ModelShape) -> ModelStructure:
+    """Layer 0 without attention, layer 1 with one KV group and half its FFN, layer 2 dense attention without FFN."""
+    options = [LayerStructure(0, shape.ffn_size), LayerStructure(1, shape.ffn_size // 2),
+               LayerStructure(shape.num_units, 0)]
+    return ModelStructure(tuple(options[i % 3] for i in range(shape.num_layers)))
+
+
+def decoder(model_type: str, structure: str, seed: int = 0) -> torch.nn.Module:
+    adapter = _FAMILIES[model_type]
+    config = adapter.tiny_config_of(model_type)
+    torch.manual_seed(seed)
+    model = build_model(config, structure=pruned(adapter.shape(config)) if structure == "pruned" else None)
+    model.generation_config.eos_token_id = None  # every row runs all NEW_TOKENS steps (stopping is tested apart)
+    return model
+
+
+def prompts(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two prompts of 9 tokens, the second left-padded to hold 6."""
+    input_ids = np.random.default_rng(1).integers(3, vocab_size, (2, 9))
+    mask = np.ones_like(input_ids)
+    mask[1, :3] = 0
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("structure", ["dense", "pruned"])
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_generation_in_onnx_runtime_equals_transformers_generate(model_type, structure, tmp_path):
+    model = decoder(model_type, structure)
+    path = export_for_generation(model, tmp_path / "generation.onnx")
+    input_ids, mask = prompts(model.config.vocab_size)
+    assert check_generation(model, path, input_ids[:1], NEW_TOKENS) == GenerationParity(NEW_TOKENS, 1)
+    assert check_generation(model, path, input_ids, NEW_TOKENS, mask) == GenerationParity(NEW_TOKENS, 2)
+
+
+@pytest.mark.parametrize("model_type", DECODER_TYPES)
+def test_the_artifact_has_one_cache_entry_per_attending_layer_with_its_own_head_count(model_type, tmp_path):
+    model = decoder(model_type, "pruned")
+    adapter = _FAMILIES[model_type]
+    shape = adapter.shape(model.config)
+    session = ort.InferenceSession(str(export_for_generation(model, tmp_path / "g.onnx")))
+    inputs = {spec.name: spec.shape for spec in session.get_inputs()}
+    outputs = [spec.name for spec in session.get_outputs()]
+    kv_heads = adapter.kv_heads(model.config)
+    assert kv_heads == [layer.units for layer in pruned(shape).layers] and kv_heads[0] == 0
+    attending = [i for i, heads in enumerate(kv_heads) if heads]
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [name for name in inputs if name.startswith("past")] == [
+        f"past_key_values.{i}.{part}" for i in attending for part in ("key", "value")]
+    for i in attending:
+        assert inputs[f"past_key_values.{i}.key"] == ["batch", kv_heads[i], "past_sequence", shape.head_dim]
+    assert outputs == ["logits", *(f"present.{i}.{part}" for i in attending for part in ("key", "value"))]
+    assert adapter.kv_cache_bytes_per_token(model.config) == 2 * sum(kv_heads) * shape.head_dim * 4
+
+
+def test_prefill_returns_the_last_positions_logits_and_the_cache_of_the_whole_prompt(tmp_path):
+    model = decoder("llama", "pruned")
+    session = ort.InferenceSession(str(export_for_generation(model, tmp_path / "g.onnx")))
+    input_ids = prompts(model.config.vocab_size)[0][:1]
+    empty = {spec.name: np.zeros((1, spec.shape[1], 0, spec.shape[3]), np.float32)
+             for spec in session.get_inputs() if spec.name.startswith("past")}
+    feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+            "position_ids": np.arange(input_ids.shape[1])[None], **empty}
+    logits, *present = session.run(None, feed)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(input_ids)).logits[:, -1:].numpy()
+    assert logits.shape == (1, 1, model.config.vocab_size)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert all(tensor.shape[2] == input_ids.shape[1] for tensor in present)
+
+
+def test_a_reloaded_member_generates_the_same_and_its_config_describes_the_cache(tmp_path):
+    model = decoder("llama", "pruned")
+    save_model(model, tmp_path / "member")
+    config = json.loads((tmp_path / "member" / "config.json").read_text())
+    adapter = _FAMILIES["llama"]
+    assert config["head_dim"] == adapter.shape(model.config).head_dim
+    assert config[KV_HEADS_KEY] == adapter.kv_heads(model.config)
+    reloaded = load_model(str(tmp_path / "member"), "causal-lm")
+    reloaded.generation_config.eos_token_id = None
+    path = export_for_generation(reloaded, tmp_path / "g.onnx")
+    input_ids, mask = prompts(model.config.vocab_size)
+    check_generation(model, path, input_ids, NEW_TOKENS, mask)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_plain_generate_without_our_cache_gives_the_same_tokens(model_type):
+    """A user's `model.generate()` builds transformers' own cache: the removed attention of layer 0 must not make it
+    read an empty cache (which mis-masks the padded row)."""
+    model = decoder(model_type, "pruned")
+    input_ids, mask = prompts(model.config.vocab_size)
+    with torch.no_grad():
+        plain = model.generate(torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
+                               max_new_tokens=NEW_TOKENS, do_sample=False).numpy()
+    np.testing.assert_array_equal(plain, torch_greedy_generate(model, input_ids, NEW_TOKENS, mask))
+
+
+def test_a_row_that_produces_a_stop_token_is_padded_and_generation_ends_as_in_transformers(tmp_path):
+    model = decoder("gpt2", "pruned")
+    path = export_for_generation(model, tmp_path / "g.onnx")
+    input_ids, mask = prompts(model.config.vocab_size)
+    free = onnx_greedy_generate(ort.InferenceSession(str(path)), input_ids, NEW_TOKENS, mask)
+    stop = int(free[0, input_ids.shape[1] + 4])  # the first row's fifth new token ends its generation
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, 0
+    assert StopTokens.of(model) == StopTokens((stop,), 0)
+    check_generation(model, path, input_ids, NEW_TOKENS, mask)
+    stopped = onnx_greedy_generate(ort.InferenceSession(str(path)), input_ids, NEW_TOKENS, mask, StopTokens.of(model))
+    first_stop = int(np.flatnonzero(stopped[0, input_ids.shape[1]:] == stop)[0])
+    assert first_stop <= 4 and (stopped[0, input_ids.shape[1] + first_stop + 1:] == 0).all()
+
+
+def test_an_artifact_of_other_weights_fails_the_check(tmp_path):
+    path = export_for_generation(decoder("llama", "pruned", seed=1), tmp_path / "g.onnx")
+    model = decoder("llama", "pruned", seed=0)
+    with pytest.raises(ExportParityError, match="differs from transformers' generate: row 0"):
+        check_generation(model, path, prompts(model.config.vocab_size)[0][:1], NEW_TOKENS)
+
+
+def test_encoders_and_decoders_without_attention_are_refused(tiny_bert_dir, tmp_path):
+    with pytest.raises(BadInputError, match="not a decoder"):
+        export_for_generation(load_model(str(tiny_bert_dir)), tmp_path / "g.onnx")
+    adapter = _FAMILIES["gpt2"]
+    config = adapter.tiny_config()
+    no_attention = ModelStructure.uniform(adapter.shape(config), 0, 32)
+    with pytest.raises(BadInputError, match="no key/value cache"):
+        export_for_generation(build_model(config, structure=no_attention), tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_phase_feeds_size_each_files_cache_for_prefill_and_decode(tmp_path):
+    model = decoder("llama", "pruned")
+    session = OnnxRuntimeCPU(threads=1).load(export_for_generation(model, tmp_path / "g.onnx"))
+    env = InferenceEnv(batch_size=2, sequence_length=12)
+    prefill = phase_feeds(env.in_phase("prefill"), model.config.vocab_size)(session)
+    decode = phase_feeds(env.in_phase("decode", 20), model.config.vocab_size)(session)
+    assert prefill["input_ids"].shape == (2, 12) and prefill["attention_mask"].shape == (2, 12)
+    assert decode["input_ids"].shape == (2, 1) and decode["attention_mask"].shape == (2, 21)
+    assert (decode["position_ids"] == 20).all() and (prefill["position_ids"][1] == np.arange(12)).all()
+    kv_heads = _FAMILIES["llama"].kv_heads(model.config)
+    for name, shape in session.input_shapes.items():
+        if name.startswith("past_key_values."):
+            heads, head_dim = shape[1], shape[3]
+            assert heads == kv_heads[int(name.split(".")[1])]
+            assert prefill[name].shape == (2, heads, 0, head_dim) and decode[name].shape == (2, heads, 20, head_dim)
+    logits, *present = session.run(decode)
+    assert logits.shape == (2, 1, model.config.vocab_size) and all(t.shape[2] == 21 for t in present)
+    with pytest.raises(ValueError, match="whole-sequence phase"):
+        phase_feeds(env, model.config.vocab_size)
+
+
+def test_a_decode_environment_needs_its_context_length_and_only_decode_has_one():
+    assert InferenceEnv().phase == "sequence" and InferenceEnv().describe_phase() == ""
+    assert InferenceEnv().in_phase("decode", 512).describe_phase() == "time per token at context 512"
+    with pytest.raises(ValueError, match="set context_length"):
+        InferenceEnv(phase="decode")
+    with pytest.raises(ValueError, match="phase prefill has none"):
+        InferenceEnv(phase="prefill", context_length=64)
