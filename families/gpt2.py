@@ -11,7 +11,7 @@ from transformers import GPT2Config, PretrainedConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from ziplm.families.base import ModelShape, Slice, eager_config, fused_attention_unit
-from ziplm.families.decoder import DecoderAdapter
+from ziplm.families.decoder import DecoderAdapter, block_cache
 from ziplm.families.prenorm import PreNormModules
 from ziplm.families.registry import register_family
 
@@ -54,7 +54,8 @@ class GPT2Adapter(PreNormModules, DecoderAdapter):
         return GPT2Block(eager_config(config), layer_idx=0)
 
     def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
-        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"])
+        return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
+                     past_key_values=block_cache(block_inputs))
 
     def tiny_config(self) -> PretrainedConfig:
         return GPT2Config(vocab_size=100, n_embd=64, n_layer=3, n_head=4, n_inner=128, n_positions=64,

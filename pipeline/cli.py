@@ -218,6 +218,14 @@ class TablePrecision(str, Enum):
     int8 = "int8"
 
 
+class TablePhase(str, Enum):
+    """The phases a latency table can be timed in (runtimes.base.Phase)."""
+
+    sequence = "sequence"
+    prefill = "prefill"
+    decode = "decode"
+
+
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
@@ -233,10 +241,17 @@ def latency_table(
     effort: Annotated[Effort, typer.Option(help="how hard to measure (docs/measurement.md)")] = Effort.standard,
     rebuild: Annotated[bool, typer.Option(help="measure again even when a cached table exists")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table here")] = None,
+    phase: Annotated[TablePhase, typer.Option(help="decoders: prefill (a prompt of the sequence length, time to "
+                                                   "first token) or decode (one token on a cache of "
+                                                   "--context-length)")] = "sequence",
+    context_length: Annotated[int | None, typer.Option(min=1, help="decode: the cache length")] = None,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
+    if (TablePhase(phase) == TablePhase.decode) != (context_length is not None):
+        raise BadInputError("--context-length is the cache length of --phase decode: give both or neither")
     env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
-                       precision=TablePrecision(precision).value)
+                       precision=TablePrecision(precision).value, phase=TablePhase(phase).value,
+                       context_length=context_length)
     table, cached = get_or_build_table(load_config(model), env, group_size, policy(Effort(effort).value),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)
@@ -258,8 +273,10 @@ def table_summary(table: LatencyTable) -> dict[str, object]:
 
 def show_table(table: LatencyTable) -> None:
     env = table.environment
+    phase = {"prefill": ", prefill", "decode": f", decode at context {env.get('context_length')}"}.get(
+        env.get("phase", "sequence"), "")
     view = Table(title=f"latency table {table.fingerprint} ({env['name']} {env['version']}, {env['threads']} threads, "
-                       f"batch {env['batch_size']}, sequence {env['sequence_length']}, {env['precision']})")
+                       f"batch {env['batch_size']}, sequence {env['sequence_length']}, {env['precision']}{phase})")
     view.add_column("module")
     view.add_column("level", justify="right")
     view.add_column("ms over removed", justify="right")

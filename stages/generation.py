@@ -13,7 +13,8 @@ The artifact speaks the names of ONNX Runtime's and Optimum's causal-LM tooling:
 runtime that sizes the cache from the graph's shapes (onnxruntime-genai) sees the pruned counts; config.json records
 them too (`head_dim`, `num_key_value_heads_per_layer`). A layer whose attention was removed has no cache entries at
 all: its index is absent from the inputs and outputs, and config.json gives it 0 KV heads. Prefill feeds an empty past
-(past_sequence 0) and the whole prompt; each decode step feeds one token and the cache the step before returned.
+(past_sequence 0) and the whole prompt; each decode step feeds one token and the cache the step before returned. A
+model with no attention left takes neither a cache nor an attention_mask (nothing reads them).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 
 from ziplm.errors import BadInputError
 from ziplm.families import adapter_for
 from ziplm.families.decoder import DecoderAdapter
 from ziplm.runtimes import InferenceEnv, Session
 from ziplm.runtimes.paired import Feeds
-from ziplm.stages.export import ExportParityError, write_onnx
+from ziplm.stages.export import ExportParityError, export_model, write_onnx
 
 PAST, PRESENT = "past_key_values", "present"
 # The shape the graph is traced at: two rows (the second left-padded, so masking is traced from real data), a prompt
@@ -48,13 +50,15 @@ def decoder_adapter(model: PreTrainedModel) -> DecoderAdapter:
 
 
 def attending_layers(model: PreTrainedModel) -> list[int]:
-    """The layers that still have attention, hence a cache entry."""
+    """The layers that still have attention, hence a cache entry (none: the model generates without a cache, each
+    token from itself and its position)."""
     adapter = decoder_adapter(model)
-    layers = [index for index, layer in enumerate(adapter.layers(model)) if adapter.has_attention(layer)]
-    if not layers:
-        raise BadInputError("no layer of this model has attention left, so it has no key/value cache to generate "
-                            "over: serve its model.onnx, which recomputes every position")
-    return layers
+    return [index for index, layer in enumerate(adapter.layers(model)) if adapter.has_attention(layer)]
+
+
+def generation_cache(model: PreTrainedModel) -> DynamicCache | None:
+    """The empty cache transformers generates over (None for a model without attention: nothing to cache)."""
+    return decoder_adapter(model).generation_cache(model) if attending_layers(model) else None
 
 
 def cache_names(prefix: str, layers: list[int]) -> list[str]:
@@ -67,23 +71,22 @@ class _GenerationCall(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
-        self.adapter = decoder_adapter(model)
         self.layers = attending_layers(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = self.adapter.generation_cache(self.model)
+        cache = generation_cache(self.model)
         for n, layer in enumerate(self.layers):
             cache.update(past[2 * n], past[2 * n + 1], layer)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                            past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
         present = [tensor for layer in self.layers for tensor in (cache.layers[layer].keys, cache.layers[layer].values)]
         return (output.logits, *present)
 
 
 def export_for_generation(model: PreTrainedModel, path: Path) -> Path:
     """Export a decoder (dense or pruned, fp32) as the generation artifact described above, written atomically."""
-    adapter, layers = decoder_adapter(model), attending_layers(model)
+    adapter, layers = decoder_adapter(model), attending_layers(model)  # no layer: no cache inputs or outputs
     config, head_dim = model.config, adapter.shape(model.config).head_dim
     kv_heads = adapter.kv_heads(config)
     generator = torch.Generator().manual_seed(0)
@@ -124,6 +127,22 @@ def phase_feeds(env: InferenceEnv, vocab_size: int, seed: int = 0) -> Feeds:
     return feeds
 
 
+def export_served(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Path:
+    """The file that is timed and served in the environment's phase: the whole-sequence model, or, for the phases
+    of generation, the generation artifact."""
+    if env.phase == "sequence":
+        return export_model(model, path, env.batch_size, env.sequence_length)
+    return export_for_generation(model, path)
+
+
+def served_feeds(config: PretrainedConfig, env: InferenceEnv) -> Feeds:
+    """What a file of `export_served` is fed for one timed call."""
+    if env.phase == "sequence":
+        example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
+        return lambda _: example
+    return phase_feeds(env, config.vocab_size)
+
+
 def positions(attention_mask: np.ndarray) -> np.ndarray:
     """Each token's position counted over the real tokens of its row (left padding gets 1), as transformers'
     generate computes it."""
@@ -138,13 +157,14 @@ def onnx_greedy_generate(session: object, input_ids: np.ndarray, new_tokens: int
     produced a stop token continues with padding, and decoding ends once every row has (as transformers' generate)."""
     batch = input_ids.shape[0]
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask.astype(np.int64)
+    names = {spec.name for spec in session.get_inputs()}  # a model without attention takes no attention_mask
     cache = {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.float32)
              for spec in session.get_inputs() if spec.name.startswith(PAST)}
     tokens, step = input_ids.astype(np.int64), input_ids.astype(np.int64)
     finished = np.zeros(batch, dtype=bool)
     for _ in range(new_tokens):
         feed = {"input_ids": step, "attention_mask": mask, "position_ids": positions(mask)[:, -step.shape[1]:]}
-        logits, *present = session.run(None, {**feed, **cache})
+        logits, *present = session.run(None, {name: value for name, value in feed.items() if name in names} | cache)
         step = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         if stop is not None:
             step[finished] = stop.pad
@@ -179,10 +199,11 @@ def torch_greedy_generate(model: PreTrainedModel, input_ids: np.ndarray, new_tok
                           attention_mask: np.ndarray | None = None) -> np.ndarray:
     """transformers' own `generate`, greedy, over the family's generation cache, with the model's stop tokens."""
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
+    cache = generation_cache(model)
     with torch.no_grad():
         output = model.eval().generate(torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
-                                       max_new_tokens=new_tokens, do_sample=False,
-                                       past_key_values=decoder_adapter(model).generation_cache(model))
+                                       max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
+                                       use_cache=cache is not None)
     return output.numpy()
 
 

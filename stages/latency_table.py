@@ -17,7 +17,12 @@ Both timings run in chunks of about a second, and a chunk during which other wor
 (the measurement policy's LoadGuard): the table aims every member solved from it, so a build measured under load
 mis-aims them all. What other work did is recorded in `machine_load`.
 
-The table is cached per (CPU, runtime and its settings, batch, sequence, precision, model shape, group size):
+A decoder's table can be timed in a phase of generation (InferenceEnv.phase): prefill times the same blocks and,
+end to end, the generation artifact on an empty cache (the head computes the last position only); decode times each
+block on one token with a cache of context_length (KV heads as the level keeps), and the generation artifact for one
+token end to end.
+
+The table is cached per (CPU, runtime and its settings, batch, sequence, precision, phase, model shape, group size):
 `get_or_build_table`. How hard it is measured follows the recipe's `effort` (runtimes.policy).
 """
 
@@ -41,11 +46,13 @@ from transformers import PretrainedConfig
 from ziplm.cache import StageCache, default_stages, fingerprint, write_json_atomic
 from ziplm.errors import BadInputError, UnreachableTargetError
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
+from ziplm.families.decoder import DecoderAdapter
 from ziplm.families.loading import build_model
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
 from ziplm.runtimes.policy import TABLE_SEED, TABLE_WARMUP, MeasurementPolicy, policy
 from ziplm.runtimes.timing import BusyMachineWarning, LoadGuard, MachineLoad, TimingStats, time_interleaved_guarded
-from ziplm.stages.export import export_model, export_module
+from ziplm.stages.export import export_module
+from ziplm.stages.generation import export_served, served_feeds
 from ziplm.stages.quantize import deployable
 
 SCHEMA_VERSION = 1
@@ -157,6 +164,7 @@ def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, gr
         "precision": env.precision,
         "shape": asdict(shape),
         "group_size": group_size,
+        **({} if env.phase == "sequence" else {"phase": env.phase, "context_length": env.context_length}),
     }
 
 
@@ -181,6 +189,9 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = G
                 measure: MeasurementPolicy = policy(), progress: Progress = print) -> LatencyTable:
     """Time every attention and FFN level of one layer, and the calibration models end to end (module docstring)."""
     adapter = adapter_for(config)
+    if env.phase != "sequence" and not isinstance(adapter, DecoderAdapter):
+        raise BadInputError(f"phase {env.phase} times a decoder generating over its KV cache; {config.model_type} is "
+                            "not a decoder: use phase sequence")
     shape = adapter.shape(config)
     runtime = get_runtime(env)
     identity = table_fingerprint(shape, env, runtime, group_size)
@@ -188,16 +199,15 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = G
     units = list(range(shape.num_units + 1))
     torch.manual_seed(TABLE_SEED)
     with tempfile.TemporaryDirectory(prefix="ziplm-table-") as workdir:
-        progress(f"latency table: exporting {len(units)} attention and {len(widths)} FFN blocks")
-        blocks = {f"attention/{k}": export_block(adapter, config, LayerStructure(k, 0), env, Path(workdir))
-                  for k in units}
-        blocks |= {f"ffn/{w}": export_block(adapter, config, LayerStructure(0, w), env, Path(workdir))
-                   for w in widths}
-        progress(f"latency table: timing {len(blocks)} blocks x {measure.block_rounds} rounds, interleaved")
-        sessions = {name: runtime.load(path) for name, path in blocks.items()}
-        block_inputs = adapter.block_inputs(config, env.batch_size, env.sequence_length)
-        block_stats, block_load = time_sessions(sessions, block_inputs, measure.block_rounds, TABLE_WARMUP,
-                                                measure.guard)
+        phase = f" ({env.describe_phase()})" if env.phase != "sequence" else ""
+        progress(f"latency table{phase}: exporting {len(units)} attention and {len(widths)} FFN blocks")
+        levels = {f"attention/{k}": LayerStructure(k, 0) for k in units} | {f"ffn/{w}": LayerStructure(0, w)
+                                                                            for w in widths}
+        feeds = {name: block_inputs(adapter, config, env, level) for name, level in levels.items()}
+        sessions = {name: runtime.load(export_block(adapter, config, level, env, Path(workdir), feeds[name]))
+                    for name, level in levels.items()}
+        progress(f"latency table: timing {len(sessions)} blocks x {measure.block_rounds} rounds, interleaved")
+        block_stats, block_load = time_sessions(sessions, feeds, measure.block_rounds, TABLE_WARMUP, measure.guard)
         _report_load("blocks", block_load, measure, progress)
         attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
         ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
@@ -229,13 +239,23 @@ class LayerBlock(nn.Module):
         return output[0] if isinstance(output, tuple) else output
 
 
+def block_inputs(adapter: FamilyAdapter, config: PretrainedConfig, env: InferenceEnv,
+                 structure: LayerStructure) -> dict[str, np.ndarray]:
+    """What a block of `structure` is timed on in the environment's phase: the sequence (or prompt) through one
+    layer, or, decoding, one token on a cache of context_length (a decoder's adapter)."""
+    if env.phase != "decode":
+        return adapter.block_inputs(config, env.batch_size, env.sequence_length)
+    return adapter.decode_block_inputs(config, env.batch_size, env.context_length, structure.units)
+
+
 def export_block(adapter: FamilyAdapter, config: PretrainedConfig, structure: LayerStructure, env: InferenceEnv,
-                 workdir: Path) -> Path:
-    """One freshly initialised layer shrunk to `structure`, deployed in the environment's precision, as ONNX."""
+                 workdir: Path, inputs: dict[str, np.ndarray] | None = None) -> Path:
+    """One freshly initialised layer shrunk to `structure`, deployed in the environment's precision, as ONNX, traced
+    on `inputs` (default: the block inputs of the environment's phase)."""
     layer = adapter.new_layer(config).eval()
     adapter.shrink_layer(layer, adapter.shape(config), structure)
     path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
-    inputs = adapter.block_inputs(config, env.batch_size, env.sequence_length)
+    inputs = block_inputs(adapter, config, env, structure) if inputs is None else inputs
     block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
                        [_as_tensors(inputs)])
     return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out", {0: "batch", 1: "sequence"})
@@ -245,11 +265,11 @@ def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value) for name, value in inputs.items()}
 
 
-def time_sessions(sessions: dict[str, Session], inputs: dict[str, np.ndarray], rounds: int, warmup: int,
+def time_sessions(sessions: dict[str, Session], inputs: dict[str, dict[str, np.ndarray]], rounds: int, warmup: int,
                   guard: LoadGuard) -> tuple[dict[str, TimingStats], MachineLoad]:
-    """Time loaded sessions on the same inputs, interleaved in one run, in chunks that are timed again while other
-    work keeps cores busy (`guard`)."""
-    runners = {name: (lambda s=session: s.run(inputs)) for name, session in sessions.items()}
+    """Time loaded sessions, each on its own inputs, interleaved in one run, in chunks that are timed again while
+    other work keeps cores busy (`guard`)."""
+    runners = {name: (lambda s=session, feed=inputs[name]: s.run(feed)) for name, session in sessions.items()}
     return time_interleaved_guarded(runners, rounds, warmup, guard)
 
 
@@ -319,13 +339,15 @@ def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStru
                        runtime: Runtime, rounds: int, warmup: int, workdir: Path,
                        guard: LoadGuard = LoadGuard()) -> tuple[dict[str, TimingStats], MachineLoad]:
     """Export a random-weight model (with the config's head) per structure, in the environment's precision (INT8
-    scales from random tokens), and time them all interleaved in one run (guarded: time_sessions)."""
+    scales from random tokens), as it is served in the environment's phase, and time them all interleaved in one run
+    (guarded: time_sessions)."""
     adapter = adapter_for(config)
     inputs = adapter.example_inputs(config, env.batch_size, env.sequence_length)
     sessions = {}
     for name, structure in structures.items():
         model = deployable(build_model(config, structure=structure), adapter.prunable_linears, env.precision,
                            [_as_tensors(inputs)])
-        sessions[name] = runtime.load(export_model(model, workdir / f"{name}.onnx", env.batch_size,
-                                                   env.sequence_length))
-    return time_sessions(sessions, inputs, rounds, warmup, guard)
+        sessions[name] = runtime.load(export_served(model, workdir / f"{name}.onnx", env))
+    feeds = served_feeds(config, env)
+    return time_sessions(sessions, {name: feeds(session) for name, session in sessions.items()}, rounds, warmup,
+                         guard)

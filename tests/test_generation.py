@@ -1,7 +1,7 @@
 """Every decoder model type exported for generation: greedy decoding over the KV cache in ONNX Runtime (our loop)
 equals transformers' `generate` token for token, dense and pruned (uneven KV-head counts, the first layer's attention
-removed, so its cache entry is absent), on one prompt and on a left-padded batch; and the artifact and config.json
-describe the pruned cache."""
+removed, so its cache entry is absent), on one prompt and on a left-padded batch; the artifact and config.json
+describe the pruned cache; and the phases of generation (prefill, decode) are fed and latency-tabled."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from tests.conftest import QUICK_UNGUARDED as QUICK
 from ziplm.errors import BadInputError
 from ziplm.families import LayerStructure, ModelShape, ModelStructure
 from ziplm.families.decoder import KV_HEADS_KEY, DecoderAdapter
 from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.families.registry import _FAMILIES
-from ziplm.runtimes import InferenceEnv
+from ziplm.pipeline.cli import app
+from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.onnxruntime_cpu import OnnxRuntimeCPU
+from ziplm.stages import latency_table as lt
 from ziplm.stages.export import ExportParityError
 from ziplm.stages.generation import (GenerationParity, StopTokens, check_generation, export_for_generation,
                                      onnx_greedy_generate, phase_feeds, torch_greedy_generate)
@@ -148,15 +152,23 @@ def test_an_artifact_of_other_weights_fails_the_check(tmp_path):
         check_generation(model, path, prompts(model.config.vocab_size)[0][:1], NEW_TOKENS)
 
 
-def test_encoders_and_decoders_without_attention_are_refused(tiny_bert_dir, tmp_path):
+def test_encoders_are_refused(tiny_bert_dir, tmp_path):
     with pytest.raises(BadInputError, match="not a decoder"):
         export_for_generation(load_model(str(tiny_bert_dir)), tmp_path / "g.onnx")
+    assert not (tmp_path / "g.onnx").exists()
+
+
+def test_a_decoder_without_attention_generates_without_a_cache(tmp_path):
+    """Each token then depends on itself and its position only: the artifact has no cache entries (nor an
+    attention_mask, which nothing reads), and transformers generates with use_cache off."""
     adapter = _FAMILIES["gpt2"]
     config = adapter.tiny_config()
-    no_attention = ModelStructure.uniform(adapter.shape(config), 0, 32)
-    with pytest.raises(BadInputError, match="no key/value cache"):
-        export_for_generation(build_model(config, structure=no_attention), tmp_path / "g.onnx")
-    assert not (tmp_path / "g.onnx").exists()
+    torch.manual_seed(0)
+    model = build_model(config, structure=ModelStructure.uniform(adapter.shape(config), 0, 32))
+    model.generation_config.eos_token_id = None
+    path = export_for_generation(model, tmp_path / "g.onnx")
+    assert [spec.name for spec in ort.InferenceSession(str(path)).get_inputs()] == ["input_ids", "position_ids"]
+    assert check_generation(model, path, prompts(config.vocab_size)[0][:1], 8) == GenerationParity(8, 1)
 
 
 def test_phase_feeds_size_each_files_cache_for_prefill_and_decode(tmp_path):
@@ -187,3 +199,55 @@ def test_a_decode_environment_needs_its_context_length_and_only_decode_has_one()
         InferenceEnv(phase="decode")
     with pytest.raises(ValueError, match="phase prefill has none"):
         InferenceEnv(phase="prefill", context_length=64)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_a_decode_block_is_one_token_over_its_levels_cache_and_exports_with_parity(model_type, tmp_path):
+    adapter = _FAMILIES[model_type]
+    config = adapter.tiny_config()
+    level = LayerStructure(2, 32)
+    env = InferenceEnv(threads=1, sequence_length=8, phase="decode", context_length=12)
+    torch.manual_seed(0)
+    path = lt.export_block(adapter, config, level, env, tmp_path)
+    torch.manual_seed(0)  # the same fresh layer as the block's
+    layer = adapter.new_layer(config).eval()
+    adapter.shrink_layer(layer, adapter.shape(config), level)
+    inputs = lt.block_inputs(adapter, config, env, level)
+    head_dim = adapter.shape(config).head_dim
+    assert inputs["hidden_states"].shape == (1, 1, config.hidden_size) and inputs["attention_mask"].shape[-1] == 13
+    assert inputs["past_key"].shape == inputs["past_value"].shape == (1, 2, 12, head_dim)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, inputs)
+    with torch.no_grad():
+        expected = lt.LayerBlock(adapter, layer)(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+    np.testing.assert_allclose(output, expected, atol=1e-5)
+    (moved,) = session.run(None, {**inputs, "past_value": inputs["past_value"] + 1.0})
+    assert not np.allclose(moved, output)  # the token reads the cache
+    removed = lt.block_inputs(adapter, config, env, LayerStructure(0, 32))
+    assert "past_key" not in removed and removed["attention_mask"].shape[-1] == 13
+
+
+def test_a_decode_table_times_blocks_on_the_cache_and_the_generation_artifact_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    config = _FAMILIES["gpt2"].tiny_config()
+    sequence = InferenceEnv(threads=1, sequence_length=16)
+    decode = sequence.in_phase("decode", 24)
+    table, cached = lt.get_or_build_table(config, decode, 32, QUICK, progress=lambda _: None)
+    assert not cached and table.unit_levels == [0, 1, 2, 3, 4] and table.ffn_levels == [0, 32, 64, 96, 128]
+    assert table.environment["phase"] == "decode" and table.environment["context_length"] == 24
+    assert table.base_ms > 0 and table.max_speedup() > 1.0 and len(table.calibration) >= 5
+    runtime = get_runtime(sequence)
+    identities = [lt.table_fingerprint(_FAMILIES["gpt2"].shape(config), env, runtime, 32)
+                  for env in (sequence, decode, sequence.in_phase("decode", 48), sequence.in_phase("prefill"))]
+    assert "phase" not in identities[0] and len({json.dumps(i, sort_keys=True) for i in identities}) == 4
+
+
+def test_a_generation_phase_table_of_an_encoder_is_refused(tiny_config):
+    with pytest.raises(BadInputError, match="not a decoder: use phase sequence"):
+        lt.build_table(tiny_config, InferenceEnv(threads=1, sequence_length=16).in_phase("prefill"), 32, QUICK)
+
+
+@pytest.mark.parametrize("args", [["--phase", "decode"], ["--phase", "prefill", "--context-length", "64"]])
+def test_the_latency_table_command_wants_a_context_length_for_decode_only(args):
+    result = CliRunner().invoke(app, ["latency-table", "--model", "gpt2-small", *args], catch_exceptions=False)
+    assert result.exit_code == 2 and "give both or neither" in result.output
