@@ -38,14 +38,13 @@ from typing import Any
 
 from ziplm.cache import file_digest
 from ziplm.errors import BadInputError
-from ziplm.families import adapter_for
 from ziplm.families.loading import load_config
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.base import Phase
 from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
 from ziplm.runtimes.policy import Effort, policy
-from ziplm.stages.generation import phase_feeds
+from ziplm.stages.generation import phase_feeds, served_feeds
 
 MANIFEST = "manifest.json"
 
@@ -133,7 +132,7 @@ def load_artifact(folder: Path) -> Artifact:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise BadInputError(f"{path} is not valid JSON ({error}): re-create the artifact with `ziplm run`") from error
-    onnx = Path(folder) / "model.onnx"
+    onnx = Path(folder) / manifest.get("served_file", "model.onnx")
     dense_onnx = (Path(folder) / manifest.get("dense_reference", "../dense/model.onnx")).resolve()
     for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference")):
         if not file.is_file():
@@ -153,7 +152,8 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
                         batch_size=batch_size or recorded["batch_size"],
                         sequence_length=sequence_length or recorded["sequence_length"],
                         precision=recorded["precision"],
-                        options=recorded.get("options", {}) if name == recorded["name"] else {})
+                        options=recorded.get("options", {}) if name == recorded["name"] else {},
+                        phase=recorded.get("phase", "sequence"), context_length=recorded.get("context_length"))
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
@@ -174,9 +174,8 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
     metric = metric or (sla["metric"] if sla else "p90")
     checks, measurements = [], {}
     if speedup_gate or latency_gate:
-        example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
-        check = PairedVerifier(runtime, env, artifact.dense_onnx, example, policy(effort), tolerance).verdict(
-            artifact.onnx)
+        check = PairedVerifier(runtime, env, artifact.dense_onnx, served_feeds(config, env), policy(effort),
+                               tolerance).verdict(artifact.onnx)
         measurements["sequence"] = env, check
         if speedup_gate:
             required = min_speedup if min_speedup is not None else manifest["target_speedup"] * (1 - tolerance)

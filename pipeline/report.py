@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # run.py imports this module; the types are only needed for a
     from ziplm.tasks import Metric, Task
 
 DENSE_DIR = "dense"  # the dense reference beside the members: what `ziplm verify` measures them against
-DENSE_REFERENCE = f"../{DENSE_DIR}/model.onnx"  # relative to a member folder
 OWN_DIR = "dense-int8"  # INT8 families with targets over FP32: the dense model in the members' own precision
 OWN_REFERENCE = f"../{OWN_DIR}/model.onnx"
 
@@ -30,7 +29,9 @@ OWN_REFERENCE = f"../{OWN_DIR}/model.onnx"
 def runtime_json(table: LatencyTable) -> dict[str, Any]:
     env = table.environment
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
-    return {key: env[key] for key in keys}
+    phase = env.get("phase", "sequence")  # tables of the whole-sequence phase may predate phases
+    return {**{key: env[key] for key in keys},
+            **({} if phase == "sequence" else {"phase": phase, "context_length": env["context_length"]})}
 
 
 def runtime_fingerprint(runtime: dict[str, Any]) -> str:
@@ -40,8 +41,11 @@ def runtime_fingerprint(runtime: dict[str, Any]) -> str:
 
 def environment_line(runtime: dict[str, Any]) -> str:
     """One sentence naming where something was measured (runtime json as in the reports and tables)."""
+    phase = {"prefill": ", prefill (time to first token)",
+             "decode": f", decode at context {runtime.get('context_length')} (time per token)"}
     return (f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
-            f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}")
+            f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}"
+            f"{phase.get(runtime.get('phase', 'sequence'), '')}")
 
 
 ORIGINS = {"fine-tuned": "fine-tuned here on the task", "given": "the given model, used as it is (teacher: none)",
@@ -91,7 +95,8 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "sla": member.sla.to_json(check.member) if member.sla else None,
         "runtime": runtime,
         "runtime_fingerprint": runtime_fingerprint(runtime),
-        "dense_reference": DENSE_REFERENCE,
+        "served_file": onnx_path.name,
+        "dense_reference": f"../{DENSE_DIR}/{onnx_path.name}",
         "dense_own_precision": OWN_REFERENCE if recipe.int8_over_fp32 else None,
         "precision_factor": factor.to_json() if factor else None,
         "metric": {**member.metric.to_json(), "dense_value": dense_info["metric"]["value"],
@@ -260,6 +265,19 @@ def _kv_cache_lines(report: dict[str, Any]) -> list[str]:
                 f"({dense['bytes'] / 2**20:.1f} MiB at {dense['context_length']} tokens); {members}."]
 
 
+def _other_phase_lines(report: dict[str, Any]) -> list[str]:
+    """A family solved in one phase of generation, as each member does in the other (timed beside the dense model)."""
+    lines = []
+    for m in report["members"]:
+        other = m.get("other_phase")
+        if other:
+            what = ("time to first token" if other["phase"] == "prefill"
+                    else f"time per token at context {other['context_length']}")
+            lines.append(f"- {m['name']}: {what} {other['measured_speedup']:.3f}x the dense model's "
+                         f"({other['latency_ms']['p90']:.2f} ms p90)")
+    return ["", "In the other phase of generation:", *lines] if lines else []
+
+
 def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
     runtime, dense = report["runtime"], report["dense"]
     lines = [
@@ -292,7 +310,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
             f"| {' '.join(map(str, m['structure']['heads']))} "
             f"| {' '.join(map(str, m['structure']['ffn']))} | {'yes' if m['passed'] else 'NO'} |"
         )
-    lines += _kv_cache_lines(report)
+    lines += _kv_cache_lines(report) + _other_phase_lines(report)
     lines += ["", f"Stages: {' -> '.join(report['members'][0]['stages'])}." if report["members"] else ""]
     lines += [f"- {m['name']}: {m['speedup_vs_dense_fp32']['measured_speedup']:.3f}x over the dense FP32 model, "
               f"{m['speedup_vs_dense_int8']['measured_speedup']:.3f}x over the dense INT8 model (each timed beside "

@@ -37,9 +37,9 @@ from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians, load_hessians, save_hessians
 from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
-from ziplm.stages.export import export_checked
 from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
-from ziplm.stages.generation import check_generation, export_for_generation
+from ziplm.stages.generation import (GENERATION_ONNX, PARITY_TOKENS, check_generation, export_for_generation,
+                                     export_served_checked, generation_prompt, served_feeds, served_file)
 from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.quantize import load_model as load_deployed
@@ -187,7 +187,8 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
     env = recipe.environment
     return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
                                 "sequence_length": env.sequence_length, "task": inputs.task.fingerprint,
-                                **_precision(recipe, precision)},
+                                **_precision(recipe, precision),
+                                **({"served": served_file(env)} if env.phase != "sequence" else {})},
                       lambda folder, progress: write_json_atomic(
                           folder / RECORD, export_dense(inputs, recipe, precision, folder, progress).to_json()),
                       lambda folder: Metric.from_json(read_record(folder)),
@@ -196,10 +197,9 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
 
 def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[Metric]) -> PairedVerifier:
     """Measures members timed beside this dense model, paired, in the recipe's environment."""
-    env, config = recipe.environment, inputs.dense.config
-    example = adapter_for(config).example_inputs(config, env.batch_size, env.sequence_length)
-    return PairedVerifier(get_runtime(env), env, dense.path / "model.onnx", example, measurement(recipe),
-                          recipe.verification.tolerance)
+    env = recipe.environment
+    return PairedVerifier(get_runtime(env), env, dense.path / served_file(env), served_feeds(inputs.dense.config, env),
+                          measurement(recipe), recipe.verification.tolerance)
 
 
 def measurement(recipe: Recipe) -> MeasurementPolicy:
@@ -224,13 +224,13 @@ def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCa
 
 def export_dense(inputs: Inputs, recipe: Recipe, precision: Precision, folder: Path,
                  progress: Callable[[str], None]) -> Metric:
-    """The dense reference ONNX (folder/model.onnx) in the environment's shape; returns the dense model's metric."""
-    env = recipe.environment
+    """The dense reference ONNX in the environment's shape, as its phase serves it (folder/model.onnx, or
+    generation.onnx); returns the dense model's metric."""
+    env = recipe.environment.model_copy(update={"precision": precision})
     deployed = deployer(recipe, inputs, precision)(inputs.dense)
-    onnx = folder / "model.onnx"
-    parity = export_checked(inputs.task.served(deployed), onnx, env.model_copy(update={"precision": precision}))
-    progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, "
-             f"parity {parity.max_abs_diff:.1e})")
+    onnx = folder / served_file(env)
+    checked = export_served_checked(inputs.task.served(deployed), onnx, env)
+    progress(f"exported the dense reference in {precision} ({onnx.stat().st_size:,} bytes, {checked})")
     return inputs.task.evaluate(inputs.dense, inputs.tokenizer)
 
 
@@ -291,7 +291,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
         def loop(member: Member | None = None) -> Member:
             return closed_loop(target, lambda speedup: zipl.solve(database.value, inputs.table, speedup),
                                lambda structure: deploy(stitch(structure)),
-                               lambda model, path: export_checked(inputs.task.served(model), path, env),
+                               lambda model, path: export_served_checked(inputs.task.served(model), path, env),
                                inputs.table, refs.verifier,
                                recipe.verification, folder, progress, sla, refs.table_scale, member, accept,
                                confirm=True)
@@ -359,7 +359,7 @@ def finish_member(member: Member, stitched: PreTrainedModel, recipe: Recipe, inp
                           recipe.quantization, progress)
     model = clock.time("build", deploy, finished.model)
     onnx = folder / f"finished{len(member.rounds)}.onnx"
-    clock.time("export", export_checked, inputs.task.served(model), onnx, recipe.environment)
+    clock.time("export", export_served_checked, inputs.task.served(model), onnx, recipe.environment)
     check = clock.time("verify", verifier.verdict, onnx)
     member.finish(model, finished.structured, onnx, check, clock.seconds, finished.metric_by_stage)
     progress(f"finished: measured {check.speedup.value:.3f}x ({check.interval_note()}){check.load_note()}")
@@ -384,26 +384,27 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
     runtime = runtime_json(inputs.table)
     refs = family.refs
     dense_info = write_dense(out / DENSE_DIR, refs.dense, recipe.reference_precision,
-                             [member.final.check.dense for member in family.members], inputs, runtime)
+                             [member.final.check.dense for member in family.members], inputs, runtime,
+                             served_file(recipe.environment))
     if refs.own:
         write_dense(out / OWN_DIR, refs.own, recipe.environment.precision,
                     [member.cross_check.dense for member in family.members if member.cross_check], inputs, runtime)
-    manifests = [write_member(recipe, runtime, member, inputs, dense_info, refs.precision_factor, out)
-                 for member in family.members]
+    manifests = [write_member(recipe, runtime, member, inputs, dense_info, refs, out) for member in family.members]
     return write_report(out, recipe, inputs.table, dense_info, manifests, refs.reachable(inputs.table),
                         refs.table_scale, refs.precision_factor)
 
 
 def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precision, latencies: list[TimingStats],
-                inputs: Inputs, runtime: dict[str, Any]) -> dict[str, Any]:
-    """A dense model's folder (model.onnx, manifest.json); returns its summary."""
-    dense_onnx = dense.path / "model.onnx"
+                inputs: Inputs, runtime: dict[str, Any], served: str = "model.onnx") -> dict[str, Any]:
+    """A dense model's folder (the file its phase serves: model.onnx or generation.onnx; a decoder's generation.onnx;
+    manifest.json); returns its summary."""
+    dense_onnx = dense.path / served
     info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies, inputs.dense_origin, runtime)
     with atomic_directory(folder_path) as folder:
-        (folder / "model.onnx").write_bytes(dense_onnx.read_bytes())
+        (folder / served).write_bytes(dense_onnx.read_bytes())
         generation = write_generation_artifact(inputs.dense, folder, precision)
         write_json_atomic(folder / "manifest.json",
-                          {**dense_manifest(runtime, info, folder / "model.onnx"), "generation": generation})
+                          {**dense_manifest(runtime, info, folder / served), "generation": generation})
     return info
 
 
@@ -422,35 +423,52 @@ def loadable_with_transformers(folder: Path, head: str) -> None:
 
 
 def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs: Inputs, dense_info: dict[str, Any],
-                 factor: PrecisionFactor | None, out: Path) -> dict[str, Any]:
-    """The member folder (model.onnx, weights, config.json, tokenizer, manifest.json), written atomically."""
+                 refs: References, out: Path) -> dict[str, Any]:
+    """The member folder (the file its phase serves: model.onnx or generation.onnx; weights, config.json, tokenizer,
+    manifest.json), written atomically."""
     name = member_name(recipe, member)
+    served = served_file(recipe.environment)
     with atomic_directory(out / name) as folder:
         save_model(member.model, folder)
         loadable_with_transformers(folder, inputs.task.head)
         inputs.tokenizer.save_pretrained(folder)
-        (folder / "model.onnx").write_bytes(member.onnx_path.read_bytes())
-        payload = manifest(name, recipe, runtime, member, dense_info, folder / "model.onnx", inputs.dense_key,
-                           inputs.task, factor)
+        (folder / served).write_bytes(member.onnx_path.read_bytes())
+        payload = manifest(name, recipe, runtime, member, dense_info, folder / served, inputs.dense_key,
+                           inputs.task, refs.precision_factor)
         payload["generation"] = write_generation_artifact(member.model, folder, recipe.environment.precision)
+        payload["other_phase"] = other_phase(recipe, inputs, refs, member)
         write_json_atomic(folder / "manifest.json", payload)
     return payload
 
 
-GENERATION_ONNX = "generation.onnx"
-PARITY_PROMPT, PARITY_TOKENS = 16, 32  # greedy generation that must match transformers' token for token
+def other_phase(recipe: Recipe, inputs: Inputs, refs: References, member: Member) -> dict[str, Any] | None:
+    """A member solved in one phase of generation, timed in the other beside the dense model (prefill: the decode
+    step right after the prompt, a cache of sequence_length; decode: the prefill of sequence_length tokens), the
+    median of `round_repeats` paired measurements. None for the whole-sequence phase."""
+    env = recipe.environment
+    if env.phase == "sequence":
+        return None
+    other = env.in_phase("decode", env.sequence_length) if env.phase == "prefill" else env.in_phase("prefill")
+    verifier = PairedVerifier(get_runtime(other), other, refs.dense.path / GENERATION_ONNX,
+                              served_feeds(inputs.dense.config, other), measurement(recipe),
+                              recipe.verification.tolerance)
+    check = verifier.measure(member.onnx_path, verifier.policy.round_repeats)
+    return {"phase": other.phase, "context_length": other.context_length,
+            "measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
+            "latency_ms": {"median": round(check.member.median_ms, 4), "p90": round(check.member.p90_ms, 4)},
+            "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
 
 
 def write_generation_artifact(model: PreTrainedModel, folder: Path, precision: Precision) -> dict[str, Any] | None:
-    """A decoder member's generation.onnx (ziplm.stages.generation: KV cache in and out), checked by greedy generation
-    in ONNX Runtime against transformers' generate; its manifest entry. None for a model without a KV cache, and for
-    INT8 members, whose generation artifact is not built yet."""
-    config = model.config
-    adapter = adapter_for(config)
-    if adapter.kv_cache_bytes_per_token(config) is None or precision != "fp32":
+    """A decoder's generation.onnx (ziplm.stages.generation: KV cache in and out), exported unless the folder holds
+    it already (the file a generation phase serves), and checked by greedy generation in ONNX Runtime against
+    transformers' generate; its manifest entry. None for a model without a KV cache, and for INT8 members, whose
+    generation artifact is not built yet."""
+    if adapter_for(model.config).kv_cache_bytes_per_token(model.config) is None or precision != "fp32":
         return None
-    path = export_for_generation(model, folder / GENERATION_ONNX)
-    prompt = adapter.example_inputs(config, 1, PARITY_PROMPT)["input_ids"]
-    parity = check_generation(model, path, prompt, PARITY_TOKENS)
+    path = folder / GENERATION_ONNX
+    if not path.is_file():
+        export_for_generation(model, path)
+    parity = check_generation(model, path, generation_prompt(model), PARITY_TOKENS)
     return {"file": GENERATION_ONNX, "file_bytes": path.stat().st_size, "sha256": file_digest(path),
             "greedy_parity_tokens": parity.new_tokens}

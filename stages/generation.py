@@ -33,7 +33,7 @@ from ziplm.families import adapter_for
 from ziplm.families.decoder import DecoderAdapter
 from ziplm.runtimes import InferenceEnv, Session
 from ziplm.runtimes.paired import Feeds
-from ziplm.stages.export import ExportParityError, export_model, write_onnx
+from ziplm.stages.export import ExportParityError, export_checked, export_model, write_onnx
 
 PAST, PRESENT = "past_key_values", "present"
 # The shape the graph is traced at: two rows (the second left-padded, so masking is traced from real data), a prompt
@@ -125,6 +125,30 @@ def phase_feeds(env: InferenceEnv, vocab_size: int, seed: int = 0) -> Feeds:
         return inputs
 
     return feeds
+
+
+GENERATION_ONNX = "generation.onnx"
+PARITY_PROMPT, PARITY_TOKENS = 16, 32  # greedy generation that must match transformers' token for token
+
+
+def served_file(env: InferenceEnv) -> str:
+    """The name of the file that is served, and timed, in the environment's phase."""
+    return "model.onnx" if env.phase == "sequence" else GENERATION_ONNX
+
+
+def export_served_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> str:
+    """Export the file served in the environment's phase and check it against PyTorch (the whole-sequence model:
+    outputs within the precision's tolerance; the generation artifact: greedy tokens equal to transformers'); says
+    what was checked."""
+    if env.phase == "sequence":
+        return f"parity {export_checked(model, path, env).max_abs_diff:.1e}"
+    parity = check_generation(model, export_for_generation(model, path), generation_prompt(model), PARITY_TOKENS)
+    return f"greedy generation equal to transformers' for {parity.new_tokens} tokens"
+
+
+def generation_prompt(model: PreTrainedModel) -> np.ndarray:
+    """The prompt generation parity is checked on: random tokens, one row."""
+    return adapter_for(model.config).example_inputs(model.config, 1, PARITY_PROMPT)["input_ids"]
 
 
 def export_served(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Path:

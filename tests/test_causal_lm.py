@@ -126,17 +126,18 @@ def test_blocks_are_the_environments_sequence_length_unless_the_recipe_says_othe
         parse_recipe(base.replace("data:", "max_length: 32, data:"))
 
 
-def test_a_recipe_for_a_generation_phase_is_refused_until_run_builds_one(texts):
-    recipe = (f"name: lm\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\n"
-              "environment: {sequence_length: 64, phase: decode, context_length: 128}\ntargets: [2]\n")
-    with pytest.raises(BadInputError, match="builds families for the whole-sequence phase so far"):
-        parse_recipe(recipe)
+def test_a_generation_phase_needs_a_decoder_task_in_fp32(texts, toy_sentiment_csv):
+    decode = "environment: {sequence_length: 64, phase: decode, context_length: 128"
+    recipe = f"name: lm\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\n{decode}}}\ntargets: [2]\n"
+    assert parse_recipe(recipe).environment.context_length == 128
+    for wrong in (recipe.replace("}\ntargets", ", precision: int8}\ntargets"),
+                  f"name: c\nmodel: m\ntask: {{data: {toy_sentiment_csv}}}\n{decode}}}\ntargets: [2]\n"):
+        with pytest.raises(BadInputError, match="needs a causal_lm task and precision fp32"):
+            parse_recipe(wrong)
 
 
-@pytest.fixture(scope="module")
-def decoder_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`ziplm run` of the causal-LM task on the tiny decoder: one member at 1.3x."""
-    root = tmp_path_factory.mktemp("decoder-family")
+def run_decoder_family(root: Path, **environment: object) -> Path:
+    """`ziplm run` of the causal-LM task on the tiny decoder (one member at 1.3x) in a phase; its output folder."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ZIPLM_CACHE", str(root / "cache"))
         texts = write_texts(root / "texts")
@@ -144,11 +145,34 @@ def decoder_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               task={"type": "causal_lm", "data": str(texts), "batch_size": 8,
                                     "calibration_fraction": 0.25})
         del payload["teacher"]
-        payload["environment"]["sequence_length"] = BLOCK
+        payload["environment"] |= {"sequence_length": BLOCK, **environment}
         (root / "recipe.yaml").write_text(yaml.safe_dump(payload))
         result = invoke("run", str(root / "recipe.yaml"), "--out", str(root / "out"))
     assert result.exit_code == 0, result.output
     return root / "out"
+
+
+@pytest.fixture(scope="module")
+def decoder_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_decoder_family(tmp_path_factory.mktemp("decoder-family"))
+
+
+def test_a_family_solved_for_time_per_token_serves_and_verifies_its_generation_artifact(tmp_path):
+    out = run_decoder_family(tmp_path, phase="decode", context_length=40)
+    report = json.loads((out / "report.json").read_text())
+    (member,) = report["members"]
+    assert member["runtime"]["phase"] == "decode" and member["runtime"]["context_length"] == 40
+    assert member["served_file"] == "generation.onnx" and member["dense_reference"] == "../dense/generation.onnx"
+    folder = out / member["name"]
+    assert not (folder / "model.onnx").exists() and member["sha256"] == file_digest(folder / "generation.onnx")
+    assert member["generation"]["sha256"] == member["sha256"] and (out / "dense" / "generation.onnx").is_file()
+    other = member["other_phase"]
+    assert other["phase"] == "prefill" and other["measured_speedup"] > 0 and other["latency_ms"]["p90"] > 0
+    markdown = (out / "report.md").read_text()
+    assert "decode at context 40 (time per token)" in markdown and "time to first token" in markdown
+    result = invoke("verify", str(folder), "--effort", "quick")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("PASS") and "time per token at context 40" in " ".join(result.output.split())
 
 
 def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_family):
