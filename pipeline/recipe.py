@@ -143,7 +143,7 @@ class Recipe(BaseModel):
                                  f"{env.precision}: set environment.precision: int8 (the latency table is then "
                                  "measured on INT8 blocks, so the targets hold for the INT8 file)")
         for sla in self.slas:
-            for key in ("batch_size", "sequence_length"):
+            for key in ("batch_size", "sequence_length", "phase"):
                 if getattr(sla, key) not in (None, getattr(env, key)):
                     raise ValueError(
                         f"SLA {sla.label} is for {key} {getattr(sla, key)}, but the environment (and its latency "

@@ -36,7 +36,7 @@ from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians, load_hessians, save_hessians
 from ziplm.stages.chain import finish
-from ziplm.stages.closed_loop import LatencySLA, Member, Stopwatch, closed_loop
+from ziplm.stages.closed_loop import PHASE_LABELS, LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
 from ziplm.stages.generation import (GENERATION_ONNX, PARITY_TOKENS, check_generation, export_for_generation,
                                      export_served_checked, generation_prompt, served_feeds, served_file)
@@ -409,8 +409,11 @@ def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precis
 
 
 def member_name(recipe: Recipe, member: Member) -> str:
-    goal = f"{member.sla.metric}-{member.sla.ms:g}ms" if member.sla else f"{member.target:g}x"
-    return f"{recipe.name}-{goal}"
+    sla = member.sla
+    if sla is None:
+        return f"{recipe.name}-{member.target:g}x"
+    phase = f"{PHASE_LABELS[sla.phase].strip().lower()}-" if sla.phase else ""  # e.g. name-tpot-p90-25ms
+    return f"{recipe.name}-{phase}{sla.metric}-{sla.ms:g}ms"
 
 
 def loadable_with_transformers(folder: Path, head: str) -> None:

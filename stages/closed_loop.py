@@ -53,6 +53,9 @@ class VerificationSettings(BaseModel):
                             "the model served in FP32 today")
 
 
+PHASE_LABELS = {"prefill": "TTFT ", "decode": "TPOT "}
+
+
 class LatencySLA(BaseModel):
     """At most `p90_ms` (or `median_ms`) per call, measured in the recipe's environment."""
 
@@ -62,6 +65,9 @@ class LatencySLA(BaseModel):
     median_ms: float | None = Field(None, gt=0.0)
     batch_size: int | None = Field(None, ge=1, description="optional; must equal the environment's")
     sequence_length: int | None = Field(None, ge=1, description="optional; must equal the environment's")
+    phase: Literal["prefill", "decode"] | None = Field(
+        None, description="optional; must equal the environment's: prefill bounds the time to first token (TTFT), "
+                          "decode the time per output token (TPOT)")
 
     @model_validator(mode="after")
     def _one_bound(self) -> LatencySLA:
@@ -79,7 +85,7 @@ class LatencySLA(BaseModel):
 
     @property
     def label(self) -> str:
-        return f"{self.metric}<={self.ms:g}ms"
+        return f"{PHASE_LABELS.get(self.phase, '')}{self.metric}<={self.ms:g}ms"
 
     def speedup_target(self, dense: TimingStats, tolerance: float) -> float:
         """The speedup that meets the SLA even at the low end of the tolerance (see the module docstring)."""
@@ -90,7 +96,7 @@ class LatencySLA(BaseModel):
 
     def to_json(self, measured: TimingStats) -> dict[str, Any]:
         return {"metric": self.metric, "ms": self.ms, "measured_ms": round(statistic(measured, self.metric), 4),
-                "holds": self.holds(measured)}
+                "holds": self.holds(measured), "phase": self.phase}
 
 
 @dataclass

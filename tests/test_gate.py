@@ -161,6 +161,18 @@ def test_bad_slas_are_rejected_with_a_clear_message(slas, message):
     assert message in " ".join(str(error.value).split())
 
 
+def test_an_sla_of_a_phase_of_generation_is_named_for_it_and_must_match_the_environment(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a b c")
+    base = f"name: g\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\n"
+    recipe = parse_recipe(base + "environment: {phase: decode, context_length: 64}\n"
+                                 "slas: [{p90_ms: 25, phase: decode}]\n")
+    (sla,) = recipe.slas
+    assert sla.label == "TPOT p90<=25ms" and sla.to_json(TimingStats((20.0,)))["phase"] == "decode"
+    with pytest.raises(BadInputError, match="is for phase decode, but the environment .* has phase prefill"):
+        parse_recipe(base + "environment: {phase: prefill}\nslas: [{p90_ms: 25, phase: decode}]\n")
+
+
 def test_a_recipe_with_only_slas_round_trips():
     recipe = parse_recipe(json.dumps({"name": "x", "model": "minilm", "task": {"data": "mr"}, "targets": [],
                                       "slas": [{"median_ms": 8.0, "sequence_length": 128}]}))
