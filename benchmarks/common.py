@@ -18,6 +18,8 @@ from ziplm.families import adapter_for
 from ziplm.families.loading import RANDOM_SHAPES, build_model, load_config
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.run import Inputs, prepare_inputs
+from ziplm.runtimes import InferenceEnv
+from ziplm.runtimes.base import Phase
 from ziplm.runtimes.policy import policy
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.latency_table import get_or_build_table
@@ -51,11 +53,12 @@ def write_results(name: str, result: Any, markdown: str) -> None:
     print(markdown)
 
 
-def load_subject(model: str, targets: list[float]) -> tuple[Recipe, Inputs]:
+def load_subject(model: str, targets: list[float], phase: Phase = "sequence") -> tuple[Recipe, Inputs]:
     """MiniLM: the MR teacher as `ziplm run minilm_mr` builds it. A random shape (bert-base, roberta-base, ...):
     random weights (latency does not depend on the values), calibrated on real text: an encoder on MR sentences
     through MiniLM's tokenizer (the BERT vocabulary, within every such shape's), fed only the inputs the family takes;
-    a decoder (gpt2-small) on blocks of Shakespeare through GPT-2's tokenizer."""
+    a decoder (gpt2-small) on blocks of Shakespeare through GPT-2's tokenizer, in the whole-sequence phase or, with
+    `phase`, in a phase of generation."""
     if model == "minilm":
         recipe = load_recipe("minilm_mr").model_copy(update={"targets": targets})
         return recipe, prepare_inputs(recipe, stage_cache())
@@ -64,7 +67,7 @@ def load_subject(model: str, targets: list[float]) -> tuple[Recipe, Inputs]:
     decoder = adapter_for(dense.config).default_head == "causal-lm"
     spec = CausalLMSpec(type="causal_lm", data="shakespeare", max_examples=256) if decoder else TaskSpec(data="mr")
     recipe = Recipe(name=f"{model}-random", model=model, task=spec, targets=targets,
-                    calibration=CalibrationSettings(samples=128))
+                    calibration=CalibrationSettings(samples=128), environment=InferenceEnv().in_phase(phase))
     tokenizer = (AutoTokenizer.from_pretrained(gpt2_tokenizer_folder()) if decoder else AutoTokenizer.from_pretrained(
         resolve_model("minilm"), model_input_names=list(adapter_for(dense.config).input_names(dense.config))))
     task = load_task(recipe.task)

@@ -9,7 +9,9 @@ the chosen round the closed-loop one. Every member is measured end to end agains
     python -m benchmarks.speedup_guarantee [--models bert-base minilm] [--targets 1.5 2 3 4 6 8] [--name NAME]
 
 writes benchmarks/results/speedup_guarantee.md and .json (NAME.md and .json: the random shapes of other families,
-    --models roberta-base distilbert-base modernbert-base --targets 2 4 --name speedup_guarantee_families).
+    --models roberta-base distilbert-base modernbert-base --targets 2 4 --name speedup_guarantee_families; GPT-2
+    small's time to first token, --models gpt2-small --targets 1.5 2 3 4 --phase prefill --name
+    speedup_guarantee_gpt2).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from ziplm.stages.closed_loop import Member
 COMMAND = "python -m benchmarks.speedup_guarantee"
 
 
-def run(model: str, targets: list[float]) -> dict[str, Any]:
-    recipe, inputs = load_subject(model, targets)
+def run(model: str, targets: list[float], phase: str = "sequence") -> dict[str, Any]:
+    recipe, inputs = load_subject(model, targets, phase)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ziplm-guarantee-") as work:
         family = build_family(recipe, inputs, StageCache(Path(work), progress))  # measured afresh, not cached
@@ -98,8 +100,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bert-base", "minilm"])
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2, 3, 4, 6, 8])
     parser.add_argument("--name", default="speedup_guarantee", help="results file name (benchmarks/results/NAME.md)")
+    parser.add_argument("--phase", choices=["sequence", "prefill"], default="sequence",
+                        help="decoders: prefill times generation.onnx on a prompt (time to first token)")
     args = parser.parse_args()
-    results = [run(model, args.targets) for model in args.models]
+    results = [run(model, args.targets, args.phase) for model in args.models]
     command = " ".join(["python -m benchmarks.speedup_guarantee", *sys.argv[1:]])
     write_results(args.name, {"models": results, "command": command}, markdown(results, command))
 
