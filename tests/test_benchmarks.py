@@ -36,6 +36,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "speedup_guarantee_families": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_modernbert": ("benchmarks.speedup_guarantee",
                                      lambda m, r: m.markdown(r["models"], r["command"])),
+    "speedup_guarantee_gpt2": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "contention": ("benchmarks.measurement.contention", lambda m, r: m.markdown(r)),
     "round_structures": ("benchmarks.measurement.round_structures", lambda m, r: m.markdown(r)),
     "table_contention": ("benchmarks.measurement.table_contention", lambda m, r: m.markdown(r)),
