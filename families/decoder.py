@@ -4,7 +4,6 @@ removed caches nothing)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn
@@ -61,11 +60,15 @@ class DecoderAdapter(FamilyAdapter):
         """A key and a value of head_dim per KV head per layer."""
         return 2 * sum(self.kv_heads(config)) * self.shape(config).head_dim * bytes_per_value
 
-    def generation_cache(self, model: nn.Module) -> DynamicCache:
+    def generation_cache(self, model: nn.Module) -> DynamicCache | None:
         """An empty cache for `model`: a layer whose attention was removed holds a DummyLayer, which keeps nothing and
-        which transformers' sequence lengths and masks skip (they read the first layer that attends)."""
+        which transformers' sequence lengths and masks skip (they read the first layer that attends). None for a
+        model without attention: nothing to cache."""
+        attends = [self.has_attention(layer) for layer in self.layers(model)]
+        if not any(attends):
+            return None
         cache = DynamicCache()
-        cache.layers = [DynamicLayer() if self.has_attention(layer) else DummyLayer() for layer in self.layers(model)]
+        cache.layers = [DynamicLayer() if attending else DummyLayer() for attending in attends]
         return cache
 
     def config_record(self, config: PretrainedConfig) -> dict[str, object]:

@@ -30,6 +30,7 @@ from ziplm.errors import BadInputError, ZipLMError
 from ziplm.families.loading import load_config
 from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
+from ziplm.pipeline.report import phase_note
 from ziplm.pipeline.run import prepare_inputs, run_recipe
 from ziplm.runtimes import InferenceEnv
 from ziplm.runtimes.policy import policy
@@ -273,10 +274,9 @@ def table_summary(table: LatencyTable) -> dict[str, object]:
 
 def show_table(table: LatencyTable) -> None:
     env = table.environment
-    phase = {"prefill": ", prefill", "decode": f", decode at context {env.get('context_length')}"}.get(
-        env.get("phase", "sequence"), "")
     view = Table(title=f"latency table {table.fingerprint} ({env['name']} {env['version']}, {env['threads']} threads, "
-                       f"batch {env['batch_size']}, sequence {env['sequence_length']}, {env['precision']}{phase})")
+                       f"batch {env['batch_size']}, sequence {env['sequence_length']}, {env['precision']}"
+                       f"{phase_note(env)})")
     view.add_column("module")
     view.add_column("level", justify="right")
     view.add_column("ms over removed", justify="right")

@@ -44,6 +44,7 @@ from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.base import Phase
 from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
 from ziplm.runtimes.policy import Effort, policy
+from ziplm.stages.closed_loop import PHASE_LABELS
 from ziplm.stages.generation import phase_feeds, served_feeds
 
 MANIFEST = "manifest.json"
@@ -96,7 +97,6 @@ class Verdict:
         return f" [the manifest was measured on another CPU: {self.recorded_device}]"
 
 
-GENERATION_CHECKS: dict[Phase, str] = {"prefill": "TTFT", "decode": "TPOT"}
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         check = PairedVerifier(runtime, phase_env, dense, phase_feeds(phase_env, config.vocab_size), policy(effort),
                                tolerance).verdict(member)
         measurements[phase] = phase_env, check
-        checks.append(Check(f"{metric} {GENERATION_CHECKS[phase]}", statistic(check.member, metric), required_ms,
+        checks.append(Check(f"{metric} {PHASE_LABELS[phase]}", statistic(check.member, metric), required_ms,
                             " ms", at_least=False))
     info = {**runtime.info().to_json(), "batch_size": env.batch_size, "sequence_length": env.sequence_length,
             "precision": env.precision}

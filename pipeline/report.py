@@ -41,11 +41,19 @@ def runtime_fingerprint(runtime: dict[str, Any]) -> str:
 
 def environment_line(runtime: dict[str, Any]) -> str:
     """One sentence naming where something was measured (runtime json as in the reports and tables)."""
-    phase = {"prefill": ", prefill (time to first token)",
-             "decode": f", decode at context {runtime.get('context_length')} (time per token)"}
     return (f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
             f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}"
-            f"{phase.get(runtime.get('phase', 'sequence'), '')}")
+            f"{phase_note(runtime)}")
+
+
+def phase_note(environment: dict[str, Any]) -> str:
+    """", decode at context 512 (time per token)" for an environment (runtime json, or a latency table's) in a phase
+    of generation; "" for the whole-sequence phase (and for records that predate phases)."""
+    phase = environment.get("phase", "sequence")
+    if phase == "sequence":
+        return ""
+    at = f" at context {environment['context_length']}" if phase == "decode" else ""
+    return f", {phase}{at} ({'time per token' if phase == 'decode' else 'time to first token'})"
 
 
 ORIGINS = {"fine-tuned": "fine-tuned here on the task", "given": "the given model, used as it is (teacher: none)",

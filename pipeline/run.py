@@ -412,7 +412,7 @@ def member_name(recipe: Recipe, member: Member) -> str:
     sla = member.sla
     if sla is None:
         return f"{recipe.name}-{member.target:g}x"
-    phase = f"{PHASE_LABELS[sla.phase].strip().lower()}-" if sla.phase else ""  # e.g. name-tpot-p90-25ms
+    phase = f"{PHASE_LABELS[sla.phase].lower()}-" if sla.phase else ""  # e.g. name-tpot-p90-25ms
     return f"{recipe.name}-{phase}{sla.metric}-{sla.ms:g}ms"
 
 

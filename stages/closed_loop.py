@@ -53,7 +53,7 @@ class VerificationSettings(BaseModel):
                             "the model served in FP32 today")
 
 
-PHASE_LABELS = {"prefill": "TTFT ", "decode": "TPOT "}
+PHASE_LABELS = {"prefill": "TTFT", "decode": "TPOT"}  # what a latency bound in a phase of generation is called
 
 
 class LatencySLA(BaseModel):
@@ -85,7 +85,8 @@ class LatencySLA(BaseModel):
 
     @property
     def label(self) -> str:
-        return f"{PHASE_LABELS.get(self.phase, '')}{self.metric}<={self.ms:g}ms"
+        phase = f"{PHASE_LABELS[self.phase]} " if self.phase else ""
+        return f"{phase}{self.metric}<={self.ms:g}ms"
 
     def speedup_target(self, dense: TimingStats, tolerance: float) -> float:
         """The speedup that meets the SLA even at the low end of the tolerance (see the module docstring)."""

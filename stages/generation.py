@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 
 from ziplm.errors import BadInputError
 from ziplm.families import adapter_for
@@ -56,11 +55,6 @@ def attending_layers(model: PreTrainedModel) -> list[int]:
     return [index for index, layer in enumerate(adapter.layers(model)) if adapter.has_attention(layer)]
 
 
-def generation_cache(model: PreTrainedModel) -> DynamicCache | None:
-    """The empty cache transformers generates over (None for a model without attention: nothing to cache)."""
-    return decoder_adapter(model).generation_cache(model) if attending_layers(model) else None
-
-
 def cache_names(prefix: str, layers: list[int]) -> list[str]:
     return [f"{prefix}.{layer}.{part}" for layer in layers for part in ("key", "value")]
 
@@ -71,11 +65,12 @@ class _GenerationCall(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
+        self.adapter = decoder_adapter(model)
         self.layers = attending_layers(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = generation_cache(self.model)
+        cache = self.adapter.generation_cache(self.model)
         for n, layer in enumerate(self.layers):
             cache.update(past[2 * n], past[2 * n + 1], layer)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -96,8 +91,9 @@ def export_for_generation(model: PreTrainedModel, path: Path) -> Path:
     inputs = {"input_ids": torch.randint(0, config.vocab_size, (TRACE_BATCH, TRACE_SEQUENCE), generator=generator),
               "attention_mask": attention_mask,
               "position_ids": torch.from_numpy(positions(attention_mask.numpy())[:, -TRACE_SEQUENCE:])}
-    for name, layer in zip(cache_names(PAST, layers), [layer for layer in layers for _ in range(2)]):
-        inputs[name] = torch.randn(TRACE_BATCH, kv_heads[layer], TRACE_PAST, head_dim, generator=generator)
+    for layer in layers:
+        for name in cache_names(PAST, [layer]):
+            inputs[name] = torch.randn(TRACE_BATCH, kv_heads[layer], TRACE_PAST, head_dim, generator=generator)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"},
             **{name: {0: "batch", 2: "past_sequence"} for name in cache_names(PAST, layers)},
@@ -223,7 +219,7 @@ def torch_greedy_generate(model: PreTrainedModel, input_ids: np.ndarray, new_tok
                           attention_mask: np.ndarray | None = None) -> np.ndarray:
     """transformers' own `generate`, greedy, over the family's generation cache, with the model's stop tokens."""
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask
-    cache = generation_cache(model)
+    cache = decoder_adapter(model).generation_cache(model)
     with torch.no_grad():
         output = model.eval().generate(torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask),
                                        max_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
