@@ -146,12 +146,12 @@ def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[st
 
 
 def kv_cache_json(model: PreTrainedModel, runtime: dict[str, Any]) -> dict[str, int] | None:
-    """A decoder's key/value cache (fp32 values): bytes per token of context, and at the environment's sequence
-    length; None for a model that keeps none."""
+    """A decoder's key/value cache (fp32 values): bytes per token of context, and at the environment's context
+    (decode: its context_length; else its sequence length); None for a model that keeps none."""
     per_token = adapter_for(model.config).kv_cache_bytes_per_token(model.config)
     if per_token is None:
         return None
-    context = runtime["sequence_length"]
+    context = runtime.get("context_length") or runtime["sequence_length"]
     return {"bytes_per_token": per_token, "context_length": context, "bytes": per_token * context}
 
 

@@ -162,6 +162,7 @@ def test_a_family_solved_for_time_per_token_serves_and_verifies_its_generation_a
     report = json.loads((out / "report.json").read_text())
     (member,) = report["members"]
     assert member["runtime"]["phase"] == "decode" and member["runtime"]["context_length"] == 40
+    assert member["kv_cache"]["context_length"] == 40  # the cache a token is decoded on
     assert member["served_file"] == "generation.onnx" and member["dense_reference"] == "../dense/generation.onnx"
     folder = out / member["name"]
     assert not (folder / "model.onnx").exists() and member["sha256"] == file_digest(folder / "generation.onnx")

@@ -1,0 +1,132 @@
+"""Generation-phase speedup guarantees on SmolLM2-135M (Shakespeare): one family solved for time per output token
+(decode, one token on a KV cache of `--context-length` tokens) and one for time to first token (prefill of the
+recipe's 256-token prompt), both from one database.
+
+Each member goes through the closed loop in the phase it is solved for, timed on generation.onnx paired and
+interleaved beside the dense model's. Beside it: its speedup in the other phase (the median of `round_repeats`
+paired measurements, as `ziplm run` reports it), its perplexity on the recipe's validation blocks and its
+key/value-cache bytes.
+
+    python -m benchmarks.generation [--targets 1.25 1.5 2] [--context-length 512] [--recipe smollm2_shakespeare]
+
+writes benchmarks/results/generation.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import head_commit, progress, stage_cache, write_results
+from ziplm.cache import StageCache
+from ziplm.families import adapter_for
+from ziplm.pipeline.recipe import Recipe, load_recipe
+from ziplm.pipeline.report import environment_line, runtime_json
+from ziplm.pipeline.run import Family, Inputs, build_family, other_phase, prepare_inputs
+from ziplm.runtimes.policy import policy
+from ziplm.stages.closed_loop import PHASE_LABELS, Member
+
+COMMAND = "python -m benchmarks.generation"
+
+
+def run(recipe_name: str, targets: list[float], context_length: int) -> dict[str, Any]:
+    recipe = load_recipe(recipe_name).model_copy(update={"targets": targets})
+    phases = []
+    with tempfile.TemporaryDirectory(prefix="ziplm-generation-") as work:
+        stages = StageCache(Path(work), progress)  # members measured afresh; one database for both phases
+        for env in (recipe.environment.in_phase("decode", context_length), recipe.environment.in_phase("prefill")):
+            variant = recipe.model_copy(update={"environment": env})
+            start = time.perf_counter()
+            inputs = prepare_inputs(variant, stage_cache())  # the tables are the product's, cached
+            table_seconds = time.perf_counter() - start
+            family = build_family(variant, inputs, stages)
+            phases.append(phase_result(variant, inputs, family, table_seconds, time.perf_counter() - start))
+    return {"recipe": recipe.name, "model": recipe.model, "targets": targets, "phases": phases,
+            "tolerance": recipe.verification.tolerance, "max_rounds": recipe.verification.max_rounds,
+            "round_repeats": policy(recipe.effort).round_repeats, "commit": head_commit()}
+
+
+def phase_result(recipe: Recipe, inputs: Inputs, family: Family, table_seconds: float,
+                 seconds: float) -> dict[str, Any]:
+    dense = inputs.dense
+    per_token = adapter_for(dense.config).kv_cache_bytes_per_token(dense.config)
+    return {"phase": recipe.environment.phase, "label": PHASE_LABELS[recipe.environment.phase],
+            "runtime": runtime_json(inputs.table), "table": inputs.table.fingerprint,
+            "max_reachable_speedup": round(family.refs.reachable(inputs.table), 3),
+            "dense": {"perplexity": family.refs.dense.value.value, "kv_bytes_per_token": per_token,
+                      "latency_ms": round(family.members[0].final.check.dense.median_ms, 4)},
+            "rows": [row(recipe, inputs, family, member) for member in family.members],
+            "seconds": {"inputs": round(table_seconds), "total": round(seconds)}}
+
+
+def row(recipe: Recipe, inputs: Inputs, family: Family, member: Member) -> dict[str, Any]:
+    check, tolerance = member.final.check, recipe.verification.tolerance
+    model = member.model
+    assert member.metric is not None  # scored by build_family
+    return {"target_speedup": member.target, "measured_speedup": round(check.speedup.value, 4),
+            "ci": [round(check.speedup.ci_low, 4), round(check.speedup.ci_high, 4)],
+            "deviation": round(check.deviation(member.target), 4),
+            "within_tolerance": abs(check.deviation(member.target)) <= tolerance, "rounds": len(member.rounds),
+            "latency_ms": round(check.member.median_ms, 4), "other_phase": other_phase(recipe, inputs, family.refs,
+                                                                                       member),
+            "perplexity": member.metric.value,
+            "kv_bytes_per_token": adapter_for(model.config).kv_cache_bytes_per_token(model.config),
+            "structure": member.final.structure.to_json()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Generation: time per output token and time to first token, recipe {result['recipe']}", "",
+             "Two families from one database, each solved in one phase of generation and verified there: a member's "
+             "generation.onnx is timed paired and interleaved beside the dense model's (median of per-round ratios, "
+             f"95% interval), re-solved until within {result['tolerance']:.0%} (at most {result['max_rounds']} "
+             "rounds). The other phase is the median of "
+             f"{result['round_repeats']} paired measurements of the same files. Perplexity on the recipe's validation "
+             "blocks; key/value cache in fp32.", ""]
+    for phase in result["phases"]:
+        lines += _phase_lines(phase)
+    return "\n".join(lines + [f"Reproduce: `{result['command']}`, measured at commit {result['commit']}.", ""])
+
+
+def _phase_lines(phase: dict[str, Any]) -> list[str]:
+    label, dense = phase["label"], phase["dense"]
+    other = phase["rows"][0]["other_phase"]
+    other_label = PHASE_LABELS[other["phase"]]
+    context = phase["runtime"].get("context_length") or phase["runtime"]["sequence_length"]
+    kv = dense["kv_bytes_per_token"]
+    lines = [f"## Solved for {label}", "", f"{environment_line(phase['runtime'])}.", "",
+             f"Dense: {label} {dense['latency_ms']:.2f} ms (median), {other_label} "
+             f"{other['dense_latency_ms']['median']:.2f} ms, perplexity {dense['perplexity']:.2f}, key/value cache "
+             f"{kv / 1024:.1f} KiB per token ({kv * context / 2**20:.1f} MiB at {context} tokens). The largest "
+             f"reachable {label} speedup is {phase['max_reachable_speedup']:.2f}x.",
+             "", f"| target | {label} speedup (95% CI) | deviation | rounds | {label} ms | {other_label} speedup "
+             "| perplexity | KV cache per token |", "|---|---|---|---|---|---|---|---|"]
+    for r in phase["rows"]:
+        kv = r["kv_bytes_per_token"]
+        lines.append(
+            f"| {r['target_speedup']:g}x | {r['measured_speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
+            f"| {r['deviation']:+.1%}{'' if r['within_tolerance'] else ' (outside)'} | {r['rounds']} "
+            f"| {r['latency_ms']:.2f} | {r['other_phase']['measured_speedup']:.2f}x | {r['perplexity']:.2f} "
+            f"| {kv / 1024:.1f} KiB ({kv / dense['kv_bytes_per_token']:.0%}) |")
+    within = sum(r["within_tolerance"] for r in phase["rows"])
+    return lines + ["", f"{within} of {len(phase['rows'])} members within the tolerance. Task, model and latency table "
+                    f"ready in {phase['seconds']['inputs']} s (the table is cached after its first build); "
+                    f"{phase['seconds']['total']} s with the family.", ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.25, 1.5, 2])
+    parser.add_argument("--context-length", type=int, default=512, help="decode: the cache a token is timed on")
+    parser.add_argument("--recipe", default="smollm2_shakespeare", help="a decoder recipe (built-in name or file)")
+    args = parser.parse_args()
+    result = run(args.recipe, sorted(args.targets), args.context_length)
+    result["command"] = " ".join([COMMAND, *sys.argv[1:]])
+    write_results("generation", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
