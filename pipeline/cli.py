@@ -155,7 +155,7 @@ def verify(
                                                           "length) in ms")] = None,
     max_tpot_ms: Annotated[float | None, typer.Option(help="decoders: time per output token in ms")] = None,
     context_length: Annotated[int | None, typer.Option(min=1, help="decoders: the cache length a token is timed on "
-                                                             "(default: the sequence length)")] = None,
+                                                             "(default: the member's decode context)")] = None,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
@@ -225,6 +225,7 @@ class TablePhase(str, Enum):
     sequence = "sequence"
     prefill = "prefill"
     decode = "decode"
+    request = "request"
 
 
 @app.command("latency-table")
@@ -243,16 +244,20 @@ def latency_table(
     rebuild: Annotated[bool, typer.Option(help="measure again even when a cached table exists")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table here")] = None,
     phase: Annotated[TablePhase, typer.Option(help="decoders: prefill (a prompt of the sequence length, time to "
-                                                   "first token) or decode (one token on a cache of "
-                                                   "--context-length)")] = "sequence",
+                                                   "first token), decode (one token on a cache of --context-length) "
+                                                   "or request (prefill, then --new-tokens greedy tokens)")]
+    = "sequence",
     context_length: Annotated[int | None, typer.Option(min=1, help="decode: the cache length")] = None,
+    new_tokens: Annotated[int | None, typer.Option(min=1, help="request: the tokens a request generates")] = None,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
     if (TablePhase(phase) == TablePhase.decode) != (context_length is not None):
         raise BadInputError("--context-length is the cache length of --phase decode: give both or neither")
+    if (TablePhase(phase) == TablePhase.request) != (new_tokens is not None):
+        raise BadInputError("--new-tokens is the length of a --phase request: give both or neither")
     env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
                        precision=TablePrecision(precision).value, phase=TablePhase(phase).value,
-                       context_length=context_length)
+                       context_length=context_length, new_tokens=new_tokens)
     table, cached = get_or_build_table(load_config(model), env, group_size, policy(Effort(effort).value),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)

@@ -10,14 +10,15 @@ timed interleaved in one run (the paired timing of `ziplm run`); the verdict is 
 runtimes.policy). An INT8 member whose target is over FP32 is timed
 directly beside the dense FP32 reference, as `ziplm run` judged it.
 Checks, each one JUnit test case:
-- speedup: measured >= --min-speedup, or else >= target_speedup x (1 - tolerance) from the manifest. A shipped
-  guarantee is a lower bound; `ziplm run` also rejects overshooting a target, verify does not. Left out for an SLA
-  member unless --min-speedup is given.
+- speedup: measured in the manifest's phase (a request member: whole greedy requests) >= --min-speedup, or else
+  >= target_speedup x (1 - tolerance) from the manifest. A shipped guarantee is a lower bound; `ziplm run` also
+  rejects overshooting a target, verify does not. Left out for an SLA member unless --min-speedup is given.
 - latency: the measured statistic (--metric, default p90; an SLA member's own metric) <= --max-latency-ms, or
   else <= the member's SLA from the manifest. Left out when neither is set.
 - TTFT / TPOT (a decoder member's generation.onnx, docs/generation.md): with --max-ttft-ms, the time to first token
   of a prompt of the environment's sequence length on an empty cache; with --max-tpot-ms, the time of one new token
-  on a cache of --context-length tokens (default: the sequence length). Each is timed paired beside the dense
+  on a cache of --context-length tokens (default: the member's decode context, or else the sequence length: the
+  first step after the prompt; a request member: its mean cache length). Each is timed paired beside the dense
   model's generation.onnx and bounded by the statistic of --metric. Given either, the manifest's own speedup and SLA
   checks are left out unless --min-speedup or --max-latency-ms asks for them.
 The line also says when other work kept the machine busy while it measured (measurements taken again, or left
@@ -45,7 +46,7 @@ from ziplm.runtimes.base import Phase
 from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
 from ziplm.runtimes.policy import Effort, policy
 from ziplm.stages.closed_loop import PHASE_LABELS
-from ziplm.stages.generation import phase_feeds, served_feeds
+from ziplm.stages.generation import phase_feeds, served_feeds, serving_runtime
 
 MANIFEST = "manifest.json"
 
@@ -153,7 +154,8 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
                         sequence_length=sequence_length or recorded["sequence_length"],
                         precision=recorded["precision"],
                         options=recorded.get("options", {}) if name == recorded["name"] else {},
-                        phase=recorded.get("phase", "sequence"), context_length=recorded.get("context_length"))
+                        phase=recorded.get("phase", "sequence"), context_length=recorded.get("context_length"),
+                        new_tokens=recorded.get("new_tokens"))
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
@@ -163,7 +165,7 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
     """Measure the member against its dense reference in `env` and check it (see the module docstring)."""
     manifest = artifact.manifest
     tolerance = manifest.get("tolerance", 0.03)
-    runtime = get_runtime(env)
+    runtime = serving_runtime(env)
     config = load_config(str(artifact.folder))
     start = time.perf_counter()
     sla = manifest.get("sla")
@@ -187,9 +189,9 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
         if required_ms is None:
             continue
         member, dense = artifact.generation_files()
-        phase_env = env.in_phase(phase, (context_length or env.sequence_length) if phase == "decode" else None)
-        check = PairedVerifier(runtime, phase_env, dense, phase_feeds(phase_env, config.vocab_size), policy(effort),
-                               tolerance).verdict(member)
+        phase_env = env.in_phase(phase, (context_length or env.decode_context) if phase == "decode" else None)
+        check = PairedVerifier(get_runtime(phase_env), phase_env, dense, phase_feeds(phase_env, config.vocab_size),
+                               policy(effort), tolerance).verdict(member)
         measurements[phase] = phase_env, check
         checks.append(Check(f"{metric} {PHASE_LABELS[phase]}", statistic(check.member, metric), required_ms,
                             " ms", at_least=False))

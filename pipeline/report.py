@@ -30,8 +30,9 @@ def runtime_json(table: LatencyTable) -> dict[str, Any]:
     env = table.environment
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
     phase = env.get("phase", "sequence")  # tables of the whole-sequence phase may predate phases
-    return {**{key: env[key] for key in keys},
-            **({} if phase == "sequence" else {"phase": phase, "context_length": env["context_length"]})}
+    generation = {"phase": phase, "context_length": env["context_length"],
+                  **({"new_tokens": env["new_tokens"]} if phase == "request" else {})}
+    return {**{key: env[key] for key in keys}, **({} if phase == "sequence" else generation)}
 
 
 def runtime_fingerprint(runtime: dict[str, Any]) -> str:
@@ -52,8 +53,16 @@ def phase_note(environment: dict[str, Any]) -> str:
     phase = environment.get("phase", "sequence")
     if phase == "sequence":
         return ""
-    at = f" at context {environment['context_length']}" if phase == "decode" else ""
-    return f", {phase}{at} ({'time per token' if phase == 'decode' else 'time to first token'})"
+    if phase == "request":
+        return f", request of {environment['new_tokens']} new tokens ({PHASE_WORDS[phase]})"
+    return f", {phase}{_at_context(environment)} ({PHASE_WORDS[phase]})"
+
+
+PHASE_WORDS = {"prefill": "time to first token", "decode": "time per token", "request": "time to the last token"}
+
+
+def _at_context(environment: dict[str, Any]) -> str:
+    return f" at context {environment['context_length']}" if environment.get("phase") == "decode" else ""
 
 
 ORIGINS = {"fine-tuned": "fine-tuned here on the task", "given": "the given model, used as it is (teacher: none)",
@@ -147,11 +156,12 @@ def structure_json(model: PreTrainedModel, structure: ModelStructure) -> dict[st
 
 def kv_cache_json(model: PreTrainedModel, runtime: dict[str, Any]) -> dict[str, int] | None:
     """A decoder's key/value cache (fp32 values): bytes per token of context, and at the environment's context
-    (decode: its context_length; else its sequence length); None for a model that keeps none."""
+    (decode: its context_length; a request: its end, prompt and new tokens; else the sequence length); None for a
+    model that keeps none."""
     per_token = adapter_for(model.config).kv_cache_bytes_per_token(model.config)
     if per_token is None:
         return None
-    context = runtime.get("context_length") or runtime["sequence_length"]
+    context = runtime.get("context_length") or runtime["sequence_length"] + runtime.get("new_tokens", 0)
     return {"bytes_per_token": per_token, "context_length": context, "bytes": per_token * context}
 
 
@@ -274,16 +284,12 @@ def _kv_cache_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _other_phase_lines(report: dict[str, Any]) -> list[str]:
-    """A family solved in one phase of generation, as each member does in the other (timed beside the dense model)."""
-    lines = []
-    for m in report["members"]:
-        other = m.get("other_phase")
-        if other:
-            what = ("time to first token" if other["phase"] == "prefill"
-                    else f"time per token at context {other['context_length']}")
-            lines.append(f"- {m['name']}: {what} {other['measured_speedup']:.3f}x the dense model's "
-                         f"({other['latency_ms']['p90']:.2f} ms p90)")
-    return ["", "In the other phase of generation:", *lines] if lines else []
+    """A family solved in one phase of generation, as each member does in the others (timed beside the dense
+    model)."""
+    lines = [f"- {m['name']}: {PHASE_WORDS[other['phase']]}{_at_context(other)} {other['measured_speedup']:.3f}x the "
+             f"dense model's ({other['latency_ms']['p90']:.2f} ms p90)"
+             for m in report["members"] for other in m.get("other_phases", [])]
+    return ["", "In the other phases of generation:", *lines] if lines else []
 
 
 def report_markdown(report: dict[str, Any], figures: list[str]) -> str:

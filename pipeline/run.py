@@ -28,7 +28,7 @@ from ziplm.pipeline import modeling_ziplm
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
                                    write_report)
-from ziplm.runtimes import SessionModule, get_runtime
+from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.paired import PairedVerifier, PrecisionFactor
 from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
@@ -39,7 +39,8 @@ from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import PHASE_LABELS, LatencySLA, Member, Stopwatch, closed_loop
 from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
 from ziplm.stages.generation import (GENERATION_ONNX, PARITY_TOKENS, check_generation, export_for_generation,
-                                     export_served_checked, generation_prompt, served_feeds, served_file)
+                                     export_served_checked, generation_prompt, served_feeds, served_file,
+                                     serving_runtime)
 from ziplm.stages.latency_table import LatencyTable, get_or_build_table
 from ziplm.stages.quantize import deployable, example_batches
 from ziplm.stages.quantize import load_model as load_deployed
@@ -198,7 +199,8 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
 def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[Metric]) -> PairedVerifier:
     """Measures members timed beside this dense model, paired, in the recipe's environment."""
     env = recipe.environment
-    return PairedVerifier(get_runtime(env), env, dense.path / served_file(env), served_feeds(inputs.dense.config, env),
+    return PairedVerifier(serving_runtime(env), env, dense.path / served_file(env),
+                          served_feeds(inputs.dense.config, env),
                           measurement(recipe), recipe.verification.tolerance)
 
 
@@ -439,24 +441,30 @@ def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs
         payload = manifest(name, recipe, runtime, member, dense_info, folder / served, inputs.dense_key,
                            inputs.task, refs.precision_factor)
         payload["generation"] = write_generation_artifact(member.model, folder, recipe.environment.precision)
-        payload["other_phase"] = other_phase(recipe, inputs, refs, member)
+        payload["other_phases"] = other_phases(recipe, inputs, refs, member)
         write_json_atomic(folder / "manifest.json", payload)
     return payload
 
 
-def other_phase(recipe: Recipe, inputs: Inputs, refs: References, member: Member) -> dict[str, Any] | None:
-    """A member solved in one phase of generation, timed in the other beside the dense model (prefill: the decode
-    step right after the prompt, a cache of sequence_length; decode: the prefill of sequence_length tokens), the
-    median of `round_repeats` paired measurements. None for the whole-sequence phase."""
+def other_phases(recipe: Recipe, inputs: Inputs, refs: References, member: Member) -> list[dict[str, Any]]:
+    """A member solved in one phase of generation, timed in the others beside the dense model, each the median of
+    `round_repeats` paired measurements: solved for prefill, the decode step right after the prompt (a cache of
+    sequence_length); for decode, the prefill of sequence_length tokens; for a whole request, both (the decode
+    step at the request's mean cache length). Empty in the whole-sequence phase."""
     env = recipe.environment
-    if env.phase == "sequence":
-        return None
-    other = env.in_phase("decode", env.sequence_length) if env.phase == "prefill" else env.in_phase("prefill")
-    verifier = PairedVerifier(get_runtime(other), other, refs.dense.path / GENERATION_ONNX,
-                              served_feeds(inputs.dense.config, other), measurement(recipe),
+    others = {"sequence": [], "prefill": [env.in_phase("decode", env.decode_context)],
+              "decode": [env.in_phase("prefill")], "request": list(env.request_phases())}[env.phase]
+    return [phase_timing(recipe, inputs, refs, member, other) for other in others]
+
+
+def phase_timing(recipe: Recipe, inputs: Inputs, refs: References, member: Member,
+                 env: InferenceEnv) -> dict[str, Any]:
+    """The member's generation artifact timed in `env` (a phase of generation) beside the dense model's."""
+    verifier = PairedVerifier(get_runtime(env), env, refs.dense.path / GENERATION_ONNX,
+                              served_feeds(inputs.dense.config, env), measurement(recipe),
                               recipe.verification.tolerance)
     check = verifier.measure(member.onnx_path, verifier.policy.round_repeats)
-    return {"phase": other.phase, "context_length": other.context_length,
+    return {"phase": env.phase, "context_length": env.context_length,
             "measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),
             "latency_ms": {"median": round(check.member.median_ms, 4), "p90": round(check.member.p90_ms, 4)},
             "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}

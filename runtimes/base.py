@@ -20,8 +20,9 @@ from ziplm.errors import BadInputError
 Precision = Literal["fp32", "int8"]  # int8: QuantizeLinear/DequantizeLinear models (ziplm.stages.quantize)
 # sequence: the whole sequence in, every position's output out (model.onnx). A decoder generating (generation.onnx):
 # prefill, a prompt of sequence_length tokens on an empty KV cache (time to first token); decode, one token on a cache
-# of context_length tokens (time per output token).
-Phase = Literal["sequence", "prefill", "decode"]
+# of context_length tokens (time per output token); request, a whole greedy request: the prefill of the prompt, which
+# gives the first new token, then a decode step for each of the other new_tokens - 1 (time to the last token).
+Phase = Literal["sequence", "prefill", "decode", "request"]
 
 
 class InferenceEnv(BaseModel):
@@ -37,24 +38,50 @@ class InferenceEnv(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     phase: Phase = "sequence"
     context_length: int | None = Field(None, ge=1, description="decode: the cache length one new token is timed on")
+    new_tokens: int | None = Field(None, ge=1, description="request: the tokens one request generates")
 
     @model_validator(mode="after")
-    def _context_for_decode(self) -> InferenceEnv:
+    def _phase_settings(self) -> InferenceEnv:
         if self.phase == "decode" and self.context_length is None:
             raise ValueError("phase decode times one new token on a cache of context_length tokens: set "
                              "context_length")
         if self.phase != "decode" and self.context_length is not None:
             raise ValueError(f"context_length is the cache length of phase decode; phase {self.phase} has none")
+        if (self.phase == "request") != (self.new_tokens is not None):
+            raise ValueError("phase request times a prompt and new_tokens generated tokens: set new_tokens" if
+                             self.phase == "request" else f"new_tokens belongs to phase request, not {self.phase}")
         return self
 
-    def in_phase(self, phase: Phase, context_length: int | None = None) -> InferenceEnv:
-        """This environment in another phase (validated: decode needs its context length)."""
-        return InferenceEnv.model_validate({**self.model_dump(), "phase": phase, "context_length": context_length})
+    def in_phase(self, phase: Phase, context_length: int | None = None,
+                 new_tokens: int | None = None) -> InferenceEnv:
+        """This environment in another phase (validated: decode needs its context length, request its new tokens)."""
+        return InferenceEnv.model_validate({**self.model_dump(), "phase": phase, "context_length": context_length,
+                                            "new_tokens": new_tokens})
+
+    @property
+    def decode_steps(self) -> int:
+        """A request's decode steps: every new token but the first, which the prefill gives."""
+        return (self.new_tokens or 1) - 1
+
+    @property
+    def decode_context(self) -> int:
+        """The cache length this environment's time per token is taken at: decode, its context_length; a request,
+        the mean cache length of its decode steps (sequence_length + (new_tokens - 2) / 2, rounded down: a step's
+        time grows linearly with its cache); otherwise the first step after the prompt (sequence_length)."""
+        if self.phase == "decode":
+            return self.context_length  # type: ignore[return-value]
+        return self.sequence_length + (max(self.new_tokens, 2) // 2 - 1 if self.new_tokens else 0)
+
+    def request_phases(self) -> tuple[InferenceEnv, InferenceEnv]:
+        """A request's two phases: the prefill of its prompt, and a decode step at its mean cache length."""
+        return self.in_phase("prefill"), self.in_phase("decode", self.decode_context)
 
     def describe_phase(self) -> str:
         """e.g. "time per token at context 512" ("" for the whole-sequence phase)."""
         if self.phase == "prefill":
             return f"time to first token of {self.sequence_length} prompt tokens"
+        if self.phase == "request":
+            return f"time to the last of {self.new_tokens} tokens generated after {self.sequence_length} prompt tokens"
         return f"time per token at context {self.context_length}" if self.phase == "decode" else ""
 
 

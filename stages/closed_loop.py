@@ -53,7 +53,8 @@ class VerificationSettings(BaseModel):
                             "the model served in FP32 today")
 
 
-PHASE_LABELS = {"prefill": "TTFT", "decode": "TPOT"}  # what a latency bound in a phase of generation is called
+# what a latency bound in a phase of generation is called (a whole request: its end-to-end latency)
+PHASE_LABELS = {"prefill": "TTFT", "decode": "TPOT", "request": "E2E"}
 
 
 class LatencySLA(BaseModel):
@@ -65,9 +66,9 @@ class LatencySLA(BaseModel):
     median_ms: float | None = Field(None, gt=0.0)
     batch_size: int | None = Field(None, ge=1, description="optional; must equal the environment's")
     sequence_length: int | None = Field(None, ge=1, description="optional; must equal the environment's")
-    phase: Literal["prefill", "decode"] | None = Field(
+    phase: Literal["prefill", "decode", "request"] | None = Field(
         None, description="optional; must equal the environment's: prefill bounds the time to first token (TTFT), "
-                          "decode the time per output token (TPOT)")
+                          "decode the time per output token (TPOT), request a whole request's time (E2E)")
 
     @model_validator(mode="after")
     def _one_bound(self) -> LatencySLA:

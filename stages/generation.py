@@ -15,6 +15,8 @@ them too (`head_dim`, `num_key_value_heads_per_layer`). A layer whose attention 
 all: its index is absent from the inputs and outputs, and config.json gives it 0 KV heads. Prefill feeds an empty past
 (past_sequence 0) and the whole prompt; each decode step feeds one token and the cache the step before returned. A
 model with no attention left takes neither a cache nor an attention_mask (nothing reads them).
+
+The request phase times a whole greedy request per call (GenerationRequest, loaded by `serving_runtime`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from ziplm.errors import BadInputError
 from ziplm.families import adapter_for
 from ziplm.families.decoder import DecoderAdapter
 from ziplm.runtimes import InferenceEnv, Session
+from ziplm.runtimes.base import Runtime, RuntimeInfo, get_runtime
+from ziplm.runtimes.onnxruntime_cpu import OrtSession
 from ziplm.runtimes.paired import Feeds
 from ziplm.stages.export import ExportParityError, export_checked, export_model, write_onnx
 
@@ -103,11 +107,11 @@ def export_for_generation(model: PreTrainedModel, path: Path) -> Path:
 
 def phase_feeds(env: InferenceEnv, vocab_size: int, seed: int = 0) -> Feeds:
     """What a generation artifact is fed for one timed call in the environment's phase, sized from the file's own
-    cache inputs: prefill, a prompt of sequence_length tokens on an empty cache; decode, one token on a cache of
-    context_length tokens (random keys and values)."""
+    cache inputs: prefill (and a request, which starts with it), a prompt of sequence_length tokens on an empty
+    cache; decode, one token on a cache of context_length tokens (random keys and values)."""
     if env.phase == "sequence":
         raise ValueError("the whole-sequence phase times model.onnx, not the generation artifact")
-    new, past = (env.sequence_length, 0) if env.phase == "prefill" else (1, env.context_length)
+    new, past = (1, env.context_length) if env.phase == "decode" else (env.sequence_length, 0)
 
     def feeds(session: Session) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -170,21 +174,21 @@ def positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 1, position_ids).astype(np.int64)
 
 
-def onnx_greedy_generate(session: object, input_ids: np.ndarray, new_tokens: int,
+def onnx_greedy_generate(session: Session, input_ids: np.ndarray, new_tokens: int,
                          attention_mask: np.ndarray | None = None, stop: StopTokens | None = None) -> np.ndarray:
-    """Greedy decoding with a generation artifact in an ONNX Runtime session: prefill on an empty cache, then one
+    """Greedy decoding with a loaded generation artifact (any runtime's session): prefill on an empty cache, then one
     token per step over the cache. Returns the prompt followed by up to `new_tokens` tokens per row; a row that
     produced a stop token continues with padding, and decoding ends once every row has (as transformers' generate)."""
     batch = input_ids.shape[0]
     mask = np.ones_like(input_ids) if attention_mask is None else attention_mask.astype(np.int64)
-    names = {spec.name for spec in session.get_inputs()}  # a model without attention takes no attention_mask
-    cache = {spec.name: np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.float32)
-             for spec in session.get_inputs() if spec.name.startswith(PAST)}
+    names = set(session.input_names)  # a model without attention takes no attention_mask
+    cache = {name: np.zeros((batch, shape[1], 0, shape[3]), np.float32)
+             for name, shape in session.input_shapes.items() if name.startswith(PAST)}
     tokens, step = input_ids.astype(np.int64), input_ids.astype(np.int64)
     finished = np.zeros(batch, dtype=bool)
     for _ in range(new_tokens):
         feed = {"input_ids": step, "attention_mask": mask, "position_ids": positions(mask)[:, -step.shape[1]:]}
-        logits, *present = session.run(None, {name: value for name, value in feed.items() if name in names} | cache)
+        logits, *present = session.run({name: value for name, value in feed.items() if name in names} | cache)
         step = logits[:, -1].argmax(-1).astype(np.int64)[:, None]
         if stop is not None:
             step[finished] = stop.pad
@@ -194,6 +198,45 @@ def onnx_greedy_generate(session: object, input_ids: np.ndarray, new_tokens: int
         if finished.all():
             break
     return tokens
+
+
+class GenerationRequest:
+    """A loaded generation artifact served a whole request per call: `run` takes the prefill's feeds (the prompt)
+    and generates `new_tokens` tokens greedily over the cache (onnx_greedy_generate, no stop tokens); it returns the
+    prompt and the new tokens."""
+
+    def __init__(self, session: Session, new_tokens: int) -> None:
+        self.session = session
+        self.new_tokens = new_tokens
+        self.input_names = session.input_names
+        self.input_shapes = session.input_shapes
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [onnx_greedy_generate(self.session, inputs["input_ids"], self.new_tokens,
+                                     inputs.get("attention_mask"))]
+
+
+class RequestRuntime(Runtime):
+    """A runtime whose loaded generation artifacts serve whole requests (GenerationRequest): what the request phase
+    times, paired like any other file."""
+
+    def __init__(self, runtime: Runtime, new_tokens: int) -> None:
+        self.runtime = runtime
+        self.new_tokens = new_tokens
+        self.name = runtime.name
+
+    def load(self, onnx_path: Path) -> GenerationRequest:
+        return GenerationRequest(self.runtime.load(onnx_path), self.new_tokens)
+
+    def info(self) -> RuntimeInfo:
+        return self.runtime.info()
+
+
+def serving_runtime(env: InferenceEnv) -> Runtime:
+    """The environment's runtime, loading files as its phase serves them: in the request phase, each call a whole
+    request."""
+    runtime = get_runtime(env)
+    return RequestRuntime(runtime, env.new_tokens or 1) if env.phase == "request" else runtime
 
 
 @dataclass(frozen=True)
@@ -241,7 +284,7 @@ def check_generation(model: PreTrainedModel, onnx_path: Path, input_ids: np.ndar
     raises ExportParityError naming the first row and step that differ."""
     import onnxruntime as ort  # the runtime of record for parity
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = OrtSession(ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]))
     actual = onnx_greedy_generate(session, input_ids, new_tokens, attention_mask, StopTokens.of(model))
     expected = torch_greedy_generate(model, input_ids, new_tokens, attention_mask)
     if actual.shape != expected.shape:

@@ -20,7 +20,9 @@ mis-aims them all. What other work did is recorded in `machine_load`.
 A decoder's table can be timed in a phase of generation (InferenceEnv.phase): prefill times the same blocks and,
 end to end, the generation artifact on an empty cache (the head computes the last position only); decode times each
 block on one token with a cache of context_length (KV heads as the level keeps), and the generation artifact for one
-token end to end.
+token end to end. A whole request (prefill, then new_tokens - 1 decode steps) is not timed block by block: its table
+is the prefill table plus the decode steps times the decode table at the request's mean cache length
+(`request_table`), exact for the two tables' corrected predictions, since both are linear in the levels.
 
 The table is cached per (CPU, runtime and its settings, batch, sequence, precision, phase, model shape, group size):
 `get_or_build_table`. How hard it is measured follows the recipe's `effort` (runtimes.policy).
@@ -175,7 +177,12 @@ def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: 
                        measure: MeasurementPolicy = policy(), progress: Progress = print, rebuild: bool = False,
                        stages: StageCache | None = None) -> tuple[LatencyTable, bool]:
     """The cached table for (shape, environment), a stage keyed by everything its numbers depend on, built first if
-    needed (or when `rebuild`). Returns (table, was_cached)."""
+    needed (or when `rebuild`); a request's is combined from its phases' tables. Returns (table, was_cached)."""
+    if env.phase == "request":
+        (prefill, prefill_cached), (decode, decode_cached) = (
+            get_or_build_table(config, phase, group_size, measure, progress, rebuild, stages)
+            for phase in env.request_phases())
+        return request_table(prefill, decode, env), prefill_cached and decode_cached
     adapter = adapter_for(config)
     identity = table_fingerprint(adapter.shape(config), env, get_runtime(env), group_size)
     result = (stages or default_stages(progress)).run(
@@ -189,6 +196,8 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = G
                 measure: MeasurementPolicy = policy(), progress: Progress = print) -> LatencyTable:
     """Time every attention and FFN level of one layer, and the calibration models end to end (module docstring)."""
     adapter = adapter_for(config)
+    if env.phase == "request":
+        raise ValueError("a request's table is combined from its phases' tables (get_or_build_table), not timed")
     if env.phase != "sequence" and not isinstance(adapter, DecoderAdapter):
         raise BadInputError(f"phase {env.phase} times a decoder generating over its KV cache; {config.model_type} is "
                             "not a decoder: use phase sequence")
@@ -224,6 +233,32 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = G
     progress(f"latency table: base {table.base_ms:.2f} ms, correction x{table.correction.scale:.3f} "
              f"{table.correction.offset:+.2f} ms")
     return table
+
+
+def request_table(prefill: LatencyTable, decode: LatencyTable, env: InferenceEnv) -> LatencyTable:
+    """The table of a request (`env`, phase request): time = prefill + decode_steps x decode, each the table's
+    corrected prediction. A corrected prediction is affine in the raw one, which is a sum over levels, so the sum of
+    the two is one table whose levels are the scaled sums and whose base is the two corrected bases (correction
+    identity); it predicts every structure exactly as the two tables do together."""
+    if (prefill.unit_levels, prefill.ffn_levels) != (decode.unit_levels, decode.ffn_levels):
+        raise ValueError("the prefill and decode tables of a request must have the same levels")
+    steps, p, d = env.decode_steps, prefill.correction, decode.correction
+
+    def combined(prefill_ms: list[float], decode_ms: list[float]) -> list[float]:
+        return [p.scale * a + steps * d.scale * b for a, b in zip(prefill_ms, decode_ms)]
+
+    calibration = [{**a, "predicted_ms": round(p.apply(a["predicted_ms"]) + steps * d.apply(b["predicted_ms"]), 4),
+                    "measured_ms": round(a["measured_ms"] + steps * b["measured_ms"], 4)}
+                   for a, b in zip(prefill.calibration, decode.calibration)]
+    return LatencyTable(
+        fingerprint=fingerprint({"prefill": prefill.fingerprint, "decode": decode.fingerprint, "decode_steps": steps}),
+        environment={**prefill.environment, **env.model_dump()}, shape=prefill.shape, group_size=prefill.group_size,
+        unit_levels=prefill.unit_levels, attention_ms=combined(prefill.attention_ms, decode.attention_ms),
+        ffn_levels=prefill.ffn_levels, ffn_ms=combined(prefill.ffn_ms, decode.ffn_ms),
+        base_ms=p.apply(prefill.base_ms) + steps * d.apply(decode.base_ms), correction=Correction(),
+        calibration=calibration, block_p90_ms={},  # the p90 of a sum is no sum of p90s: only the phases' tables have
+        machine_load={f"{phase} {timing}": load for phase, table in (("prefill", prefill), ("decode", decode))
+                      for timing, load in table.machine_load.items()})
 
 
 class LayerBlock(nn.Module):

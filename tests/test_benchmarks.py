@@ -28,6 +28,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "cost": ("benchmarks.cost", lambda m, r: m.markdown(r["models"], r.get("commit"))),
     "decoder_accuracy_vs_speedup": ("benchmarks.decoder_accuracy_vs_speedup", lambda m, r: m.markdown(r)),
     "embedding": ("benchmarks.embedding", lambda m, r: m.markdown(r)),
+    "generation": ("benchmarks.generation", lambda m, r: m.markdown(r)),
     "int8_parity": ("benchmarks.int8_parity", lambda m, r: m.markdown(r["runs"])),
     "int8_speedup": ("benchmarks.int8_speedup", lambda m, r: m.markdown(r)),
     "latency_prediction": ("benchmarks.latency_prediction", lambda m, r: m.markdown(m.Result.from_json(r))),

@@ -136,6 +136,15 @@ def test_a_generation_phase_needs_a_decoder_task_in_fp32(texts, toy_sentiment_cs
             parse_recipe(wrong)
 
 
+def test_a_request_recipe_takes_an_end_to_end_sla_and_refuses_a_time_per_token_one(texts):
+    request = "environment: {sequence_length: 64, phase: request, new_tokens: 32}"
+    recipe = f"name: lm\nmodel: m\ntask: {{type: causal_lm, data: {texts}}}\n{request}\n"
+    parsed = parse_recipe(recipe + "slas: [{p90_ms: 900, phase: request}]\n")
+    assert parsed.environment.new_tokens == 32 and parsed.slas[0].label == "E2E p90<=900ms"
+    with pytest.raises(BadInputError, match="is for phase decode, but the environment .* has phase request"):
+        parse_recipe(recipe + "slas: [{p90_ms: 20, phase: decode}]\n")
+
+
 def run_decoder_family(root: Path, **environment: object) -> Path:
     """`ziplm run` of the causal-LM task on the tiny decoder (one member at 1.3x) in a phase; its output folder."""
     with pytest.MonkeyPatch.context() as patch:
@@ -167,13 +176,32 @@ def test_a_family_solved_for_time_per_token_serves_and_verifies_its_generation_a
     folder = out / member["name"]
     assert not (folder / "model.onnx").exists() and member["sha256"] == file_digest(folder / "generation.onnx")
     assert member["generation"]["sha256"] == member["sha256"] and (out / "dense" / "generation.onnx").is_file()
-    other = member["other_phase"]
+    (other,) = member["other_phases"]
     assert other["phase"] == "prefill" and other["measured_speedup"] > 0 and other["latency_ms"]["p90"] > 0
     markdown = (out / "report.md").read_text()
     assert "decode at context 40 (time per token)" in markdown and "time to first token" in markdown
     result = invoke("verify", str(folder), "--effort", "quick")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("PASS") and "time per token at context 40" in " ".join(result.output.split())
+
+
+def test_a_family_solved_for_whole_requests_times_both_phases_and_verifies_requests(tmp_path):
+    out = run_decoder_family(tmp_path, phase="request", new_tokens=6)
+    report = json.loads((out / "report.json").read_text())
+    (member,) = report["members"]
+    assert member["runtime"]["phase"] == "request" and member["runtime"]["new_tokens"] == 6
+    assert member["served_file"] == "generation.onnx" and member["kv_cache"]["context_length"] == BLOCK + 6
+    prefill, decode = member["other_phases"]
+    assert prefill["phase"] == "prefill" and decode["phase"] == "decode" and decode["context_length"] == BLOCK + 2
+    assert all(other["measured_speedup"] > 0 for other in (prefill, decode))
+    markdown = " ".join((out / "report.md").read_text().split())
+    assert "request of 6 new tokens (time to the last token)" in markdown and "time per token at context" in markdown
+    requests = invoke("verify", str(out / member["name"]), "--effort", "quick")
+    assert requests.exit_code == 0, requests.output
+    assert "time to the last of 6 tokens generated after 16 prompt tokens" in " ".join(requests.output.split())
+    tokens = invoke("verify", str(out / member["name"]), "--effort", "quick", "--max-tpot-ms", "10000")
+    assert tokens.exit_code == 0, tokens.output
+    assert "p90 TPOT" in tokens.output and "time per token at context 18" in " ".join(tokens.output.split())
 
 
 def test_a_run_of_the_causal_lm_task_writes_members_that_serve_logits(decoder_family):

@@ -21,11 +21,12 @@ from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.families.registry import _FAMILIES
 from ziplm.pipeline.cli import app
 from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.onnxruntime_cpu import OnnxRuntimeCPU
+from ziplm.runtimes.onnxruntime_cpu import OnnxRuntimeCPU, OrtSession
 from ziplm.stages import latency_table as lt
 from ziplm.stages.export import ExportParityError
-from ziplm.stages.generation import (GenerationParity, StopTokens, check_generation, export_for_generation,
-                                     onnx_greedy_generate, phase_feeds, torch_greedy_generate)
+from ziplm.stages.generation import (GenerationParity, GenerationRequest, StopTokens, check_generation,
+                                     export_for_generation, onnx_greedy_generate, phase_feeds, serving_runtime,
+                                     torch_greedy_generate)
 
 DECODER_TYPES = sorted(name for name, adapter in _FAMILIES.items() if isinstance(adapter, DecoderAdapter))
 NEW_TOKENS = 32
@@ -135,12 +136,13 @@ def test_a_row_that_produces_a_stop_token_is_padded_and_generation_ends_as_in_tr
     model = decoder("gpt2", "pruned")
     path = export_for_generation(model, tmp_path / "g.onnx")
     input_ids, mask = prompts(model.config.vocab_size)
-    free = onnx_greedy_generate(ort.InferenceSession(str(path)), input_ids, NEW_TOKENS, mask)
+    session = OrtSession(ort.InferenceSession(str(path)))
+    free = onnx_greedy_generate(session, input_ids, NEW_TOKENS, mask)
     stop = int(free[0, input_ids.shape[1] + 4])  # the first row's fifth new token ends its generation
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = stop, 0
     assert StopTokens.of(model) == StopTokens((stop,), 0)
     check_generation(model, path, input_ids, NEW_TOKENS, mask)
-    stopped = onnx_greedy_generate(ort.InferenceSession(str(path)), input_ids, NEW_TOKENS, mask, StopTokens.of(model))
+    stopped = onnx_greedy_generate(session, input_ids, NEW_TOKENS, mask, StopTokens.of(model))
     first_stop = int(np.flatnonzero(stopped[0, input_ids.shape[1]:] == stop)[0])
     assert first_stop <= 4 and (stopped[0, input_ids.shape[1] + first_stop + 1:] == 0).all()
 
@@ -247,7 +249,95 @@ def test_a_generation_phase_table_of_an_encoder_is_refused(tiny_config):
         lt.build_table(tiny_config, InferenceEnv(threads=1, sequence_length=16).in_phase("prefill"), 32, QUICK)
 
 
-@pytest.mark.parametrize("args", [["--phase", "decode"], ["--phase", "prefill", "--context-length", "64"]])
-def test_the_latency_table_command_wants_a_context_length_for_decode_only(args):
+@pytest.mark.parametrize("args", [["--phase", "decode"], ["--phase", "prefill", "--context-length", "64"],
+                                  ["--phase", "request"], ["--new-tokens", "8"]])
+def test_the_latency_table_command_wants_a_context_length_for_decode_and_new_tokens_for_a_request(args):
     result = CliRunner().invoke(app, ["latency-table", "--model", "gpt2-small", *args], catch_exceptions=False)
     assert result.exit_code == 2 and "give both or neither" in result.output
+
+
+def test_a_request_environment_needs_its_new_tokens_and_decodes_at_its_mean_cache_length():
+    request = InferenceEnv(sequence_length=100, phase="request", new_tokens=64)
+    prefill, decode = request.request_phases()
+    assert request.decode_steps == 63 and prefill.phase == "prefill" and prefill.new_tokens is None
+    assert decode.context_length == request.decode_context == 100 + 31  # the steps' caches: 100 .. 162
+    assert InferenceEnv(phase="request", new_tokens=1).decode_steps == 0
+    assert InferenceEnv(sequence_length=100).decode_context == 100  # the first step after the prompt
+    assert "the last of 64 tokens generated after 100 prompt tokens" in request.describe_phase()
+    with pytest.raises(ValueError, match="set new_tokens"):
+        InferenceEnv(phase="request")
+    with pytest.raises(ValueError, match="new_tokens belongs to phase request"):
+        InferenceEnv(phase="decode", context_length=8, new_tokens=4)
+
+
+class CountingSession:
+    """A session that counts its calls."""
+
+    def __init__(self, session) -> None:
+        self.session, self.calls = session, 0
+        self.input_names, self.input_shapes = session.input_names, session.input_shapes
+
+    def run(self, inputs):
+        self.calls += 1
+        return self.session.run(inputs)
+
+
+def test_a_request_session_generates_its_new_tokens_greedily_from_the_fed_prompt(tmp_path):
+    model = decoder("llama", "pruned")
+    path = export_for_generation(model, tmp_path / "g.onnx")
+    env = InferenceEnv(threads=1, sequence_length=9, phase="request", new_tokens=6)
+    runtime = serving_runtime(env)
+    assert runtime.info() == get_runtime(env).info() and isinstance(runtime.load(path), GenerationRequest)
+    counting = CountingSession(OnnxRuntimeCPU(threads=1).load(path))
+    feeds = phase_feeds(env, model.config.vocab_size)(counting)
+    (tokens,) = GenerationRequest(counting, env.new_tokens).run(feeds)
+    assert counting.calls == 6  # the prefill, then a step for each new token but the first
+    expected = torch_greedy_generate(model, feeds["input_ids"], 6)
+    np.testing.assert_array_equal(tokens, expected)
+    assert serving_runtime(env.in_phase("prefill")).load(path).__class__ is not GenerationRequest
+
+
+def table_of(levels: int, seed: int, correction: lt.Correction) -> lt.LatencyTable:
+    """A table of made-up level costs (units 0..levels-1, FFN widths 0..64), with calibration entries."""
+    rng = np.random.default_rng(seed)
+    structures = [ModelStructure((LayerStructure(1, 32), LayerStructure(levels - 1, 0))),
+                  ModelStructure((LayerStructure(levels - 1, 64), LayerStructure(levels - 1, 64)))]
+    table = lt.LatencyTable("t", {"name": "onnxruntime", "phase": "prefill"}, {}, 32, list(range(levels)),
+                            list(np.sort(rng.random(levels))), [0, 32, 64], list(np.sort(rng.random(3))),
+                            float(rng.random()) + 0.5, correction, [], {"attention": [1.0]},
+                            {"blocks": {"other_loads": [0.1], "retaken": 0, "disturbed": 0}})
+    table.calibration = [{"name": f"s{i}", "structure": s.to_json(), "predicted_ms": table.predict_ms(s, False),
+                          "measured_ms": table.predict_ms(s) + 0.01} for i, s in enumerate(structures)]
+    return table
+
+
+def test_a_request_table_predicts_the_prefill_and_the_decode_steps_together_exactly():
+    prefill, decode = table_of(4, 0, lt.Correction(1.3, -0.2)), table_of(4, 1, lt.Correction(0.8, 0.05))
+    env = InferenceEnv(sequence_length=16, phase="request", new_tokens=9)
+    request = lt.request_table(prefill, decode, env)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        structure = ModelStructure(tuple(LayerStructure(int(rng.integers(0, 4)), int(rng.choice([0, 32, 64])))
+                                         for _ in range(2)))
+        assert request.predict_ms(structure) == pytest.approx(
+            prefill.predict_ms(structure) + 8 * decode.predict_ms(structure))
+    assert request.environment["phase"] == "request" and request.environment["new_tokens"] == 9
+    assert request.calibration[0]["measured_ms"] == pytest.approx(
+        prefill.calibration[0]["measured_ms"] + 8 * decode.calibration[0]["measured_ms"], abs=1e-4)
+    assert set(request.machine_load) == {"prefill blocks", "decode blocks"} and request.block_p90_ms == {}
+    with pytest.raises(ValueError, match="same levels"):
+        lt.request_table(prefill, table_of(3, 1, lt.Correction()), env)
+
+
+def test_a_request_table_is_built_from_its_phases_cached_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    config = _FAMILIES["gpt2"].tiny_config()
+    request = InferenceEnv(threads=1, sequence_length=16, phase="request", new_tokens=5)
+    table, cached = lt.get_or_build_table(config, request, 64, QUICK, progress=lambda _: None)
+    assert not cached and table.max_speedup() > 1.0
+    prefill, decode = (lt.get_or_build_table(config, env, 64, QUICK, progress=lambda _: None) for env in
+                       request.request_phases())
+    assert prefill[1] and decode[1] and decode[0].environment["context_length"] == 17
+    assert table.dense_ms() == pytest.approx(prefill[0].dense_ms() + 4 * decode[0].dense_ms())
+    with pytest.raises(ValueError, match="combined from its phases' tables"):
+        lt.build_table(config, request, 64, QUICK)
