@@ -5,6 +5,7 @@
     task: {data: mr}                 # see ziplm.tasks (type, data, columns, fractions, max_length, batch_size)
     teacher: {epochs: 3}             # see FinetuneConfig; `teacher: none` uses a trained model as it is
     environment: {runtime: onnxruntime, threads: 2, batch_size: 1, sequence_length: 128}
+    environments: {ort: {runtime: onnxruntime}, ov: {runtime: openvino}}  # or several, by name: a family each
     effort: standard                 # how hard to measure: quick | standard | thorough (runtimes.policy)
     latency_table: {group_size: 32}  # see TableSettings
     calibration: {samples: 512}      # see CalibrationSettings
@@ -21,12 +22,16 @@ shape, so run a recipe with that environment instead). Each SLA becomes a speedu
 latency (see stages/closed_loop.py), and its member's manifest records the SLA and whether it holds (`passed`).
 `targets: []` with SLAs gives SLA members only.
 
+`environments:` (instead of `environment:`) names several environments; each gets its own family from one database
+(pipeline/environments.py), and each is checked as the recipe with that environment would be.
+
 Unknown keys are rejected with the list of allowed ones, and a key an earlier version had names what replaced it; a
 recipe round-trips (load, dump, load gives the same).
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -83,6 +88,7 @@ class Recipe(BaseModel):
     task: AnyTaskSpec
     teacher: TeacherSetting = Field(default_factory=FinetuneConfig)
     environment: InferenceEnv = Field(default_factory=InferenceEnv)
+    environments: dict[str, InferenceEnv] = Field(default_factory=dict)
     effort: Effort = "standard"
     latency_table: TableSettings = Field(default_factory=TableSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
@@ -110,6 +116,25 @@ class Recipe(BaseModel):
     def _dump_chain(self, chain: list[ChainStage]) -> list[dict[str, Any]]:
         return [stage.cache_key() for stage in chain]
 
+    @field_validator("environments")
+    @classmethod
+    def _folder_names(cls, environments: dict[str, InferenceEnv]) -> dict[str, InferenceEnv]:
+        for name in environments:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"environment name {name!r} names its output folder: use letters, digits, '_', '.' "
+                                 "and '-'")
+        return environments
+
+    def for_environment(self, name: str) -> Recipe:
+        """This recipe with one of its `environments` as its environment (validated as such), its members named
+        after both."""
+        payload = self.model_dump(mode="json", exclude={"environments"})
+        payload |= {"name": f"{self.name}-{name}", "environment": self.environments[name].model_dump()}
+        try:
+            return Recipe.model_validate(payload)
+        except ValidationError as error:
+            raise ValueError(f"environments.{name}: {error.errors()[0]['msg']}") from None
+
     @field_validator("targets")
     @classmethod
     def _speedups_above_one(cls, targets: list[float]) -> list[float]:
@@ -126,6 +151,12 @@ class Recipe(BaseModel):
                 raise ValueError(f"the {self.task.type} task uses the given model as it is: set teacher: none (or "
                                  "leave teacher out)")
             self.teacher = "none"
+        if self.environments:
+            if self.environment != InferenceEnv():  # the default one is what a dumped recipe of several repeats
+                raise ValueError("give environment (one) or environments (several, by name), not both")
+            for name in self.environments:
+                self.for_environment(name)  # each environment is checked as the recipe with it would be
+            return self
         env = self.environment
         if env.phase != "sequence" and (self.task.type != "causal_lm" or env.precision != "fp32"):
             raise ValueError(f"environment.phase {env.phase} builds a family of decoders generating (time to first "

@@ -34,7 +34,8 @@ class PublishResult:
 
 
 def member_folders(folder: Path) -> list[Path]:
-    """The members of a run's output folder (from its report.json), or the one member folder given."""
+    """The members of a run's output folder (from its report.json; a run of several environments names each
+    member's `folder`), or the one member folder given."""
     folder = Path(folder)
     if (folder / "manifest.json").is_file() and not (folder / "report.json").is_file():
         return [folder]
@@ -42,7 +43,7 @@ def member_folders(folder: Path) -> list[Path]:
     if not report.is_file():
         raise BadInputError(f"{folder} has no report.json or manifest.json: pass the --out folder of `ziplm run` "
                             "or one of its member folders")
-    return [folder / member["name"] for member in json.loads(report.read_text())["members"]]
+    return [folder / member.get("folder", member["name"]) for member in json.loads(report.read_text())["members"]]
 
 
 def metrics(manifest: dict[str, Any]) -> dict[str, float]:

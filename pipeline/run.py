@@ -25,6 +25,7 @@ from ziplm.errors import UnreachableTargetError
 from ziplm.families import adapter_for
 from ziplm.families.loading import load_config, load_model, save_model
 from ziplm.pipeline import modeling_ziplm
+from ziplm.pipeline.environments import run_environments
 from ziplm.pipeline.recipe import Recipe
 from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
                                    write_report)
@@ -88,8 +89,17 @@ def prepare_inputs(recipe: Recipe, stages: StageCache) -> Inputs:
 
 
 def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any]:
-    """Run the whole chain; write out/dense, one folder per member, out/report.json and out/report.md."""
+    """Run the whole chain; write out/dense, one folder per member, out/report.json and out/report.md (several
+    environments: one such folder each, out/<environment>, and a comparison: pipeline/environments.py)."""
     stages = StageCache(cache_root() / "stages", stage)
+    if recipe.environments:
+        return run_environments(recipe, out, lambda variant, folder: run_family(variant, folder, stages),
+                                stages.stage("environment"))
+    return run_family(recipe, out, stages)
+
+
+def run_family(recipe: Recipe, out: Path, stages: StageCache) -> dict[str, Any]:
+    """The family of a recipe of one environment, written to `out`; its report."""
     inputs = prepare_inputs(recipe, stages)
     return write_family(recipe, inputs, build_family(recipe, inputs, stages), out)
 
