@@ -30,9 +30,11 @@ def runtime_json(table: LatencyTable) -> dict[str, Any]:
     env = table.environment
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
     phase = env.get("phase", "sequence")  # tables of the whole-sequence phase may predate phases
-    generation = {"phase": phase, "context_length": env["context_length"],
-                  **({"new_tokens": env["new_tokens"]} if phase == "request" else {})}
-    return {**{key: env[key] for key in keys}, **({} if phase == "sequence" else generation)}
+    runtime = {key: env[key] for key in keys}
+    if phase == "sequence":
+        return runtime
+    return {**runtime, "phase": phase, "context_length": env["context_length"],
+            **({"new_tokens": env["new_tokens"]} if phase == "request" else {})}
 
 
 def runtime_fingerprint(runtime: dict[str, Any]) -> str:

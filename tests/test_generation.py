@@ -20,6 +20,7 @@ from ziplm.families.decoder import KV_HEADS_KEY, DecoderAdapter
 from ziplm.families.loading import build_model, load_model, save_model
 from ziplm.families.registry import _FAMILIES
 from ziplm.pipeline.cli import app
+from ziplm.pipeline.report import runtime_json
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.onnxruntime_cpu import OnnxRuntimeCPU, OrtSession
 from ziplm.stages import latency_table as lt
@@ -341,3 +342,12 @@ def test_a_request_table_is_built_from_its_phases_cached_tables(tmp_path, monkey
     assert table.dense_ms() == pytest.approx(prefill[0].dense_ms() + 4 * decode[0].dense_ms())
     with pytest.raises(ValueError, match="combined from its phases' tables"):
         lt.build_table(config, request, 64, QUICK)
+
+
+def test_the_runtime_record_names_the_phase_and_reads_tables_that_predate_phases():
+    env = {"name": "onnxruntime", "version": "1", "device": "CPU", "threads": 2, "batch_size": 1,
+           "sequence_length": 16, "precision": "fp32", "options": {}}
+    table = lt.LatencyTable("t", env, {}, 32, [0], [0.0], [0], [0.0], 1.0, lt.Correction(), [], {})
+    assert runtime_json(table) == env  # a whole-sequence table of before phases: no phase keys
+    table.environment = {**env, **InferenceEnv(phase="request", new_tokens=8).model_dump()}
+    assert runtime_json(table)["new_tokens"] == 8 and runtime_json(table)["context_length"] is None
