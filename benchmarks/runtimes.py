@@ -80,11 +80,14 @@ def markdown(result: dict[str, Any]) -> str:
         rows = {name: r["members"][index] for name, r in runtimes.items()}
         lines += ["", f"## {target:g}x", "", "| runtime | measured (95% CI) | deviation | rounds | accuracy | dense ms "
                   "| member ms | the same file in " + " / ".join(runtimes) + " |", "|---|---|---|---|---|---|---|---|"]
+        outside = [name for name, r in rows.items() if abs(r["deviation"]) > result["tolerance"]]
         for name, r in rows.items():
             others = " / ".join("-" if other == name else f"{r['in_other_runtimes'][other]:.2f}x" for other in runtimes)
             lines.append(f"| {name} | {r['measured_speedup']:.3f}x ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
-                         f"| {r['deviation']:+.1%} | {r['rounds']} | {r['accuracy']:.4f} | {r['dense_latency_ms']:.2f} "
-                         f"| {r['latency_ms']:.2f} | {others} |")
+                         f"| {r['deviation']:+.1%}{' (outside)' if name in outside else ''} | {r['rounds']} "
+                         f"| {r['accuracy']:.4f} | {r['dense_latency_ms']:.2f} | {r['latency_ms']:.2f} | {others} |")
+        lines += [""] + [f"{name}: no round within {result['tolerance']:.0%} in {rows[name]['rounds']} rounds; the "
+                         "closest is shown (its family marks it not passed)." for name in outside]
         lines += ["", *_structure_lines(rows)]
     return "\n".join(lines + ["", f"Reproduce: `{result['command']}`, measured at commit {result['commit']}.", ""])
 

@@ -33,6 +33,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "int8_speedup": ("benchmarks.int8_speedup", lambda m, r: m.markdown(r)),
     "latency_prediction": ("benchmarks.latency_prediction", lambda m, r: m.markdown(m.Result.from_json(r))),
     "obert_oneshot": ("benchmarks.obert_oneshot", lambda m, r: m.markdown(r)),
+    "runtimes": ("benchmarks.runtimes", lambda m, r: m.markdown(r)),
     "speedup_guarantee": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_families": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_modernbert": ("benchmarks.speedup_guarantee",

@@ -43,6 +43,20 @@ def test_onnxruntime_describes_itself():
     assert "onnxruntime" in available_runtimes()
 
 
+@pytest.mark.parametrize("runtime", available_runtimes())
+def test_every_registered_runtime_runs_the_tiny_model_as_onnx_runtime_does(runtime, tmp_path):
+    """A runtime registered without being able to load and run our files fails here."""
+    config = tiny_bert_config()
+    torch.manual_seed(0)
+    path = export_model(build_model(config), tmp_path / "model.onnx", 1, 16)
+    inputs = adapter_for(config).example_inputs(config, 1, 16)
+    env = InferenceEnv(runtime=runtime, threads=1, sequence_length=16)
+    session = get_runtime(env).load(path)
+    assert set(session.input_names) == set(inputs) and get_runtime(env).info().name == runtime
+    (expected,) = get_runtime(InferenceEnv(threads=1)).load(path).run(inputs)
+    np.testing.assert_allclose(session.run(inputs)[0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_corrupt_onnx_file_is_a_clear_error(tmp_path):
     corrupt = tmp_path / "model.onnx"
     corrupt.write_bytes(b"not an onnx model")
