@@ -41,3 +41,5 @@ benchmarks: setup
 	$(BIN)/python -m benchmarks.int8_parity
 	$(BIN)/python -m benchmarks.int8_speedup
 	$(BIN)/python -m benchmarks.compound
+	$(BIN)/python -m benchmarks.generation
+	$(BIN)/python -m benchmarks.runtimes
