@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ziplm.errors import BadInputError
+from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_identity, register_runtime
 
 
@@ -24,7 +24,7 @@ def _openvino() -> Any:
     try:
         import openvino
     except ImportError as error:
-        raise BadInputError("runtime openvino needs the openvino package: `pip install openvino==2026.4.0` in this "
+        raise MissingEngineError("runtime openvino needs the openvino package: `pip install openvino==2026.4.0` in this "
                             "environment (the core install has it), or choose runtime onnxruntime") from error
     return openvino
 

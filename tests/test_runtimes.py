@@ -7,12 +7,14 @@ import time
 from dataclasses import astuple
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from tests.conftest import tiny_bert_config
 from ziplm.families.loading import build_model
-from ziplm.errors import BadInputError
+from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
 from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
@@ -20,6 +22,7 @@ from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingSt
                                    time_interleaved, time_interleaved_guarded, time_paired, TimingSpan, warn_if_wide)
 from ziplm.runtimes.policy import policy
 from ziplm.families import adapter_for
+from ziplm.pipeline.cli import app
 from ziplm.stages.export import export_model
 
 
@@ -51,10 +54,32 @@ def test_every_registered_runtime_runs_the_tiny_model_as_onnx_runtime_does(runti
     path = export_model(build_model(config), tmp_path / "model.onnx", 1, 16)
     inputs = adapter_for(config).example_inputs(config, 1, 16)
     env = InferenceEnv(runtime=runtime, threads=1, sequence_length=16)
-    session = get_runtime(env).load(path)
+    try:
+        session = get_runtime(env).load(path)
+    except MissingEngineError as missing:  # only a missing engine skips: any other failure fails
+        pytest.skip(str(missing))
     assert set(session.input_names) == set(inputs) and get_runtime(env).info().name == runtime
     (expected,) = get_runtime(InferenceEnv(threads=1)).load(path).run(inputs)
     np.testing.assert_allclose(session.run(inputs)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(CUDA, reason="this onnxruntime has the CUDA provider: the refusal cannot happen here")
+def test_the_gpu_runtime_without_cuda_names_what_to_install():
+    with pytest.raises(MissingEngineError, match=r"needs ONNX Runtime's CUDAExecutionProvider.*install "
+                                                 r"onnxruntime-gpu==.*CUDA 13 and cuDNN 9"):
+        get_runtime(InferenceEnv(runtime="onnxruntime-gpu"))
+    result = CliRunner().invoke(app, ["latency-table", "--model", "bert-base", "--runtime", "onnxruntime-gpu"])
+    assert result.exit_code == 2 and "install onnxruntime-gpu" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("options, message", [({"provider": "rocm"}, "unknown provider 'rocm'"),
+                                              ({"fp16": True}, "fp16 builds TensorRT engines")])
+def test_the_gpu_runtime_refuses_settings_it_cannot_honour(options, message):
+    with pytest.raises(BadInputError, match=message):
+        get_runtime(InferenceEnv(runtime="onnxruntime-gpu", options=options))
 
 
 def test_corrupt_onnx_file_is_a_clear_error(tmp_path):

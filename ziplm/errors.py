@@ -19,3 +19,8 @@ class AssetMissingError(BadInputError):
 
 class UnreachableTargetError(BadInputError):
     """A requested speedup lies beyond what the latency table can reach."""
+
+
+class MissingEngineError(BadInputError):
+    """A registered runtime's engine (its package, or the GPU libraries it needs) is not on this machine; the message
+    names what to install."""
