@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer
 
 from ziplm.families.base import FamilyAdapter
-from ziplm.families.decoder import PAST_KEY, block_cache
+from ziplm.families.decoder import block_cache
 
 
 class RemovedModule(nn.Module):
@@ -100,9 +100,9 @@ class RotaryLayers(FamilyAdapter):
     inputs add the cosines and sines of each position, and its layers are called with them as `position_embeddings`."""
 
     def run_layer(self, layer: nn.Module, **block_inputs: torch.Tensor) -> torch.Tensor:
-        cache = {"past_key_values": block_cache(block_inputs)} if PAST_KEY in block_inputs else {}
         return layer(block_inputs["hidden_states"], attention_mask=block_inputs["attention_mask"],
-                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]), **cache)
+                     position_embeddings=(block_inputs["cos"], block_inputs["sin"]),
+                     past_key_values=block_cache(block_inputs))
 
     def block_inputs(self, config: PretrainedConfig, batch_size: int, sequence_length: int,
                      seed: int = 0) -> dict[str, np.ndarray]:

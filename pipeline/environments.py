@@ -11,8 +11,8 @@ by goal: what each measured, and how differently each runtime's table shaped the
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ziplm.cache import write_json_atomic, write_text_atomic

@@ -98,8 +98,6 @@ class Verdict:
         return f" [the manifest was measured on another CPU: {self.recorded_device}]"
 
 
-
-
 @dataclass(frozen=True)
 class Artifact:
     folder: Path

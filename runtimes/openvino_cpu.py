@@ -24,8 +24,8 @@ def _openvino() -> Any:
     try:
         import openvino
     except ImportError as error:
-        raise MissingEngineError("runtime openvino needs the openvino package: `pip install openvino==2026.4.0` in this "
-                            "environment (the core install has it), or choose runtime onnxruntime") from error
+        raise MissingEngineError("runtime openvino needs the openvino package: `pip install openvino==2026.4.0` in "
+                                 "this environment (the core install has it), or choose runtime onnxruntime") from error
     return openvino
 
 
