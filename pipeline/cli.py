@@ -26,13 +26,14 @@ from transformers.utils import logging as transformers_logging
 
 from ziplm import assets
 from ziplm.cache import StageCache, cache_root, write_json_atomic
-from ziplm.errors import BadInputError, ZipLMError
+from ziplm.errors import BadInputError, MissingEngineError, ZipLMError
 from ziplm.families.loading import load_config
 from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, write_junit
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.report import phase_note
 from ziplm.pipeline.run import prepare_inputs, run_recipe
-from ziplm.runtimes import InferenceEnv
+from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
+from ziplm.runtimes.base import runtime_class
 from ziplm.runtimes.policy import policy
 from ziplm.stages.finetune import TRAINING_LINE, TeacherResult
 from ziplm.stages.latency_table import GROUP_SIZE, LatencyTable, get_or_build_table
@@ -40,6 +41,8 @@ from ziplm.stages.latency_table import GROUP_SIZE, LatencyTable, get_or_build_ta
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 assets_app = typer.Typer(no_args_is_help=True, help="The embedded models and data sets.")
 app.add_typer(assets_app, name="assets")
+runtimes_app = typer.Typer(no_args_is_help=True, help="The inference runtimes and their engines.")
+app.add_typer(runtimes_app, name="runtimes")
 console = Console(stderr=True, soft_wrap=True)  # long paths in messages stay whole
 
 
@@ -105,6 +108,35 @@ def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
 
     run.__name__, run.__doc__, run.__wrapped__ = command.__name__, command.__doc__, command  # for typer's help
     return run
+
+
+@runtimes_app.command("list")
+@fail_clearly
+def runtimes_list() -> None:
+    """Every registered runtime, the phases it times, and whether its engine is on this machine."""
+    table = Table("runtime", "phases", "engine")
+    for name in available_runtimes():
+        table.add_row(name, ", ".join(runtime_class(name).phases), engine_status(name))
+    Console().print(table)
+
+
+@runtimes_app.command("install")
+@fail_clearly
+def runtimes_install(name: Annotated[str, typer.Argument(help="a runtime with an environment of its own")]) -> None:
+    """Create the Python environment of a runtime whose engine cannot share the core one (deepsparse)."""
+    environment = runtime_class(name).environment
+    if environment is None:
+        raise BadInputError(f"runtime {name!r} runs in the core environment: there is nothing to install")
+    environment.install(stage_progress("install"))
+
+
+def engine_status(name: str) -> str:
+    """"ready", or what loading the runtime says is missing."""
+    try:
+        get_runtime(InferenceEnv(runtime=name))
+    except MissingEngineError as error:
+        return f"missing: {error}"
+    return "ready"
 
 
 @assets_app.command("fetch")

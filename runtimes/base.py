@@ -7,7 +7,7 @@ import platform
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ziplm.errors import BadInputError
+
+if TYPE_CHECKING:
+    from ziplm.runtimes.worker import EngineEnvironment
 
 
 Precision = Literal["fp32", "int8"]  # int8: QuantizeLinear/DequantizeLinear models (ziplm.stages.quantize)
@@ -123,6 +126,8 @@ class Runtime(ABC):
     """An inference runtime: loads ONNX files and runs them with fixed settings, and says what it is."""
 
     name: ClassVar[str]
+    phases: ClassVar[tuple[Phase, ...]] = ("sequence", "prefill", "decode", "request")  # what it can time
+    environment: ClassVar[EngineEnvironment | None] = None  # its own Python environment, where it needs one
 
     @abstractmethod
     def load(self, onnx_path: Path) -> Session: ...
@@ -145,13 +150,19 @@ def available_runtimes() -> list[str]:
     return sorted(_RUNTIMES)
 
 
+def runtime_class(name: str) -> type[Runtime]:
+    if name not in _RUNTIMES:
+        raise BadInputError(f"unknown runtime {name!r}; available runtimes: {', '.join(available_runtimes())}")
+    return _RUNTIMES[name]
+
+
 def get_runtime(env: InferenceEnv) -> Runtime:
     """The runtime named by the environment, configured with its threads and options."""
-    if env.runtime not in _RUNTIMES:
-        raise BadInputError(
-            f"unknown runtime {env.runtime!r}; available runtimes: {', '.join(available_runtimes())}"
-        )
-    cls = _RUNTIMES[env.runtime]
+    cls = runtime_class(env.runtime)
+    if env.phase not in cls.phases:
+        able = ", ".join(name for name, other in sorted(_RUNTIMES.items()) if env.phase in other.phases)
+        raise BadInputError(f"runtime {env.runtime!r} cannot time phase {env.phase}: it times "
+                            f"{', '.join(cls.phases)} only; runtimes that time {env.phase}: {able}")
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "threads"}
     unknown = set(env.options) - allowed
     if unknown:

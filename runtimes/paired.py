@@ -21,7 +21,7 @@ import numpy as np
 
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session
 from ziplm.runtimes.policy import MeasurementPolicy
-from ziplm.runtimes.timing import (BusyMachineWarning, MachineLoad, Speedup, TimingStats, WideIntervalWarning,
+from ziplm.runtimes.timing import (BusyMachineWarning, Call, MachineLoad, Speedup, TimingStats, WideIntervalWarning,
                                    median_ci, median_ci_coverage, median_half_width, time_interleaved, time_paired)
 
 
@@ -144,7 +144,7 @@ class PairedVerifier:
         disturbed counts."""
         inputs = self.feeds(member)
         kept, retaken, disturbed = self.policy.guard.take(
-            lambda: LatencyCheck(*time_paired(lambda: self.dense.run(self.dense_inputs), lambda: member.run(inputs),
+            lambda: LatencyCheck(*time_paired(Call(self.dense, self.dense_inputs), Call(member, inputs),
                                               self.policy.timing_rounds, self.policy.warmup,
                                               max_relative_width=2 * self.tolerance, span=self.policy.span)),
             lambda check: check.speedup.other_load)
@@ -152,7 +152,7 @@ class PairedVerifier:
 
     def measure_dense(self) -> TimingStats:
         """The dense model's latency on its own (the reference that turns latency SLAs into speedup targets)."""
-        return time_interleaved({"dense": lambda: self.dense.run(self.dense_inputs)}, self.policy.timing_rounds,
+        return time_interleaved({"dense": Call(self.dense, self.dense_inputs)}, self.policy.timing_rounds,
                                 self.policy.warmup)["dense"]
 
 

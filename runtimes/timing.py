@@ -8,12 +8,10 @@ while the interval is too wide.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +19,12 @@ from typing import Any, TypeVar
 import numpy as np
 from scipy.stats import binom
 
-Runner = Callable[[], object]
+from ziplm.runtimes.base import Session
+from ziplm.runtimes.interleave import Runner, gc_paused, interleaved_samples
+
 T = TypeVar("T")
+# A process's own interleaved timing loop (interleaved_samples' signature): what a session's `timer` attribute is
+Timer = Callable[[Mapping[str, Runner], int, int, "float | None", int], dict[str, list[float]]]
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Speedup:
 @dataclass(frozen=True)
 class CpuSnapshot:
     """CPU time so far, in clock ticks: busy on all CPUs (steal included: the hypervisor gave the core to another
-    guest), elapsed on all CPUs, used by this process (all its threads), and stolen."""
+    guest), elapsed on all CPUs, used by this process (all its threads) and its engine workers, and stolen."""
 
     busy: int
     elapsed: int
@@ -79,18 +81,33 @@ class CpuSnapshot:
     steal: int = 0
 
 
+OWN_WORKERS: set[int] = set()  # the pids of engine workers this process started: their CPU time is our own work
+
+
 def cpu_snapshot(proc: Path = Path("/proc")) -> CpuSnapshot | None:
-    """Read /proc/stat and /proc/self/stat; None where there is no such file system (the load is then unknown)."""
+    """Read /proc/stat and the stat of this process and its engine workers (OWN_WORKERS); None where there is no
+    such file system (the load is then unknown)."""
     try:
         lines = (proc / "stat").read_text().splitlines()
-        own_fields = (proc / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+        own = process_ticks(proc / "self" / "stat")
     except (OSError, IndexError):
         return None
+    for pid in sorted(OWN_WORKERS):
+        try:
+            own += process_ticks(proc / str(pid) / "stat")
+        except (OSError, IndexError):
+            pass  # the worker has ended: what it used is no longer anyone's
     # cpu  user nice system idle iowait irq softirq steal ...
     ticks = [int(v) for v in lines[0].split()[1:9]]
     cpus = sum(line.startswith("cpu") and line[3:4].isdigit() for line in lines)
-    return CpuSnapshot(busy=sum(ticks) - ticks[3] - ticks[4], elapsed=sum(ticks), own=int(own_fields[11])
-                       + int(own_fields[12]), cpus=max(cpus, 1), steal=ticks[7])  # own: utime + stime (proc(5))
+    return CpuSnapshot(busy=sum(ticks) - ticks[3] - ticks[4], elapsed=sum(ticks), own=own, cpus=max(cpus, 1),
+                       steal=ticks[7])
+
+
+def process_ticks(stat: Path) -> int:
+    """utime + stime of one process (all its threads), in clock ticks (proc(5))."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 MIN_LOAD_SPAN_S = 0.5  # /proc counts in clock ticks (10 ms): over a shorter span one tick reads as a fifth of a core
@@ -192,40 +209,33 @@ def time_interleaved(runners: Mapping[str, Runner], rounds: int = 30, warmup: in
                      max_seconds: float | None = None, min_rounds: int = 2) -> dict[str, TimingStats]:
     """Call every runner once per round, alternating the order each round; return per-runner statistics. With
     `max_seconds`, stop early once that long has passed, at the first even round count (each model first as often)
-    from `min_rounds` on."""
-    names = list(runners)
-    for _ in range(warmup):
-        for name in names:
-            runners[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with gc_paused():
-        start = time.perf_counter()
-        for round_index in range(rounds):
-            out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
-            if round_index >= max(min_rounds, 1) and round_index % 2 == 0 and out_of_time:
-                break
-            order = names if round_index % 2 == 0 else names[::-1]
-            for name in order:
-                began = time.perf_counter()
-                runners[name]()
-                samples[name].append((time.perf_counter() - began) * 1e3)
+    from `min_rounds` on. Where every runner is a Call on a session another process holds (an engine's worker), that
+    process runs the loop (runtimes.interleave)."""
+    timer = holding_timer(runners)
+    samples = (timer or interleaved_samples)(runners, rounds, warmup, max_seconds, min_rounds)
     return {name: TimingStats(tuple(values)) for name, values in samples.items()}
 
 
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's garbage collector off while timing (as in `timeit`): after fine-tuning, a process holds many objects,
-    and a collection landing inside one call would be charged to that model. Collects first, unless already paused
-    (a collection in a big process takes longer than a guarded timing's chunk)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+@dataclass(frozen=True)
+class Call:
+    """A loaded session called on its inputs: a runner that timing can hand to the process holding the session."""
+
+    session: Session
+    inputs: Mapping[str, np.ndarray]
+
+    def __call__(self) -> object:
+        return self.session.run(dict(self.inputs))
+
+
+def holding_timer(runners: Mapping[str, Runner]) -> Timer | None:
+    """The `timer` of the one other process that holds every runner's session; None where they run in this one. Runs
+    in two processes cannot be interleaved fairly (one would wait on the pipe while the other is timed): refused."""
+    timers = {getattr(runner.session, "timer", None) if isinstance(runner, Call) else None
+              for runner in runners.values()}
+    if len(timers) > 1:
+        raise ValueError("these models run in different processes and cannot be timed interleaved: load them all "
+                         "in one runtime")
+    return next(iter(timers), None)
 
 
 GUARD_CHUNK_S = 1.0  # long enough for /proc to read the load (MIN_LOAD_SPAN_S), short enough that a burst of

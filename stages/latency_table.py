@@ -52,7 +52,8 @@ from ziplm.families.decoder import DecoderAdapter
 from ziplm.families.loading import build_model
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
 from ziplm.runtimes.policy import TABLE_SEED, TABLE_WARMUP, MeasurementPolicy, policy
-from ziplm.runtimes.timing import BusyMachineWarning, LoadGuard, MachineLoad, TimingStats, time_interleaved_guarded
+from ziplm.runtimes.timing import (BusyMachineWarning, Call, LoadGuard, MachineLoad, TimingStats,
+                                  time_interleaved_guarded)
 from ziplm.stages.export import export_module
 from ziplm.stages.generation import export_served, served_feeds
 from ziplm.stages.quantize import deployable
@@ -304,8 +305,8 @@ def time_sessions(sessions: dict[str, Session], inputs: dict[str, dict[str, np.n
                   guard: LoadGuard) -> tuple[dict[str, TimingStats], MachineLoad]:
     """Time loaded sessions, each on its own inputs, interleaved in one run, in chunks that are timed again while
     other work keeps cores busy (`guard`)."""
-    runners = {name: (lambda s=session, feed=inputs[name]: s.run(feed)) for name, session in sessions.items()}
-    return time_interleaved_guarded(runners, rounds, warmup, guard)
+    return time_interleaved_guarded({name: Call(session, inputs[name]) for name, session in sessions.items()}, rounds,
+                                    warmup, guard)
 
 
 def _report_load(timing: str, load: MachineLoad, measure: MeasurementPolicy, progress: Progress) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -255,3 +256,13 @@ def speedups() -> list[float]:
     """The speedups tiny_verifier's paired timings return, in order; emptied after each test."""
     yield SCRIPTED
     SCRIPTED.clear()
+
+
+REQUIRED_ENGINES = "ZIPLM_REQUIRE_ENGINES"  # e.g. "deepsparse": `make test` sets it after installing the engine
+
+
+def skip_missing_engine(runtime: str, reason: str) -> None:
+    """Skip a test whose runtime's engine is not on this machine, or fail it where the engine is required (CI)."""
+    if runtime in os.environ.get(REQUIRED_ENGINES, "").split(","):
+        pytest.fail(f"runtime {runtime} is required here ({REQUIRED_ENGINES}) but missing: {reason}")
+    pytest.skip(reason)

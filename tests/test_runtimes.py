@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import tiny_bert_config
+from tests.conftest import skip_missing_engine, tiny_bert_config
 from ziplm.families.loading import build_model
 from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
@@ -56,8 +56,8 @@ def test_every_registered_runtime_runs_the_tiny_model_as_onnx_runtime_does(runti
     env = InferenceEnv(runtime=runtime, threads=1, sequence_length=16)
     try:
         session = get_runtime(env).load(path)
-    except MissingEngineError as missing:  # only a missing engine skips: any other failure fails
-        pytest.skip(str(missing))
+    except MissingEngineError as missing:  # only a missing engine skips (or fails where required)
+        skip_missing_engine(runtime, str(missing))
     assert set(session.input_names) == set(inputs) and get_runtime(env).info().name == runtime
     (expected,) = get_runtime(InferenceEnv(threads=1)).load(path).run(inputs)
     np.testing.assert_allclose(session.run(inputs)[0], expected, rtol=1e-4, atol=1e-5)
@@ -163,6 +163,14 @@ def test_other_load_counts_every_busy_tick_but_this_process_s(tmp_path):
     assert before == CpuSnapshot(busy=1000, elapsed=4000, own=400, cpus=2)
     assert other_load(before, after) == pytest.approx((300 - 180) / 200)
     assert other_load(before, None) is None and cpu_snapshot(tmp_path / "absent") is None
+
+
+def test_an_engine_workers_cpu_time_is_this_processs_own(tmp_path, monkeypatch):
+    write_proc(tmp_path, (1000, 3000), own=400)
+    (tmp_path / "77").mkdir()
+    (tmp_path / "77" / "stat").write_text("77 (python) S 42 1 1 0 -1 0 0 0 0 0 150 30 0 0 20 0 9 0\n")
+    monkeypatch.setattr(timing, "OWN_WORKERS", {77, 78})  # 78 has ended: nothing of it is read
+    assert cpu_snapshot(tmp_path).own == 400 + 150 + 30
 
 
 def test_other_load_is_unknown_over_a_span_too_short_to_count():
