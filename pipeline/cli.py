@@ -281,6 +281,9 @@ def latency_table(
     = "sequence",
     context_length: Annotated[int | None, typer.Option(min=1, help="decode: the cache length")] = None,
     new_tokens: Annotated[int | None, typer.Option(min=1, help="request: the tokens a request generates")] = None,
+    sparsity: Annotated[float, typer.Option(min=0.0, max=0.99, help="blocks with this fraction of their weights "
+                                                                    "zero, as a chain's oBERT stage leaves them")]
+    = 0.0,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
     if (TablePhase(phase) == TablePhase.decode) != (context_length is not None):
@@ -289,7 +292,7 @@ def latency_table(
         raise BadInputError("--new-tokens is the length of a --phase request: give both or neither")
     env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
                        precision=TablePrecision(precision).value, phase=TablePhase(phase).value,
-                       context_length=context_length, new_tokens=new_tokens)
+                       context_length=context_length, new_tokens=new_tokens, sparsity=sparsity)
     table, cached = get_or_build_table(load_config(model), env, group_size, policy(Effort(effort).value),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)

@@ -153,7 +153,7 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
                         precision=recorded["precision"],
                         options=recorded.get("options", {}) if name == recorded["name"] else {},
                         phase=recorded.get("phase", "sequence"), context_length=recorded.get("context_length"),
-                        new_tokens=recorded.get("new_tokens"))
+                        new_tokens=recorded.get("new_tokens"), sparsity=recorded.get("sparsity", 0.0))
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,

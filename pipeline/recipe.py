@@ -168,6 +168,7 @@ class Recipe(BaseModel):
                                  f"but environment.sequence_length is {env.sequence_length}: set them equal, so that a "
                                  "model is scored on the inputs its latency is measured on (or leave max_length out)")
             self.task = self.task.model_copy(update={"max_length": env.sequence_length})
+        self.environment = env = self._sparsity_of_the_chain(env)
         for stage in self.chain:
             if stage.needs_int8 and env.precision != "int8":
                 raise ValueError(f"chain stage {stage.name} trains the INT8 model, but environment.precision is "
@@ -181,6 +182,15 @@ class Recipe(BaseModel):
                         f"table) has {key} {getattr(env, key)}: run a recipe whose environment has {key}: "
                         f"{getattr(sla, key)} for this SLA")
         return self
+
+    def _sparsity_of_the_chain(self, env: InferenceEnv) -> InferenceEnv:
+        """The environment with the sparsity the chain leaves (its latency table and timed files are that sparse);
+        given in the recipe, it must be that."""
+        sparsity = max((stage.final_sparsity for stage in self.chain), default=0.0)
+        if "sparsity" in env.model_fields_set and env.sparsity != sparsity:
+            raise ValueError(f"environment.sparsity is {env.sparsity:g}, but the chain leaves {sparsity:g} of the "
+                             "weights zero: leave environment.sparsity out (it follows the chain's obert stage)")
+        return env if env.sparsity == sparsity else env.model_copy(update={"sparsity": sparsity})
 
     @property
     def reference_precision(self) -> Precision:

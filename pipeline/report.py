@@ -30,7 +30,7 @@ def runtime_json(table: LatencyTable) -> dict[str, Any]:
     env = table.environment
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
     phase = env.get("phase", "sequence")  # tables of the whole-sequence phase may predate phases
-    runtime = {key: env[key] for key in keys}
+    runtime = {key: env[key] for key in keys} | ({"sparsity": env["sparsity"]} if env.get("sparsity") else {})
     if phase == "sequence":
         return runtime
     return {**runtime, "phase": phase, "context_length": env["context_length"],
@@ -46,7 +46,13 @@ def environment_line(runtime: dict[str, Any]) -> str:
     """One sentence naming where something was measured (runtime json as in the reports and tables)."""
     return (f"{runtime['name']} {runtime['version']} on {runtime['device']}, {runtime['threads']} threads, batch "
             f"{runtime['batch_size']}, sequence {runtime['sequence_length']}, {runtime['precision']}"
-            f"{phase_note(runtime)}")
+            f"{sparsity_note(runtime)}{phase_note(runtime)}")
+
+
+def sparsity_note(environment: dict[str, Any]) -> str:
+    """", 80% sparse weights" where the served files are sparse ("" for dense ones and records that predate it)."""
+    sparsity = environment.get("sparsity", 0.0)
+    return f", {sparsity:.0%} sparse weights" if sparsity else ""
 
 
 def phase_note(environment: dict[str, Any]) -> str:

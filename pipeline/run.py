@@ -251,12 +251,14 @@ def _precision(recipe: Recipe, precision: Precision) -> dict[str, Any]:
     return {"precision": precision, "quantization": recipe.quantization.model_dump() if precision == "int8" else None}
 
 
-def deployer(recipe: Recipe, inputs: Inputs, precision: Precision) -> Callable[[PreTrainedModel], PreTrainedModel]:
-    """A model as it is deployed in `precision` (INT8: activation scales calibrated on the task's calibration split;
-    ziplm.stages.quantize.deployable is the one place that decides)."""
+def deployer(recipe: Recipe, inputs: Inputs, precision: Precision,
+             sparsity: float = 0.0) -> Callable[[PreTrainedModel], PreTrainedModel]:
+    """A model as it is deployed in `precision` with `sparsity` zeros (INT8: activation scales calibrated on the task's
+    calibration split; ziplm.stages.quantize.deployable is the one place that decides)."""
     batches = example_batches(inputs.tokenizer, inputs.task) if precision == "int8" else []
     adapter = adapter_for(inputs.dense.config)
-    return lambda model: deployable(model, adapter.prunable_linears, precision, batches, recipe.quantization)
+    return lambda model: deployable(model, adapter.prunable_linears, precision, batches, recipe.quantization,
+                                    sparsity)
 
 
 def sla_goals(recipe: Recipe, inputs: Inputs, refs: References, stages: StageCache) -> list[Goal]:
@@ -289,7 +291,7 @@ def member_stage(recipe: Recipe, inputs: Inputs, start: Start, goal: Goal, datab
     the stage folder."""
     target, sla = goal
     env = recipe.environment
-    adapter, deploy = adapter_for(start.model.config), deployer(recipe, inputs, env.precision)
+    adapter, deploy = adapter_for(start.model.config), deployer(recipe, inputs, env.precision, env.sparsity)
     stitch = lambda structure: zipl.stitch(start.model, adapter, database.value, structure)  # noqa: E731
 
     # a round read within the tolerance is confirmed by a verdict of fresh measurements (the loop stops on the first

@@ -42,6 +42,8 @@ class InferenceEnv(BaseModel):
     phase: Phase = "sequence"
     context_length: int | None = Field(None, ge=1, description="decode: the cache length one new token is timed on")
     new_tokens: int | None = Field(None, ge=1, description="request: the tokens one request generates")
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the fraction of the prunable weights the served files "
+                            "have zero: timed files are made that sparse, for runtimes whose kernels skip zeros")
 
     @model_validator(mode="after")
     def _phase_settings(self) -> InferenceEnv:

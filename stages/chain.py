@@ -65,6 +65,11 @@ class ChainStage(BaseModel):
     keeps_float_weights: ClassVar[bool] = True  # False: it sparsifies or quantizes (see the module docstring)
     needs_int8: ClassVar[bool] = False
 
+    @property
+    def final_sparsity(self) -> float:
+        """The fraction of the prunable weights this stage leaves zero (0: it prunes none)."""
+        return 0.0
+
     def run(self, state: FineTuning) -> None:
         raise NotImplementedError(f"chain stage {self.name} does not define run")
 
@@ -105,6 +110,10 @@ class OBert(OBertSettings, ChainStage):
 
     pruning_steps: int = Field(4, ge=1, description="pruning steps, distillation after each")
     distillation: DistillSettings = Field(default_factory=DistillSettings)
+
+    @property
+    def final_sparsity(self) -> float:
+        return self.sparsity
 
     def run(self, state: FineTuning) -> None:
         state.progress(f"oBERT: gradual to {self.sparsity:.0%} sparsity in {self.pruning_steps} steps")

@@ -2,8 +2,10 @@
 
 For a model shape and an inference environment, one layer is timed as ONNX in the runtime at every attention level
 (units H..0, the FFN removed) and every FFN level (width I..0 in steps of G, the attention removed), through the
-same export path, precision and session settings as the final artifact (INT8: every block and model goes through
-`ziplm.stages.quantize.deployable`, scales calibrated on random inputs). A level's entry is its time minus the time
+same export path, precision, sparsity and session settings as the final artifact (every block and model goes through
+`ziplm.stages.quantize.deployable`: INT8 scales calibrated on random inputs; the environment's `sparsity`, the
+chain's oBERT target, as that fraction of each block's smallest weights zeroed, for runtimes whose kernels skip
+zeros). A level's entry is its time minus the time
 of the removed block, so per-call overheads cancel; `base` is the whole model with every module removed (embeddings,
 mask, residual norms, head), measured end to end.
 
@@ -24,8 +26,8 @@ token end to end. A whole request (prefill, then new_tokens - 1 decode steps) is
 is the prefill table plus the decode steps times the decode table at the request's mean cache length
 (`request_table`), exact for the two tables' corrected predictions, since both are linear in the levels.
 
-The table is cached per (CPU, runtime and its settings, batch, sequence, precision, phase, model shape, group size):
-`get_or_build_table`. How hard it is measured follows the recipe's `effort` (runtimes.policy).
+The table is cached per (CPU, runtime and its settings, batch, sequence, precision, sparsity, phase, model shape,
+group size): `get_or_build_table`. How hard it is measured follows the recipe's `effort` (runtimes.policy).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, gr
         "shape": asdict(shape),
         "group_size": group_size,
         **({} if env.phase == "sequence" else {"phase": env.phase, "context_length": env.context_length}),
+        **({"sparsity": env.sparsity} if env.sparsity else {}),
     }
 
 
@@ -293,7 +296,7 @@ def export_block(adapter: FamilyAdapter, config: PretrainedConfig, structure: La
     path = workdir / f"block-u{structure.units}-f{structure.ffn}.onnx"
     inputs = block_inputs(adapter, config, env, structure) if inputs is None else inputs
     block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
-                       [_as_tensors(inputs)])
+                       [_as_tensors(inputs)], sparsity=env.sparsity)
     return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out", {0: "batch", 1: "sequence"})
 
 
@@ -382,7 +385,7 @@ def measure_structures(config: PretrainedConfig, structures: dict[str, ModelStru
     sessions = {}
     for name, structure in structures.items():
         model = deployable(build_model(config, structure=structure), adapter.prunable_linears, env.precision,
-                           [_as_tensors(inputs)])
+                           [_as_tensors(inputs)], sparsity=env.sparsity)
         sessions[name] = runtime.load(export_served(model, workdir / f"{name}.onnx", env))
     feeds = served_feeds(config, env)
     return time_sessions(sessions, {name: feeds(session) for name, session in sessions.items()}, rounds, warmup,

@@ -6,6 +6,9 @@ oBERT (ziplm.stages.obert) and the global magnitude baseline produce them over t
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Mapping
+
 import torch
 from torch import nn
 
@@ -51,3 +54,23 @@ def global_lowest_masks(scores: dict[str, torch.Tensor], sparsity: float) -> Mas
     kept[torch.argsort(flat, stable=True)[: round(sparsity * flat.numel())]] = False
     sizes = [scores[name].numel() for name in names]
     return {name: part.view_as(scores[name]) for name, part in zip(names, torch.split(kept, sizes))}
+
+
+@torch.no_grad()
+def at_sparsity(module: nn.Module, find_linears: Callable[[nn.Module], Mapping[str, nn.Linear]],
+                sparsity: float) -> nn.Module:
+    """`module` itself where its linears (`find_linears`) already have `sparsity` zeros, else a copy with the
+    smallest-magnitude weights zeroed to that fraction, one threshold over all of them as oBERT prunes: a file that
+    is timed for a chain's final sparsity runs on the sparse kernels the final file will (the kernels' speed depends
+    on how many weights are zero per matrix, not on which)."""
+    linears = find_linears(module)
+    total = sum(linear.weight.numel() for linear in linears.values())
+    zeros = sum(int((linear.weight == 0).sum()) for linear in linears.values())
+    if not total or zeros >= round(sparsity * total):
+        return module
+    sparse = copy.deepcopy(module)
+    linears = find_linears(sparse)
+    masks = global_lowest_masks({name: linear.weight.abs() for name, linear in linears.items()}, sparsity)
+    for name, linear in linears.items():
+        linear.weight.mul_(masks[name])
+    return sparse

@@ -41,6 +41,7 @@ from ziplm.families import FamilyAdapter
 from ziplm.families import loading
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.onnxruntime_cpu import int8_pair_sums_saturate
+from ziplm.stages.masks import at_sparsity
 from ziplm.tasks import Task, batches
 
 QUANTIZATION_KEY = "ziplm_quantization"
@@ -267,13 +268,19 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def deployable(module: nn.Module, find_linears: Callable[[nn.Module], Mapping[str, nn.Linear]], precision: Precision,
-               calibration_inputs: Iterable[Batch], settings: QuantSettings = QuantSettings()) -> nn.Module:
-    """`module` as it is deployed in `precision`: the one place that decides what gets exported and timed.
+               calibration_inputs: Iterable[Batch], settings: QuantSettings = QuantSettings(),
+               sparsity: float = 0.0) -> nn.Module:
+    """`module` as it is deployed in `precision` with `sparsity` zeros: the one place that decides what gets exported
+    and timed.
 
-    fp32: the module itself (it must not be fake-quantized). int8: an already quantized module itself, which must
-    be calibrated; for a float module, a quantized copy (`find_linears(copy)` swapped for QuantLinears) calibrated
-    on `calibration_inputs`, which are consumed only then (random inputs are fine where only latency matters).
+    sparsity: a float module with fewer zeros in its linears is first copied with its smallest weights zeroed to it
+    (masks.at_sparsity; the chain's final sparsity, for files timed before oBERT has run). fp32: the module itself
+    (it must not be fake-quantized). int8: an already quantized module itself, which must be calibrated; for a float
+    module, a quantized copy (`find_linears(copy)` swapped for QuantLinears) calibrated on `calibration_inputs`,
+    which are consumed only then (random inputs are fine where only latency matters).
     """
+    if sparsity and not is_quantized(module):
+        module = at_sparsity(module, find_linears, sparsity)
     if precision == "fp32":
         if is_quantized(module):
             raise BadInputError("the model is INT8-quantized but the environment's precision is fp32; "

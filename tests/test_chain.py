@@ -52,6 +52,7 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
         assert list(by_stage) == ["distill", "obert", "int8-calibration", "qat"]
         assert by_stage["qat"] == member["metric"]["value"]  # the file shipped is the model after the last stage
         assert member["runtime"]["precision"] == "int8" and member["speedup_vs_dense_fp32"] is not None
+        assert member["runtime"]["sparsity"] == TINY_OBERT["sparsity"]  # its table and timed files were that sparse
         assert member["speedup_vs_dense_int8"]["measured_speedup"] == member["measured_speedup"]  # over the reference
         assert member["sparsity"] >= 0.45  # of the remaining prunable weights (the mask is global, ties aside)
         folder = out / member["name"]  # the INT8 file's own accuracy, beside torch's, re-scored here
@@ -72,6 +73,8 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
 
 @pytest.mark.parametrize("chain, environment, message", [
     ([{"qat": {}}], {"precision": "fp32"}, "chain stage qat trains the INT8 model"),
+    ([{"obert": {"sparsity": 0.5}}], {"sparsity": 0.8}, "environment.sparsity is 0.8, but the chain leaves 0.5"),
+    ([], {"sparsity": 0.8}, "environment.sparsity is 0.8, but the chain leaves 0"),
     ([{"prune": {}}], {}, "unknown chain stage 'prune'; registered stages: distill, obert, qat"),
     ([{"distill": {}, "qat": {}}], {}, "each chain entry names one stage and its settings"),
     ([{"distill": {"epoch": 4}}], {},

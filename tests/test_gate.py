@@ -122,7 +122,7 @@ def test_verify_without_the_dense_reference_exits_2(tiny_family, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--runtime", "tensorrt-typo"], "available runtimes: onnxruntime"),
+    (["--runtime", "tensorrt-typo"], "available runtimes: deepsparse, onnxruntime"),
     (["--metric", "p99"], "choose p90 or median"),
 ])
 def test_verify_bad_options_exit_2(tiny_family, args, message):

@@ -79,6 +79,7 @@ def test_a_level_off_the_grid_is_rejected(cache, tiny_config):
 
 @pytest.mark.parametrize("change", [
     {"threads": 2}, {"batch_size": 2}, {"sequence_length": 32}, {"options": {"graph_optimization": "basic"}},
+    {"sparsity": 0.8},
 ])
 def test_fingerprint_changes_with_the_environment(tiny_config, change):
     shape = adapter_for(tiny_config).shape(tiny_config)
@@ -139,6 +140,19 @@ def test_timed_blocks_are_exported_in_the_environments_precision(tiny_config, tm
     path = lt.export_block(adapter, tiny_config, LayerStructure(2, 64), env, tmp_path)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert ("QuantizeLinear" in ops and "DequantizeLinear" in ops) == (precision == "int8")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_timed_blocks_have_the_environments_sparsity(tiny_config, tmp_path, precision):
+    import onnx
+
+    env = ENV.model_copy(update={"precision": precision, "sparsity": 0.8})
+    path = lt.export_block(adapter_for(tiny_config), tiny_config, LayerStructure(4, 128), env, tmp_path)
+    weights = [onnx.numpy_helper.to_array(w) for w in onnx.load(str(path)).graph.initializer]
+    matrices = [w for w in weights if w.ndim == 2 and min(w.shape) >= 64]  # Q, K, V, O and the FFN's two
+    assert len(matrices) == 6
+    zeros = sum(int((w == 0).sum()) for w in matrices) / sum(w.size for w in matrices)
+    assert zeros == pytest.approx(0.8, abs=0.01)  # int8: a zero weight quantizes to 0 exactly
 
 
 def test_the_correction_passes_through_the_all_removed_model():

@@ -172,6 +172,19 @@ def test_deployable_is_precision_aware(tiny_config):
         q.deployable(uncalibrated, adapter.prunable_linears, "int8", [])
 
 
+def test_deployable_makes_a_timed_copy_as_sparse_as_the_chain_leaves_it(tiny_config):
+    model = build_model(tiny_config)
+    adapter = adapter_for(tiny_config)
+    sparse = q.deployable(model, adapter.prunable_linears, "fp32", [], sparsity=0.8)
+    weights = [linear.weight for linear in adapter.prunable_linears(sparse).values()]
+    total = sum(weight.numel() for weight in weights)
+    assert sum(int((weight == 0).sum()) for weight in weights) == round(0.8 * total)
+    threshold = max(float(w.abs()[w == 0].max()) for w in weights if int((w == 0).sum()))  # one global threshold
+    assert all(float(w.abs()[w != 0].min()) >= threshold for w in weights if int((w != 0).sum()))
+    assert not any(int((linear.weight == 0).sum()) for linear in adapter.prunable_linears(model).values())
+    assert q.deployable(sparse, adapter.prunable_linears, "fp32", [], sparsity=0.8) is sparse  # oBERT's own zeros
+
+
 # --- ONNX: QDQ export, integer kernels, parity ------------------------------------------------------------------------
 def optimized_ops(onnx_path, tmp_path) -> tuple[Counter, list[onnx.NodeProto]]:
     runtime = get_runtime(InferenceEnv(threads=1))
