@@ -50,3 +50,4 @@ benchmarks: setup setup-deepsparse
 	$(BIN)/python -m benchmarks.compound
 	$(BIN)/python -m benchmarks.generation
 	$(BIN)/python -m benchmarks.runtimes
+	$(BIN)/python -m benchmarks.deepsparse_compound

@@ -1,12 +1,12 @@
 """One database, several runtimes: the same MiniLM + MR target solved in each runtime from its own latency table.
 
-The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime CPU and OpenVINO CPU, both
-2 threads, batch 1, sequence 128): the teacher, calibration and OBS database are shared, each runtime gets its own
-table, search and closed loop, and each member is verified beside that runtime's dense model. Each member is also
-timed in the other runtimes beside their dense models (the median of `round_repeats` paired measurements): what a
-structure chosen for one runtime does in another. DeepSparse is not here yet: its worker environment is not built.
+The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime, OpenVINO and DeepSparse on
+the CPU, 2 threads, batch 1, sequence 128, FP32 dense weights): the teacher, calibration and OBS database are shared,
+each runtime gets its own table, search and closed loop, and each member is verified beside that runtime's dense
+model. Each member is also timed in the other runtimes beside their dense models (the median of `round_repeats`
+paired measurements): what a structure chosen for one runtime does in another.
 
-    python -m benchmarks.runtimes [--runtimes onnxruntime openvino] [--targets 2]
+    python -m benchmarks.runtimes [--runtimes onnxruntime openvino deepsparse] [--targets 2]
 
 writes benchmarks/results/runtimes.md and .json.
 """
@@ -110,7 +110,7 @@ def _structure_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtimes", nargs="+", default=["onnxruntime", "openvino"])
+    parser.add_argument("--runtimes", nargs="+", default=["onnxruntime", "openvino", "deepsparse"])
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0])
     args = parser.parse_args()
     result = run(args.runtimes, sorted(args.targets))

@@ -5,7 +5,8 @@ environment (runtimes.worker; `ziplm runtimes install deepsparse`), which loads,
 DeepSparse is licensed for evaluation, not production (Neural Magic's DeepSparse Community License): a family solved
 in it says how fast a sparse model can run, and deploying it is the user's licence to settle.
 
-Files: it accepts ONNX IR version <= 9 and opset <= 19; newer files are converted (opset 17) into a temporary copy.
+Files: DeepSparse rewrites the file it compiles, so it is given a temporary copy, converted (opset 17) where the file is
+newer than it accepts (ONNX IR version <= 9, opset <= 19).
 Its engines take static shapes, so each model is compiled for the input shapes it is run on
 (runtimes.deepsparse_worker): it serves whole-sequence files (phase sequence), not a decoder's growing KV cache. Settings: `threads` cores, one
 stream, its default scheduler; the CPU's instruction set as DeepSparse reads it (its sparse INT8 kernels need VNNI) is
@@ -14,6 +15,7 @@ recorded in `info().options`, and so in every latency table's fingerprint.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import weakref
 from pathlib import Path
@@ -41,19 +43,23 @@ def shared_worker() -> Worker:
     return _worker
 
 
-def accepted_file(onnx_path: Path, workdir: Path) -> Path:
-    """`onnx_path` itself where DeepSparse accepts its IR version and opset, else a converted copy in `workdir`."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
-    if model.ir_version <= MAX_IR_VERSION and opset <= MAX_OPSET:
-        return onnx_path
+def private_copy(onnx_path: Path, workdir: Path) -> Path:
+    """A copy of the file in `workdir`, in a form DeepSparse accepts. DeepSparse rewrites the file it compiles (its
+    input-shape override is saved into it), so it never gets the caller's; newer IR versions and opsets are
+    converted (IR 9, opset 17)."""
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    opset = next((entry.version for entry in header.opset_import if entry.domain in ("", "ai.onnx")), 0)
+    external = any(weight.data_location == onnx.TensorProto.EXTERNAL for weight in header.graph.initializer)
+    copy = workdir / onnx_path.name
+    if header.ir_version <= MAX_IR_VERSION and opset <= MAX_OPSET and not external:
+        shutil.copyfile(onnx_path, copy)
+        return copy
     model = onnx.load(str(onnx_path))
     if opset > MAX_OPSET:
         model = version_converter.convert_version(model, CONVERTED_OPSET)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    converted = workdir / onnx_path.name
-    onnx.save(model, str(converted))
-    return converted
+    onnx.save(model, str(copy), save_as_external_data=external)
+    return copy
 
 
 def declared_inputs(onnx_path: Path) -> dict[str, tuple[int | str, ...]]:
@@ -71,7 +77,7 @@ class DsSession:
 
     def __init__(self, worker: Worker, onnx_path: Path, cores: int) -> None:
         self._files = tempfile.TemporaryDirectory(prefix="ziplm-deepsparse-")
-        path = accepted_file(onnx_path, Path(self._files.name))
+        path = private_copy(onnx_path, Path(self._files.name))
         self.input_shapes = declared_inputs(path)
         self.input_names = tuple(self.input_shapes)
         self.worker = worker

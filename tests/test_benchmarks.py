@@ -27,6 +27,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "compound": ("benchmarks.compound", lambda m, r: m.markdown(r)),
     "cost": ("benchmarks.cost", lambda m, r: m.markdown(r["models"], r.get("commit"))),
     "decoder_accuracy_vs_speedup": ("benchmarks.decoder_accuracy_vs_speedup", lambda m, r: m.markdown(r)),
+    "deepsparse_compound": ("benchmarks.deepsparse_compound", lambda m, r: m.markdown(r)),
     "embedding": ("benchmarks.embedding", lambda m, r: m.markdown(r)),
     "generation": ("benchmarks.generation", lambda m, r: m.markdown(r)),
     "int8_parity": ("benchmarks.int8_parity", lambda m, r: m.markdown(r["runs"])),

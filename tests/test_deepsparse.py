@@ -5,6 +5,7 @@ faster there, and a missing environment, a corrupt file, a dead worker and a pha
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,22 +14,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from tests.conftest import QUICK_UNGUARDED as QUICK
-from tests.conftest import skip_missing_engine, tiny_bert_config
+from tests.conftest import skip_missing_engine, tiny_bert_config, tiny_recipe
 from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.families import adapter_for
 from ziplm.families.loading import build_model
 from ziplm.pipeline.cli import app
-from ziplm.runtimes import InferenceEnv, get_runtime
-from ziplm.runtimes.deepsparse_cpu import DEEPSPARSE, accepted_file
+from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
+from ziplm.runtimes.deepsparse_cpu import DEEPSPARSE, private_copy
 from ziplm.runtimes.paired import PairedVerifier
 from ziplm.runtimes.timing import Call, cpu_snapshot, holding_timer, time_interleaved
 from ziplm.runtimes.worker import WorkerError
 from ziplm.stages import latency_table as lt
 from ziplm.stages.export import export_model
 from ziplm.stages.quantize import deployable
+from ziplm.tasks import TaskSpec, load_task
 
 DEEPSPARSE_ENV = InferenceEnv(runtime="deepsparse", threads=1, sequence_length=16)
 ONNX_RUNTIME = InferenceEnv(threads=1, sequence_length=16)
@@ -73,18 +77,20 @@ def test_a_model_runs_in_deepsparse_as_in_onnx_runtime(tmp_path, precision):
     assert np.abs(output - expected).max() <= (1e-4 if precision == "fp32" else 0.05) * scale
 
 
-def test_a_file_of_a_newer_ir_version_is_converted_to_one_deepsparse_accepts(tmp_path):
+def test_deepsparse_gets_a_copy_converted_where_the_file_is_newer_than_it_accepts(tmp_path):
     path, inputs = tiny_file(tmp_path)
+    original = path.read_bytes()
+    runtime = get_runtime(DEEPSPARSE_ENV)
+    runtime.load(path).run(inputs)
+    assert path.read_bytes() == original  # DeepSparse rewrites the file it compiles: never the caller's
     model = onnx.load(str(path))
     model.ir_version = 10
     newer = tmp_path / "newer.onnx"
     onnx.save(model, str(newer))
-    (workdir := tmp_path / "converted").mkdir()
-    converted = accepted_file(newer, workdir)
-    assert converted.parent == workdir and onnx.load(str(converted)).ir_version == 9
-    assert accepted_file(path, workdir) == path  # an accepted file is used as it is
-    np.testing.assert_allclose(get_runtime(DEEPSPARSE_ENV).load(newer).run(inputs)[0],
-                               get_runtime(ONNX_RUNTIME).load(path).run(inputs)[0], rtol=1e-4, atol=1e-5)
+    (workdir := tmp_path / "copies").mkdir()
+    assert onnx.load(str(private_copy(newer, workdir))).ir_version == 9
+    np.testing.assert_allclose(runtime.load(newer).run(inputs)[0], get_runtime(ONNX_RUNTIME).load(path).run(inputs)[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_timing_runs_in_the_worker_and_its_cpu_time_is_our_own(tmp_path):
@@ -160,3 +166,25 @@ def test_the_runtimes_command_lists_engines_and_installs_only_what_has_an_enviro
     refused = CliRunner().invoke(app, ["runtimes", "install", "onnxruntime"])
     assert refused.exit_code == 2 and "runs in the core environment" in refused.output
     assert CliRunner().invoke(app, ["runtimes", "install", "tensorrt-typo"]).exit_code == 2
+
+
+def test_a_family_is_built_and_verified_in_deepsparse(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
+    """`ziplm run` with runtime deepsparse: its table, closed loop and verdicts, the files scored in DeepSparse (one
+    engine per batch shape), and `ziplm verify` re-measuring the member there."""
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, toy_sentiment_csv,
+                                                 environment={"runtime": "deepsparse", "threads": 1,
+                                                              "sequence_length": 32})))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output  # built to pass: a tolerance far wider than the noise
+    report = json.loads((out / "report.json").read_text())
+    (member,) = report["members"]
+    assert member["runtime"]["name"] == "deepsparse" and member["runtime"]["version"] == "1.8.0"
+    folder = out / member["name"]
+    session = SessionModule(get_runtime(DEEPSPARSE_ENV).load(folder / "model.onnx"))  # batches of several shapes
+    scored = load_task(TaskSpec(**report["recipe"]["task"])).evaluate(session, AutoTokenizer.from_pretrained(folder))
+    assert scored.value == pytest.approx(member["metric"]["value"], abs=0.02)
+    verified = CliRunner().invoke(app, ["verify", str(out / member["name"]), "--effort", "quick"])
+    assert verified.exit_code in (0, 1) and "deepsparse" in verified.output, verified.output

@@ -169,7 +169,7 @@ def test_missing_asset_names_the_setup_command(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"environment": {"runtime": "tensorrt-typo"}}, "available runtimes: onnxruntime"),
+    ({"environment": {"runtime": "tensorrt-typo"}}, "available runtimes: deepsparse, onnxruntime"),
     ({"colour": "blue"}, "unknown key 'colour'"),
     ({"verification": {"tolerence": 0.1}}, "allowed here: tolerance"),
     ({"targets": [0.5]}, "above 1.0"),
