@@ -28,10 +28,9 @@ from typing import Any
 
 from benchmarks.common import RESULTS, head_commit, progress, stage_cache, write_results
 from ziplm.families import adapter_for
-from ziplm.families.loading import load_config
 from ziplm.pipeline.recipe import Recipe, load_recipe
 from ziplm.pipeline.report import environment_line
-from ziplm.pipeline.run import prepare_inputs, run_recipe
+from ziplm.pipeline.run import Inputs, prepare_inputs, run_recipe
 from ziplm.runtimes import SessionModule, get_runtime
 from ziplm.runtimes.paired import PairedVerifier
 from ziplm.runtimes.policy import policy
@@ -73,31 +72,32 @@ def run_family(recipe: Recipe, int8: bool) -> dict[str, Any]:
         report = run_recipe(recipe, out, progress)
         members = [{key: member[key] for key in MEMBER_KEYS} | {"accuracy": member["metric"]["value"]}
                    for member in report["members"]]
-        one_core = verifier(recipe, out / "dense" / "model.onnx", threads=1)
+        inputs = prepare_inputs(recipe, stage_cache())
+        one_core = verifier(recipe, inputs, out / "dense" / "model.onnx", threads=1)
         for member in members:
             check = one_core.verdict(out / member["name"] / "model.onnx")
             member["one_core"] = {"speedup": round(check.speedup.value, 4),
                                   "ci": [round(check.speedup.ci_low, 4), round(check.speedup.ci_high, 4)]}
         if int8:
-            two_cores = verifier(recipe, out / "dense" / "model.onnx", threads=recipe.environment.threads)
+            two_cores = verifier(recipe, inputs, out / "dense" / "model.onnx", threads=recipe.environment.threads)
             for member in members:
-                member["int8"] = quantized(recipe, out / member["name"], out / f"{member['name']}-int8.onnx",
+                member["int8"] = quantized(recipe, inputs, out / member["name"], out / f"{member['name']}-int8.onnx",
                                            {2: two_cores, 1: one_core})
     return {"commit": head_commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
             "dense": report["dense"], "members": members, "seconds": round(time.perf_counter() - start)}
 
 
-def verifier(recipe: Recipe, dense_onnx: Path, threads: int) -> PairedVerifier:
+def verifier(recipe: Recipe, inputs: Inputs, dense_onnx: Path, threads: int) -> PairedVerifier:
     env = recipe.environment.model_copy(update={"threads": threads})
-    return PairedVerifier(get_runtime(env), env, dense_onnx, served_feeds(load_config(str(dense_onnx.parent)), env),
+    return PairedVerifier(get_runtime(env), env, dense_onnx, served_feeds(inputs.dense.config, env),
                           policy(recipe.effort),
                           recipe.verification.tolerance)
 
 
-def quantized(recipe: Recipe, folder: Path, onnx_path: Path, verifiers: dict[int, PairedVerifier]) -> dict[str, Any]:
+def quantized(recipe: Recipe, inputs: Inputs, folder: Path, onnx_path: Path,
+              verifiers: dict[int, PairedVerifier]) -> dict[str, Any]:
     """The member quantized after training (its zeros kept), timed beside dense FP32 at each core count and scored
     as the INT8 file in DeepSparse."""
-    inputs = prepare_inputs(recipe, stage_cache())
     model = load_model(str(folder))
     int8 = deployable(model, adapter_for(model.config).prunable_linears, "int8",
                       example_batches(inputs.tokenizer, inputs.task), recipe.quantization)
