@@ -125,7 +125,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"| dense FP32 | - | 1.000x | 1.000x | {teacher:.4f} | 0% | | | |"]
     for name, family in zip(("ZipLM one-shot", "compound: ZipLM + 80% oBERT"), families):
         for m in family["members"]:
-            low, high = m["speedup_ci"]
+            low, high = m["speedup_ci"]["ci_low"], m["speedup_ci"]["ci_high"]
             int8 = m.get("int8")
             quantized_cell = (f"{int8['speedup_2']:.2f}x / {int8['speedup_1']:.2f}x / {int8['accuracy']:.4f}"
                               if int8 else "")
