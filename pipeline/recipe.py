@@ -205,7 +205,7 @@ class Recipe(BaseModel):
     @property
     def int8_over_fp32(self) -> bool:
         """An INT8 family whose targets are over FP32: its members are timed beside the dense FP32 model, and its
-        INT8 latency table's speedups are scaled by the precision factor (stages/verify.py: PrecisionFactor)."""
+        INT8 latency table's speedups are scaled by the precision factor (runtimes/paired.py: SpeedFactor)."""
         return self.environment.precision == "int8" and self.reference_precision == "fp32"
 
     @property

@@ -17,7 +17,7 @@ from ziplm.runtimes.timing import MachineLoad, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
     from ziplm.pipeline.recipe import Recipe
-    from ziplm.runtimes.paired import LatencyCheck, PrecisionFactor
+    from ziplm.runtimes.paired import LatencyCheck, SpeedFactor
     from ziplm.stages.closed_loop import Member
     from ziplm.tasks import Metric, Task
 
@@ -102,7 +102,7 @@ def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_pat
 
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
              onnx_path: Path, teacher_fingerprint: str, task: Task,
-             factor: PrecisionFactor | None) -> dict[str, Any]:
+             factor: SpeedFactor | None) -> dict[str, Any]:
     check = member.final.check
     deviation = check.deviation(member.target)
     dense_latency = check.dense
@@ -186,13 +186,14 @@ def weight_sparsity(model: PreTrainedModel) -> float:
 
 def write_report(out: Path, recipe: Recipe, table: LatencyTable, dense_info: dict[str, Any],
                  manifests: list[dict[str, Any]], reachable: float, table_scale: float,
-                 factor: PrecisionFactor | None) -> dict[str, Any]:
+                 factor: SpeedFactor | None, sparsity_factor: SpeedFactor | None = None) -> dict[str, Any]:
     """`table_scale`: the table's speedups times this are speedups over the reference (verification.reference)."""
     report = {"runtime": runtime_json(table), "dense": dense_info, "members": manifests,
               "recipe": recipe.model_dump(mode="json"), "latency_table": table.fingerprint,
               "latency_table_load": table.machine_load,
               "speedup_reference": recipe.reference_precision, "table_scale": round(table_scale, 4),
               "precision_factor": factor.to_json() if factor else None,
+              "sparsity_factor": sparsity_factor.to_json() if sparsity_factor else None,
               "max_reachable_speedup": round(reachable, 3),
               "fixed_cost": {"base_ms": round(table.base_ms, 3), "dense_predicted_ms": round(table.dense_ms(), 3)}}
     markdown = report_markdown(report, draw_figures(out, report))
@@ -210,6 +211,18 @@ def _precision_factor_lines(report: dict[str, Any]) -> list[str]:
            if report["speedup_reference"] == "fp32" else "")
     return ["", f"Dense INT8 runs {factor['value']:.3f}x dense FP32 (the precision factor: median of "
                 f"{factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}).{aim}"]
+
+
+def _sparsity_factor_lines(report: dict[str, Any]) -> list[str]:
+    factor = report.get("sparsity_factor")
+    if factor is None:
+        return []
+    sparsity = report["runtime"]["sparsity"]
+    return ["", f"The dense model at {sparsity:.0%} sparsity runs {factor['value']:.3f}x the dense model (the sparsity "
+                f"factor: median of {factor['blocks']} paired measurements, {factor['min']:.3f}-{factor['max']:.3f}). "
+                "The latency table is timed on blocks that sparse, so it predicts speedups over that model; the "
+                "closed loop aims with them times this factor, and judges by the members timed beside the dense "
+                "model."]
 
 
 def verdict_split(member: dict[str, Any], factor: float) -> tuple[float, float]:
@@ -310,6 +323,7 @@ def report_markdown(report: dict[str, Any], figures: list[str]) -> str:
         "measurements, with the distribution-free interval of that median across them in brackets (at least 95% "
         "from 9 measurements on).",
         *_precision_factor_lines(report),
+        *_sparsity_factor_lines(report),
         *_table_load_lines(report),
         "",
         f"Dense ({ORIGINS[dense['origin']]}): {dense['latency_ms']['median']:.2f} ms median, "

@@ -31,7 +31,7 @@ from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_sum
                                    write_report)
 from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.runtimes.base import Precision
-from ziplm.runtimes.paired import PairedVerifier, PrecisionFactor
+from ziplm.runtimes.paired import PairedVerifier, SpeedFactor
 from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
@@ -148,49 +148,81 @@ class References:
     other precision, and time the chosen file beside it too (`cross`): its speedup over dense FP32 and over dense
     INT8 are both in its manifest. When the reference is dense FP32, the dense INT8 model is `own` (written to
     OUT/dense-int8) and the INT8 latency table's speedups are turned into speedups over FP32 with the precision
-    factor (`table_scale`): it aims the closed loop, the direct measurements judge.
+    factor. A chain that leaves the weights sparse has its table timed on sparse blocks: its speedups are over the
+    dense model at that sparsity, turned into speedups over the dense model with the sparsity factor. The two make
+    `table_scale`: it aims the closed loop, the direct measurements judge.
     """
 
     dense: StageResult[Metric]
     verifier: PairedVerifier
     own: StageResult[Metric] | None = None
     cross: PairedVerifier | None = None
-    precision_factor: PrecisionFactor | None = None
+    precision_factor: SpeedFactor | None = None
+    sparsity_factor: SpeedFactor | None = None
 
     @property
     def table_scale(self) -> float:
-        """The latency table's speedups (over the dense model in the environment's precision) times this are
-        speedups over the reference."""
-        return self.precision_factor.value if self.own and self.precision_factor else 1.0
+        """The latency table's speedups (over the dense model in the environment's precision and sparsity) times
+        this are speedups over the reference."""
+        precision = self.precision_factor.value if self.own and self.precision_factor else 1.0
+        return precision * (self.sparsity_factor.value if self.sparsity_factor else 1.0)
 
     def reachable(self, table: LatencyTable) -> float:
         return table.max_speedup() * self.table_scale
 
 
 def references(recipe: Recipe, inputs: Inputs, stages: StageCache) -> References:
-    own = dense_stage(recipe, inputs, recipe.environment.precision, stages)
-    if recipe.environment.precision == "fp32":
-        return References(own, dense_verifier(recipe, inputs, own))
+    env = recipe.environment
+    own = dense_stage(recipe, inputs, env.precision, stages)
+    beside_own = dense_verifier(recipe, inputs, own)
+    sparsity = sparsity_factor(recipe, inputs, own, beside_own, stages) if env.sparsity else None
+    if env.precision == "fp32":
+        return References(own, beside_own, sparsity_factor=sparsity)
     fp32 = dense_stage(recipe, inputs, "fp32", stages)
-    beside_fp32, beside_own = dense_verifier(recipe, inputs, fp32), dense_verifier(recipe, inputs, own)
+    beside_fp32 = dense_verifier(recipe, inputs, fp32)
     factor = precision_factor(recipe, own, fp32, beside_fp32, stages)
     if recipe.int8_over_fp32:
-        return References(fp32, beside_fp32, own, beside_own, factor)
-    return References(own, beside_own, None, beside_fp32, factor)
+        return References(fp32, beside_fp32, own, beside_own, factor, sparsity)
+    return References(own, beside_own, None, beside_fp32, factor, sparsity)
 
 
 def precision_factor(recipe: Recipe, int8: StageResult[Metric], fp32: StageResult[Metric], direct: PairedVerifier,
-                     stages: StageCache) -> PrecisionFactor:
+                     stages: StageCache) -> SpeedFactor:
     """Dense INT8 over dense FP32, the median of the policy's `precision_blocks` paired measurements (cached)."""
+    return speed_factor(recipe, "precision-factor", {"int8": int8.key, "fp32": fp32.key}, direct,
+                        lambda folder: int8.path / "model.onnx", "dense int8 runs {} dense fp32", stages)
+
+
+def sparsity_factor(recipe: Recipe, inputs: Inputs, own: StageResult[Metric], direct: PairedVerifier,
+                    stages: StageCache) -> SpeedFactor:
+    """The dense model at the environment's sparsity (its smallest weights zeroed, as the table's blocks) over the
+    dense model, both in the environment's precision (cached, the file in the stage's folder)."""
+    env = recipe.environment
+
+    def sparse_dense(folder: Path) -> Path:
+        onnx = folder / served_file(env)
+        sparse = deployer(recipe, inputs, env.precision, env.sparsity)(inputs.dense)
+        export_served_checked(inputs.task.served(sparse), onnx, env)
+        return onnx
+
+    return speed_factor(recipe, "sparsity-factor", {"dense": own.key, "sparsity": env.sparsity}, direct,
+                        sparse_dense, f"the dense model at {env.sparsity:.0%} sparsity runs {{}} the dense model",
+                        stages)
+
+
+def speed_factor(recipe: Recipe, stage: str, key: dict[str, Any], slower: PairedVerifier,
+                 faster: Callable[[Path], Path], words: str, stages: StageCache) -> SpeedFactor:
+    """How much faster the file `faster(folder)` gives runs than `slower`'s dense model: the median of the policy's
+    `precision_blocks` paired measurements, a cached stage."""
     blocks = measurement(recipe).precision_blocks
-    measured: StageResult[PrecisionFactor] = stages.run(
-        "precision-factor", {"int8": int8.key, "fp32": fp32.key, "effort": recipe.effort},
-        lambda folder, progress: write_json_atomic(folder / RECORD, PrecisionFactor.measure(
-            direct, int8.path / "model.onnx", blocks).to_record()),
-        lambda folder: PrecisionFactor.from_record(read_record(folder)))
+    measured: StageResult[SpeedFactor] = stages.run(
+        stage, key | {"effort": recipe.effort},
+        lambda folder, progress: write_json_atomic(folder / RECORD, SpeedFactor.measure(
+            slower, faster(folder), blocks).to_record()),
+        lambda folder: SpeedFactor.from_record(read_record(folder)))
     factor = measured.value
-    stages.stage("precision-factor")(f"dense int8 runs {factor.value:.3f}x dense fp32 (median of {len(factor.blocks)} "
-                                     f"paired blocks, {min(factor.blocks):.3f}-{max(factor.blocks):.3f})")
+    stages.stage(stage)(f"{words.format(f'{factor.value:.3f}x')} (median of {len(factor.blocks)} paired blocks, "
+                        f"{min(factor.blocks):.3f}-{max(factor.blocks):.3f})")
     return factor
 
 
@@ -405,7 +437,7 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
                     [member.cross_check.dense for member in family.members if member.cross_check], inputs, runtime)
     manifests = [write_member(recipe, runtime, member, inputs, dense_info, refs, out) for member in family.members]
     return write_report(out, recipe, inputs.table, dense_info, manifests, refs.reachable(inputs.table),
-                        refs.table_scale, refs.precision_factor)
+                        refs.table_scale, refs.precision_factor, refs.sparsity_factor)
 
 
 def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precision, latencies: list[TimingStats],

@@ -174,18 +174,21 @@ def median_check(checks: list[LatencyCheck]) -> LatencyCheck:
 
 
 @dataclass(frozen=True)
-class PrecisionFactor:
-    """How much faster the dense INT8 model runs than the dense FP32 one: the median of independent paired blocks.
+class SpeedFactor:
+    """How much faster one form of the dense model runs than another: the median of independent paired blocks. The
+    precision factor: dense INT8 over dense FP32; the sparsity factor: the dense model at the chain's sparsity over
+    the dense model.
 
-    It turns the INT8 latency table's speedups (over dense INT8) into speedups over dense FP32, for aiming only: a
-    member's speedup over FP32 is timed directly beside dense FP32 (docs/measurement.md, "INT8 over FP32")."""
+    A factor turns a latency table's speedups (over the dense model in the table's form) into speedups over the
+    reference, for aiming only: a member's speedup is timed directly beside the reference (docs/measurement.md,
+    "INT8 over FP32")."""
 
     value: float
     blocks: tuple[float, ...]
 
     @classmethod
-    def measure(cls, fp32: PairedVerifier, int8_onnx: Path, blocks: int) -> PrecisionFactor:
-        values = tuple(check.speedup.value for check in fp32.measure_blocks(int8_onnx, blocks))
+    def measure(cls, slower: PairedVerifier, faster_onnx: Path, blocks: int) -> SpeedFactor:
+        values = tuple(check.speedup.value for check in slower.measure_blocks(faster_onnx, blocks))
         return cls(float(np.median(values)), values)
 
     def to_json(self) -> dict[str, Any]:
@@ -196,5 +199,5 @@ class PrecisionFactor:
         return {"value": self.value, "blocks": list(self.blocks)}
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> PrecisionFactor:
+    def from_record(cls, record: dict[str, Any]) -> SpeedFactor:
         return cls(record["value"], tuple(record["blocks"]))

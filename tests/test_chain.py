@@ -43,6 +43,8 @@ def test_compound_chain_gradual_obert_int8(tmp_path, monkeypatch, tiny_bert_dir,
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     first, second = report["members"]
+    assert report["speedup_reference"] == "int8"  # so of the two factors only the sparsity factor aims
+    assert report["table_scale"] == pytest.approx(report["sparsity_factor"]["value"], abs=1e-4)
     task = load_task(TaskSpec(**report["recipe"]["task"]))
     for member in (first, second):
         assert member["stages"] == ["teacher-finetune", "ziplm-gradual", "distill", "obert", "qat", "onnx-export",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ziplm.runtimes.paired import LatencyCheck, PrecisionFactor
+from ziplm.runtimes.paired import LatencyCheck, SpeedFactor
 from ziplm.runtimes.policy import POLICIES
 from ziplm.runtimes.timing import BusyMachineWarning, Speedup, TimingStats, WideIntervalWarning
 
@@ -25,7 +25,7 @@ class BlocksVerifier:
 
 
 def test_the_precision_factor_is_the_median_block_and_keeps_their_range():
-    factor = PrecisionFactor.measure(BlocksVerifier([1.78, 2.27, 1.89, 1.88, 2.07]), Path("int8.onnx"), 5)
+    factor = SpeedFactor.measure(BlocksVerifier([1.78, 2.27, 1.89, 1.88, 2.07]), Path("int8.onnx"), 5)
     assert factor.value == 1.89
     assert factor.to_json() == {"value": 1.89, "blocks": 5, "min": 1.78, "max": 2.27}
 
