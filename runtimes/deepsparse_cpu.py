@@ -6,11 +6,11 @@ DeepSparse is licensed for evaluation, not production (Neural Magic's DeepSparse
 in it says how fast a sparse model can run, and deploying it is the user's licence to settle.
 
 Files: DeepSparse rewrites the file it compiles, so it is given a temporary copy, converted (opset 17) where the file is
-newer than it accepts (ONNX IR version <= 9, opset <= 19).
-Its engines take static shapes, so each model is compiled for the input shapes it is run on
-(runtimes.deepsparse_worker): it serves whole-sequence files (phase sequence), not a decoder's growing KV cache. Settings: `threads` cores, one
-stream, its default scheduler; the CPU's instruction set as DeepSparse reads it (its sparse INT8 kernels need VNNI) is
-recorded in `info().options`, and so in every latency table's fingerprint.
+newer than it accepts (ONNX IR version <= 9, opset <= 19). Its engines take static shapes, so each model is compiled
+for the input shapes it is run on (runtimes.deepsparse_worker): it serves whole-sequence files (phase sequence), not a
+decoder's growing KV cache. Settings: `threads` cores, one stream, its default scheduler; the CPU's instruction set
+as DeepSparse reads it (its sparse INT8 kernels need VNNI) is recorded in `info().options`, and so in every latency
+table's fingerprint.
 """
 
 from __future__ import annotations
