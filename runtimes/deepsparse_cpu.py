@@ -43,11 +43,10 @@ def shared_worker() -> Worker:
     return _worker
 
 
-def private_copy(onnx_path: Path, workdir: Path) -> Path:
-    """A copy of the file in `workdir`, in a form DeepSparse accepts. DeepSparse rewrites the file it compiles (its
-    input-shape override is saved into it), so it never gets the caller's; newer IR versions and opsets are
-    converted (IR 9, opset 17)."""
-    header = onnx.load(str(onnx_path), load_external_data=False)
+def private_copy(onnx_path: Path, header: onnx.ModelProto, workdir: Path) -> Path:
+    """A copy of the file (whose `header` is the file without its external data) in `workdir`, in a form DeepSparse
+    accepts. DeepSparse rewrites the file it compiles (its input-shape override is saved into it), so it never gets
+    the caller's; newer IR versions and opsets are converted (IR 9, opset 17)."""
     opset = next((entry.version for entry in header.opset_import if entry.domain in ("", "ai.onnx")), 0)
     external = any(weight.data_location == onnx.TensorProto.EXTERNAL for weight in header.graph.initializer)
     copy = workdir / onnx_path.name
@@ -62,9 +61,8 @@ def private_copy(onnx_path: Path, workdir: Path) -> Path:
     return copy
 
 
-def declared_inputs(onnx_path: Path) -> dict[str, tuple[int | str, ...]]:
+def declared_inputs(graph: onnx.GraphProto) -> dict[str, tuple[int | str, ...]]:
     """The graph's inputs (initializers excluded) and their declared shapes, a name for a dynamic axis."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
     weights = {initializer.name for initializer in graph.initializer}
     return {value.name: tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param or "?"
                               for dim in value.type.tensor_type.shape.dim)
@@ -77,8 +75,9 @@ class DsSession:
 
     def __init__(self, worker: Worker, onnx_path: Path, cores: int) -> None:
         self._files = tempfile.TemporaryDirectory(prefix="ziplm-deepsparse-")
-        path = private_copy(onnx_path, Path(self._files.name))
-        self.input_shapes = declared_inputs(path)
+        header = onnx.load(str(onnx_path), load_external_data=False)
+        path = private_copy(onnx_path, header, Path(self._files.name))
+        self.input_shapes = declared_inputs(header.graph)  # a conversion keeps the graph's inputs
         self.input_names = tuple(self.input_shapes)
         self.worker = worker
         self.model = worker.call("load", path=str(path), input_names=list(self.input_names), cores=cores)

@@ -221,10 +221,10 @@ class Call:
     """A loaded session called on its inputs: a runner that timing can hand to the process holding the session."""
 
     session: Session
-    inputs: Mapping[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
 
     def __call__(self) -> object:
-        return self.session.run(dict(self.inputs))
+        return self.session.run(self.inputs)
 
 
 def holding_timer(runners: Mapping[str, Runner]) -> Timer | None:

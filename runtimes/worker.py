@@ -22,7 +22,6 @@ from typing import Any
 
 from ziplm.errors import MissingEngineError, ZipLMError
 from ziplm.runtimes import wire
-from ziplm.runtimes.interleave import Runner
 from ziplm.runtimes.timing import OWN_WORKERS, Call
 
 INSTALLED_MARK = ".ziplm-engine"
@@ -127,12 +126,11 @@ class Worker:
             raise WorkerError(f"the worker failed `{command}`: {value}")
         return value
 
-    def time_calls(self, runners: Mapping[str, Runner], rounds: int, warmup: int, max_seconds: float | None,
+    def time_calls(self, runners: Mapping[str, Call], rounds: int, warmup: int, max_seconds: float | None,
                    min_rounds: int) -> dict[str, list[float]]:
         """A session's `timer` (runtimes.timing.Timer): the interleaved loop run in the worker on the models its
         sessions hold (`session.model`), fed their Calls' inputs."""
-        calls = {name: (call.session.model, wire.encode_feed(dict(call.inputs))) for name, call in runners.items()
-                 if isinstance(call, Call)}
+        calls = {name: (call.session.model, wire.encode_feed(call.inputs)) for name, call in runners.items()}
         return self.call("time", calls=calls, rounds=rounds, warmup=warmup, max_seconds=max_seconds,
                          min_rounds=min_rounds)
 

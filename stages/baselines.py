@@ -31,7 +31,7 @@ from ziplm.families import FamilyAdapter, LayerStructure, ModelStructure
 from ziplm.families.base import record_structure, weight_matrix
 from ziplm.stages.calibrate import hidden_states_around
 from ziplm.stages.latency_table import LatencyTable
-from ziplm.stages.masks import Masks, global_lowest_masks
+from ziplm.stages.masks import Masks, magnitude_masks
 from ziplm.tasks import Task, batches
 
 
@@ -142,5 +142,4 @@ def _largest(scores: torch.Tensor, count: int) -> list[int]:
 def global_magnitude_masks(model: nn.Module, adapter: FamilyAdapter, sparsity: float) -> Masks:
     """Unstructured baseline: prune the `sparsity` fraction of prunable weights with the smallest |w|, one threshold
     across all layers, no weight update. Returns the masks; the model is untouched (apply with `apply_masks`)."""
-    linears = adapter.prunable_linears(model)
-    return global_lowest_masks({name: linear.weight.detach().abs() for name, linear in linears.items()}, sparsity)
+    return magnitude_masks(adapter.prunable_linears(model), sparsity)

@@ -56,6 +56,12 @@ def global_lowest_masks(scores: dict[str, torch.Tensor], sparsity: float) -> Mas
     return {name: part.view_as(scores[name]) for name, part in zip(names, torch.split(kept, sizes))}
 
 
+def magnitude_masks(linears: Mapping[str, nn.Linear], sparsity: float) -> Masks:
+    """Prune the `sparsity` fraction of the linears' weights with the smallest |w|, one threshold across all of them,
+    no weight update (the model is untouched: apply with `apply_masks`)."""
+    return global_lowest_masks({name: linear.weight.detach().abs() for name, linear in linears.items()}, sparsity)
+
+
 @torch.no_grad()
 def at_sparsity(module: nn.Module, find_linears: Callable[[nn.Module], Mapping[str, nn.Linear]],
                 sparsity: float) -> nn.Module:
@@ -69,8 +75,5 @@ def at_sparsity(module: nn.Module, find_linears: Callable[[nn.Module], Mapping[s
     if not total or zeros >= round(sparsity * total):
         return module
     sparse = copy.deepcopy(module)
-    linears = find_linears(sparse)
-    masks = global_lowest_masks({name: linear.weight.abs() for name, linear in linears.items()}, sparsity)
-    for name, linear in linears.items():
-        linear.weight.mul_(masks[name])
+    apply_masks(sparse, magnitude_masks(find_linears(sparse), sparsity))
     return sparse
