@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import huggingface_hub.utils
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -113,10 +114,11 @@ def fail_clearly(command: Callable[..., None]) -> Callable[..., None]:
 @runtimes_app.command("list")
 @fail_clearly
 def runtimes_list() -> None:
-    """Every registered runtime, the phases it times, and whether its engine is on this machine."""
-    table = Table("runtime", "phases", "engine")
+    """Every registered runtime, the phases and precisions it times, and whether its engine is on this machine."""
+    table = Table("runtime", "phases", "precisions", "engine")
     for name in available_runtimes():
-        table.add_row(name, ", ".join(runtime_class(name).phases), engine_status(name))
+        cls = runtime_class(name)
+        table.add_row(name, ", ".join(cls.phases), ", ".join(cls.precisions), engine_status(name))
     Console().print(table)
 
 
@@ -260,6 +262,17 @@ class TablePhase(str, Enum):
     request = "request"
 
 
+def runtime_options(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs as runtime options, each value read as YAML reads it (cpu, 0, true)."""
+    options = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise BadInputError(f"--option {pair!r} is not KEY=VALUE (e.g. --option device=cpu)")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
 @app.command("latency-table")
 @fail_clearly
 def latency_table(
@@ -284,6 +297,8 @@ def latency_table(
     sparsity: Annotated[float, typer.Option(min=0.0, max=0.99, help="blocks with this fraction of their weights "
                                                                     "zero, as a chain's oBERT stage leaves them")]
     = 0.0,
+    option: Annotated[list[str] | None, typer.Option(help="a runtime option as KEY=VALUE (repeatable), e.g. "
+                                                          "device=cpu for runtime pytorch")] = None,
 ) -> None:
     """Build (or show the cached) latency table for a model shape in an inference environment."""
     if (TablePhase(phase) == TablePhase.decode) != (context_length is not None):
@@ -292,7 +307,8 @@ def latency_table(
         raise BadInputError("--new-tokens is the length of a --phase request: give both or neither")
     env = InferenceEnv(runtime=runtime, threads=threads, batch_size=batch_size, sequence_length=sequence_length,
                        precision=TablePrecision(precision).value, phase=TablePhase(phase).value,
-                       context_length=context_length, new_tokens=new_tokens, sparsity=sparsity)
+                       context_length=context_length, new_tokens=new_tokens, sparsity=sparsity,
+                       options=runtime_options(option or []))
     table, cached = get_or_build_table(load_config(model), env, group_size, policy(Effort(effort).value),
                                        progress=stage_progress("latency-table"), rebuild=rebuild)
     show_table(table)

@@ -113,13 +113,26 @@ class Artifact:
             raise BadInputError(f"{self.folder} has no generation artifact: time-to-first-token and time-per-token "
                                 "gates apply to fp32 decoder members written by `ziplm run`")
         member, dense = self.folder / record["file"], self.dense_onnx.parent / record["file"]
-        for file, what in ((member, "the member's generation artifact"), (dense, "the dense generation artifact")):
-            if not file.is_file():
-                raise BadInputError(f"{what} {file} is missing: keep the folders of `ziplm run` as it wrote them")
-        if file_digest(member) != record["sha256"]:
-            raise BadInputError(f"{member} is corrupt or was changed: its sha256 differs from the manifest's; use the "
-                                "artifact as `ziplm run` wrote it")
+        if not dense.is_file():
+            raise BadInputError(f"the dense generation artifact {dense} is missing: keep the folders of `ziplm run` "
+                                "as it wrote them")
+        checked(member, record, "the member's generation artifact")
         return member, dense
+
+
+def checked(file: Path, record: dict[str, Any], what: str) -> Path:
+    """`file`, there and with the sha256 `record` gives it, and its torch.export program (`record["program"]`)
+    likewise where one was written; otherwise a clear error."""
+    expected = {file: record.get("sha256")}
+    if record.get("program"):
+        expected[file.with_name(record["program"]["file"])] = record["program"]["sha256"]
+    for path, digest in expected.items():
+        if not path.is_file():
+            raise BadInputError(f"{what} {path} is missing: keep the folders of `ziplm run` as it wrote them")
+        if file_digest(path) != digest:
+            raise BadInputError(f"{path} is corrupt or was changed: its sha256 differs from the manifest's; use the "
+                                "artifact as `ziplm run` wrote it")
+    return file
 
 
 def load_artifact(folder: Path) -> Artifact:
@@ -133,12 +146,10 @@ def load_artifact(folder: Path) -> Artifact:
         raise BadInputError(f"{path} is not valid JSON ({error}): re-create the artifact with `ziplm run`") from error
     onnx = Path(folder) / manifest.get("served_file", "model.onnx")
     dense_onnx = (Path(folder) / manifest.get("dense_reference", "../dense/model.onnx")).resolve()
-    for file, what in ((onnx, "the member's ONNX model"), (dense_onnx, "the dense reference")):
-        if not file.is_file():
-            raise BadInputError(f"{what} {file} is missing: keep the dense folders of `ziplm run` beside the member")
-    if file_digest(onnx) != manifest.get("sha256"):
-        raise BadInputError(f"{onnx} is corrupt or was changed: its sha256 differs from the one in {path}; "
-                            "use the artifact as `ziplm run` wrote it")
+    if not dense_onnx.is_file():
+        raise BadInputError(f"the dense reference {dense_onnx} is missing: keep the dense folders of `ziplm run` "
+                            "beside the member")
+    checked(onnx, manifest, "the member's ONNX model")
     return Artifact(Path(folder), manifest, onnx, dense_onnx)
 
 

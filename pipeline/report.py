@@ -13,6 +13,7 @@ from ziplm.families import ModelStructure, adapter_for
 from ziplm.pipeline import plots
 from ziplm.cache import file_digest, fingerprint, write_json_atomic, write_text_atomic
 from ziplm.stages.latency_table import LatencyTable
+from ziplm.runtimes.pytorch import program_path
 from ziplm.runtimes.timing import MachineLoad, TimingStats
 
 if TYPE_CHECKING:  # run.py imports this module; the types are only needed for annotations
@@ -97,7 +98,15 @@ def dense_summary(dense: PreTrainedModel, dense_onnx: Path, precision: str, metr
 
 def dense_manifest(runtime: dict[str, Any], dense_info: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
     return {"name": DENSE_DIR, **dense_info, "runtime": runtime, "runtime_fingerprint": runtime_fingerprint(runtime),
-            "sha256": file_digest(onnx_path)}
+            "sha256": file_digest(onnx_path), "program": program_record(onnx_path)}
+
+
+def program_record(onnx_path: Path) -> dict[str, Any] | None:
+    """The torch.export program beside the served file (runtime pytorch serves it): its name, size and sha256."""
+    program = program_path(onnx_path)
+    if not program.is_file():
+        return None
+    return {"file": program.name, "file_bytes": program.stat().st_size, "sha256": file_digest(program)}
 
 
 def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member, dense_info: dict[str, Any],
@@ -132,6 +141,7 @@ def manifest(name: str, recipe: Recipe, runtime: dict[str, Any], member: Member,
         "parameters": parameter_count(member.model),
         "file_bytes": onnx_path.stat().st_size,
         "sha256": file_digest(onnx_path),
+        "program": program_record(onnx_path),
         "passed": member.passed(recipe.verification.tolerance),
         "stages": recipe.stage_names,
         "speedup_reference": recipe.reference_precision,

@@ -27,17 +27,19 @@ from ziplm.families.loading import load_config, load_model, save_model
 from ziplm.pipeline import modeling_ziplm
 from ziplm.pipeline.environments import run_environments
 from ziplm.pipeline.recipe import Recipe
-from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, runtime_json,
-                                   write_report)
+from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_summary, manifest, program_record,
+                                   runtime_json, write_report)
 from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.runtimes.base import Precision
 from ziplm.runtimes.paired import PairedVerifier, SpeedFactor
 from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
+from ziplm.runtimes.pytorch import PROGRAM_SUFFIX
 from ziplm.runtimes.timing import TimingStats
 from ziplm.stages import ziplm as zipl
 from ziplm.stages.calibrate import collect_hessians, load_hessians, save_hessians
 from ziplm.stages.chain import finish
 from ziplm.stages.closed_loop import PHASE_LABELS, LatencySLA, Member, Stopwatch, closed_loop
+from ziplm.stages.export import copy_served, with_program, writes_program
 from ziplm.stages.finetune import TeacherResult, finetune_teacher, given_teacher
 from ziplm.stages.generation import (GENERATION_ONNX, PARITY_TOKENS, check_generation, export_for_generation,
                                      export_served_checked, generation_prompt, served_feeds, served_file,
@@ -371,14 +373,16 @@ MEMBER_RECORD, MEMBER_MODEL, MEMBER_STRUCTURED, MEMBER_ONNX = "member.json", "mo
 
 def save_member(member: Member, folder: Path) -> None:
     """A member stage's files: its record, the chosen model (and the structured one gradual ZipLM goes on from) as
-    saved models, and the chosen ONNX file; the other rounds' files are dropped."""
+    saved models, and the chosen ONNX file (with its program, where one was written); the other rounds' files are
+    dropped."""
     write_json_atomic(folder / MEMBER_RECORD, member.to_record())
     save_model(member.model, folder / MEMBER_MODEL)
     if member.structured is not None:
         save_model(member.structured, folder / MEMBER_STRUCTURED)
-    member.onnx_path.replace(folder / MEMBER_ONNX)
-    for scratch in folder.glob("*.onnx"):
-        if scratch.name != MEMBER_ONNX:
+    for file in with_program(member.onnx_path):
+        file.replace((folder / MEMBER_ONNX).with_suffix(file.suffix))
+    for scratch in [*folder.glob("*.onnx"), *folder.glob(f"*{PROGRAM_SUFFIX}")]:
+        if scratch.stem != Path(MEMBER_ONNX).stem:
             scratch.unlink()
 
 
@@ -431,7 +435,7 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
     refs = family.refs
     dense_info = write_dense(out / DENSE_DIR, refs.dense, recipe.reference_precision,
                              [member.final.check.dense for member in family.members], inputs, runtime,
-                             served_file(recipe.environment))
+                             served_file(recipe.environment), writes_program(recipe.environment))
     if refs.own:
         write_dense(out / OWN_DIR, refs.own, recipe.environment.precision,
                     [member.cross_check.dense for member in family.members if member.cross_check], inputs, runtime)
@@ -441,14 +445,15 @@ def write_family(recipe: Recipe, inputs: Inputs, family: Family, out: Path) -> d
 
 
 def write_dense(folder_path: Path, dense: StageResult[Metric], precision: Precision, latencies: list[TimingStats],
-                inputs: Inputs, runtime: dict[str, Any], served: str = "model.onnx") -> dict[str, Any]:
-    """A dense model's folder (the file its phase serves: model.onnx or generation.onnx; a decoder's generation.onnx;
-    manifest.json); returns its summary."""
+                inputs: Inputs, runtime: dict[str, Any], served: str = "model.onnx",
+                program: bool = False) -> dict[str, Any]:
+    """A dense model's folder (the file its phase serves: model.onnx or generation.onnx, with its program where the
+    runtime serves one; a decoder's generation.onnx; manifest.json); returns its summary."""
     dense_onnx = dense.path / served
     info = dense_summary(inputs.dense, dense_onnx, precision, dense.value, latencies, inputs.dense_origin, runtime)
     with atomic_directory(folder_path) as folder:
-        (folder / served).write_bytes(dense_onnx.read_bytes())
-        generation = write_generation_artifact(inputs.dense, folder, precision)
+        copy_served(dense_onnx, folder / served)
+        generation = write_generation_artifact(inputs.dense, folder, precision, program)
         write_json_atomic(folder / "manifest.json",
                           {**dense_manifest(runtime, info, folder / served), "generation": generation})
     return info
@@ -481,10 +486,11 @@ def write_member(recipe: Recipe, runtime: dict[str, Any], member: Member, inputs
         save_model(member.model, folder)
         loadable_with_transformers(folder, inputs.task.head)
         inputs.tokenizer.save_pretrained(folder)
-        (folder / served).write_bytes(member.onnx_path.read_bytes())
+        copy_served(member.onnx_path, folder / served)
         payload = manifest(name, recipe, runtime, member, dense_info, folder / served, inputs.dense_key,
                            inputs.task, refs.precision_factor)
-        payload["generation"] = write_generation_artifact(member.model, folder, recipe.environment.precision)
+        payload["generation"] = write_generation_artifact(member.model, folder, recipe.environment.precision,
+                                                          writes_program(recipe.environment))
         payload["other_phases"] = other_phases(recipe, inputs, refs, member)
         write_json_atomic(folder / "manifest.json", payload)
     return payload
@@ -514,16 +520,17 @@ def phase_timing(recipe: Recipe, inputs: Inputs, refs: References, member: Membe
             "dense_latency_ms": {"median": round(check.dense.median_ms, 4), "p90": round(check.dense.p90_ms, 4)}}
 
 
-def write_generation_artifact(model: PreTrainedModel, folder: Path, precision: Precision) -> dict[str, Any] | None:
-    """A decoder's generation.onnx (ziplm.stages.generation: KV cache in and out), exported unless the folder holds
-    it already (the file a generation phase serves), and checked by greedy generation in ONNX Runtime against
-    transformers' generate; its manifest entry. None for a model without a KV cache, and for INT8 members, whose
-    generation artifact is not built yet."""
+def write_generation_artifact(model: PreTrainedModel, folder: Path, precision: Precision,
+                              program: bool = False) -> dict[str, Any] | None:
+    """A decoder's generation.onnx (ziplm.stages.generation: KV cache in and out; with `program`, its torch.export
+    program beside it), exported unless the folder holds it already (the file a generation phase serves), and checked
+    by greedy generation in ONNX Runtime against transformers' generate; its manifest entry. None for a model without
+    a KV cache, and for INT8 members, whose generation artifact is not built yet."""
     if adapter_for(model.config).kv_cache_bytes_per_token(model.config) is None or precision != "fp32":
         return None
     path = folder / GENERATION_ONNX
     if not path.is_file():
-        export_for_generation(model, path)
+        export_for_generation(model, path, program)
     parity = check_generation(model, path, generation_prompt(model), PARITY_TOKENS)
     return {"file": GENERATION_ONNX, "file_bytes": path.stat().st_size, "sha256": file_digest(path),
-            "greedy_parity_tokens": parity.new_tokens}
+            "program": program_record(path), "greedy_parity_tokens": parity.new_tokens}

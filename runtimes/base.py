@@ -129,6 +129,8 @@ class Runtime(ABC):
 
     name: ClassVar[str]
     phases: ClassVar[tuple[Phase, ...]] = ("sequence", "prefill", "decode", "request")  # what it can time
+    precisions: ClassVar[tuple[Precision, ...]] = ("fp32", "int8")  # the files it runs
+    program: ClassVar[bool] = False  # True: it runs the torch.export program written beside each ONNX file
     environment: ClassVar[EngineEnvironment | None] = None  # its own Python environment, where it needs one
 
     @abstractmethod
@@ -165,6 +167,10 @@ def get_runtime(env: InferenceEnv) -> Runtime:
         able = ", ".join(name for name, other in sorted(_RUNTIMES.items()) if env.phase in other.phases)
         raise BadInputError(f"runtime {env.runtime!r} cannot time phase {env.phase}: it times "
                             f"{', '.join(cls.phases)} only; runtimes that time {env.phase}: {able}")
+    if env.precision not in cls.precisions:
+        able = ", ".join(name for name, other in sorted(_RUNTIMES.items()) if env.precision in other.precisions)
+        raise BadInputError(f"runtime {env.runtime!r} runs {', '.join(cls.precisions)} files only, not "
+                            f"{env.precision}; runtimes that run {env.precision}: {able}")
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "threads"}
     unknown = set(env.options) - allowed
     if unknown:

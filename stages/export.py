@@ -5,13 +5,16 @@ transformers 5.x, and is the exporter that turns fake-quant into QuantizeLinear/
 (docs/measurement.md). Models are called through a small wrapper with keyword arguments, because positional calls
 trip over transformers' `use_cache` argument. What a model takes (input names, example inputs) comes from its family
 adapter; its exported output is the first field of what its head returns (`logits`, or `last_hidden_state` for a
-model without a head).
+model without a head). For a runtime that serves the PyTorch program (runtime pytorch), each file also gets its
+torch.export program beside it (`write_program`).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
+import shutil
 import warnings
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
@@ -25,7 +28,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ziplm.errors import ZipLMError
 from ziplm.families import adapter_for
-from ziplm.runtimes.base import InferenceEnv, Precision
+from ziplm.runtimes.base import InferenceEnv, Precision, runtime_class
+from ziplm.runtimes.pytorch import PROGRAM_META, program_path
 
 OPSET = 17
 # How far ONNX Runtime's outputs may lie from PyTorch's. INT8: ORT accumulates in int32 and torch in float, so a value
@@ -63,18 +67,19 @@ class _KeywordCall(nn.Module):
 
 def export_module(module: nn.Module, path: Path, example: dict[str, np.ndarray],
                   dynamic_axes: dict[str, dict[int, str]], output_name: str,
-                  output_axes: dict[int, str] | None = None) -> Path:
+                  output_axes: dict[int, str] | None = None, program: bool = False) -> Path:
     """Export `module(**example)` to `path` as one self-contained ONNX file (written atomically), its output's
-    dynamic axes `output_axes` (default: batch first); the module is left in eval mode."""
+    dynamic axes `output_axes` (default: batch first), and with `program` its torch.export program beside it; the
+    module is left in eval mode."""
     names = list(example)
     return write_onnx(_KeywordCall(module, names), path, {name: torch.from_numpy(example[name]) for name in names},
-                      [output_name], {**dynamic_axes, output_name: output_axes or {0: "batch"}})
+                      [output_name], {**dynamic_axes, output_name: output_axes or {0: "batch"}}, program)
 
 
 def write_onnx(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor], output_names: Sequence[str],
-               dynamic_axes: dict[str, dict[int, str]]) -> Path:
+               dynamic_axes: dict[str, dict[int, str]], program: bool = False) -> Path:
     """Trace `call(*inputs.values())` into one self-contained ONNX file at `path`, written atomically (the exporter
-    leaves `call` in eval mode, and the modules inside it)."""
+    leaves `call` in eval mode, and the modules inside it); with `program`, `write_program` too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -83,23 +88,88 @@ def write_onnx(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor], out
         torch.onnx.export(call.eval(), tuple(inputs.values()), str(tmp), input_names=list(inputs),
                           output_names=list(output_names), dynamic_axes=dynamic_axes, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
+    if program:
+        write_program(call, program_path(path), inputs, dynamic_axes)
+    else:
+        program_path(path).unlink(missing_ok=True)  # never a program of an earlier file beside this one
     tmp.replace(path)
     return path
 
 
-def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int | None = None) -> Path:
+class _Positional(nn.Module):
+    """`call(*tensors)`, whatever names its forward gives them: one flat argument list for torch.export."""
+
+    def __init__(self, call: nn.Module) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return self.call(*tensors)
+
+
+def write_program(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor],
+                  dynamic_axes: dict[str, dict[int, str]]) -> Path:
+    """Trace `call(*inputs.values())` with torch.export into a program archive at `path` (written atomically), the
+    axes in `dynamic_axes` left dynamic where the trace allows, the inputs' names and declared shapes inside it
+    (PROGRAM_META); checked to give what `call` gives (raises ExportParityError). Where every input has a batch axis
+    of 1, it is traced at batch 2: torch.export fixes an axis traced at size 1."""
+    declared = {name: [dynamic_axes.get(name, {}).get(axis, size) for axis, size in enumerate(tensor.shape)]
+                for name, tensor in inputs.items()}
+    if all(0 in dynamic_axes.get(name, {}) and tensor.shape[0] == 1 for name, tensor in inputs.items()):
+        inputs = {name: torch.cat([tensor, tensor]) for name, tensor in inputs.items()}
+    inputs = {name: tensor.contiguous() for name, tensor in inputs.items()}  # strides would be guarded too
+    shapes = (tuple({axis: torch.export.Dim.AUTO for axis in dynamic_axes.get(name, {}) if tensor.shape[axis] != 1}
+                    or None for name, tensor in inputs.items()),)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(_Positional(call.eval()), tuple(inputs.values()), dynamic_shapes=shapes,
+                                      strict=False)
+        expected, actual = (_as_tuple(run(*inputs.values())) for run in (call, program.module()))
+    diff = max(float((a - e).abs().max()) for a, e in zip(actual, expected))
+    if diff > PARITY_ATOL["fp32"]:
+        raise ExportParityError(f"the torch.export program for {path} differs from the module by {diff:.2e}")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the .pt2 ending
+    torch.export.save(program, str(tmp), extra_files={PROGRAM_META: json.dumps({"inputs": declared})})
+    tmp.replace(path)
+    return path
+
+
+def _as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
+
+
+def with_program(onnx_path: Path) -> list[Path]:
+    """The ONNX file and, where one was written beside it, its torch.export program."""
+    program = program_path(onnx_path)
+    return [Path(onnx_path), *([program] if program.is_file() else [])]
+
+
+def copy_served(onnx_path: Path, to: Path) -> None:
+    """Copy an exported file to `to`, and its program (where it has one) beside the copy."""
+    for file in with_program(onnx_path):
+        shutil.copyfile(file, to.with_suffix(file.suffix))
+
+
+def writes_program(env: InferenceEnv) -> bool:
+    """Whether files timed or served in `env` need their torch.export program beside them."""
+    return runtime_class(env.runtime).program
+
+
+def export_model(model: PreTrainedModel, path: Path, batch_size: int = 1, sequence_length: int | None = None,
+                 program: bool = False) -> Path:
     """Export a model of a registered family (with its head, or without) with dynamic batch and sequence axes, traced
-    at `sequence_length` (default: the longest up to 128 that the model takes)."""
+    at `sequence_length` (default: the longest up to 128 that the model takes); with `program`, its torch.export
+    program beside it."""
     example = adapter_for(model.config).example_inputs(model.config, batch_size,
                                                        sequence_length or longest_sequence(model.config))
     axes = {name: {0: "batch", 1: "sequence"} for name in example}
-    return export_module(model, path, example, axes, *output_signature(model, example))
+    return export_module(model, path, example, axes, *output_signature(model, example), program=program)
 
 
 def export_checked(model: PreTrainedModel, path: Path, env: InferenceEnv) -> ParityReport:
     """Export at the environment's batch and sequence, then check parity at its precision's tolerance (raises
     ExportParityError): every artifact that is timed or shipped goes through here."""
-    return verify_export(model, export_model(model, path, env.batch_size, env.sequence_length),
+    return verify_export(model, export_model(model, path, env.batch_size, env.sequence_length, writes_program(env)),
                          atol=parity_atol(env.precision), against_float64=env.precision == "fp32")
 
 

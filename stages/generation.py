@@ -36,7 +36,7 @@ from ziplm.runtimes import InferenceEnv, Session
 from ziplm.runtimes.base import Runtime, RuntimeInfo, get_runtime
 from ziplm.runtimes.onnxruntime_cpu import OrtSession
 from ziplm.runtimes.paired import Feeds
-from ziplm.stages.export import ExportParityError, export_checked, export_model, write_onnx
+from ziplm.stages.export import ExportParityError, export_checked, export_model, write_onnx, writes_program
 
 PAST, PRESENT = "past_key_values", "present"
 # The shape the graph is traced at: two rows (the second left-padded, so masking is traced from real data), a prompt
@@ -83,8 +83,9 @@ class _GenerationCall(nn.Module):
         return (output.logits, *present)
 
 
-def export_for_generation(model: PreTrainedModel, path: Path) -> Path:
-    """Export a decoder (dense or pruned, fp32) as the generation artifact described above, written atomically."""
+def export_for_generation(model: PreTrainedModel, path: Path, program: bool = False) -> Path:
+    """Export a decoder (dense or pruned, fp32) as the generation artifact described above, written atomically (with
+    `program`, its torch.export program beside it)."""
     adapter, layers = decoder_adapter(model), attending_layers(model)  # no layer: no cache inputs or outputs
     config, head_dim = model.config, adapter.shape(model.config).head_dim
     kv_heads = adapter.kv_heads(config)
@@ -102,7 +103,7 @@ def export_for_generation(model: PreTrainedModel, path: Path) -> Path:
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch"},
             **{name: {0: "batch", 2: "past_sequence"} for name in cache_names(PAST, layers)},
             **{name: {0: "batch", 2: "total_sequence"} for name in cache_names(PRESENT, layers)}}
-    return write_onnx(_GenerationCall(model), path, inputs, ["logits", *cache_names(PRESENT, layers)], axes)
+    return write_onnx(_GenerationCall(model), path, inputs, ["logits", *cache_names(PRESENT, layers)], axes, program)
 
 
 def phase_feeds(env: InferenceEnv, vocab_size: int, seed: int = 0) -> Feeds:
@@ -142,7 +143,8 @@ def export_served_checked(model: PreTrainedModel, path: Path, env: InferenceEnv)
     what was checked."""
     if env.phase == "sequence":
         return f"parity {export_checked(model, path, env).max_abs_diff:.1e}"
-    parity = check_generation(model, export_for_generation(model, path), generation_prompt(model), PARITY_TOKENS)
+    parity = check_generation(model, export_for_generation(model, path, writes_program(env)), generation_prompt(model),
+                              PARITY_TOKENS)
     return f"greedy generation equal to transformers' for {parity.new_tokens} tokens"
 
 
@@ -155,8 +157,8 @@ def export_served(model: PreTrainedModel, path: Path, env: InferenceEnv) -> Path
     """The file that is timed and served in the environment's phase: the whole-sequence model, or, for the phases
     of generation, the generation artifact."""
     if env.phase == "sequence":
-        return export_model(model, path, env.batch_size, env.sequence_length)
-    return export_for_generation(model, path)
+        return export_model(model, path, env.batch_size, env.sequence_length, writes_program(env))
+    return export_for_generation(model, path, writes_program(env))
 
 
 def served_feeds(config: PretrainedConfig, env: InferenceEnv) -> Feeds:

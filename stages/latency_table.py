@@ -56,7 +56,7 @@ from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, ge
 from ziplm.runtimes.policy import TABLE_SEED, TABLE_WARMUP, MeasurementPolicy, policy
 from ziplm.runtimes.timing import (BusyMachineWarning, Call, LoadGuard, MachineLoad, TimingStats,
                                   time_interleaved_guarded)
-from ziplm.stages.export import export_module
+from ziplm.stages.export import export_module, writes_program
 from ziplm.stages.generation import export_served, served_feeds
 from ziplm.stages.quantize import deployable
 
@@ -297,7 +297,8 @@ def export_block(adapter: FamilyAdapter, config: PretrainedConfig, structure: La
     inputs = block_inputs(adapter, config, env, structure) if inputs is None else inputs
     block = deployable(LayerBlock(adapter, layer), lambda b: adapter.prunable_linears(b, [b.layer]), env.precision,
                        [_as_tensors(inputs)], sparsity=env.sparsity)
-    return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out", {0: "batch", 1: "sequence"})
+    return export_module(block, path, inputs, adapter.block_axes(), "hidden_states_out", {0: "batch", 1: "sequence"},
+                         writes_program(env))
 
 
 def _as_tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from tests.conftest import skip_missing_engine, tiny_bert_config
 from ziplm.families.loading import build_model
 from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
+from ziplm.runtimes.base import runtime_class
 from ziplm.runtimes import timing
 from ziplm.runtimes.timing import (CpuSnapshot, LoadGuard, MachineLoad, TimingStats, WideIntervalWarning, cpu_snapshot,
                                    median_ci, median_ci_coverage, median_half_width, other_load, speedup_of,
@@ -51,7 +52,7 @@ def test_every_registered_runtime_runs_the_tiny_model_as_onnx_runtime_does(runti
     """A runtime registered without being able to load and run our files fails here."""
     config = tiny_bert_config()
     torch.manual_seed(0)
-    path = export_model(build_model(config), tmp_path / "model.onnx", 1, 16)
+    path = export_model(build_model(config), tmp_path / "model.onnx", 1, 16, program=runtime_class(runtime).program)
     inputs = adapter_for(config).example_inputs(config, 1, 16)
     env = InferenceEnv(runtime=runtime, threads=1, sequence_length=16)
     try:
