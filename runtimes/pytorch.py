@@ -13,12 +13,13 @@ as on onnxruntime-gpu.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.export.passes import move_to_device_pass
 
 from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_identity, register_runtime
@@ -94,11 +95,12 @@ class PyTorchRuntime(Runtime):
                                 "program=True)")
         extra = {PROGRAM_META: ""}
         try:
-            program = torch.export.load(str(path), extra_files=extra).module()
+            program = torch.export.load(str(path), extra_files=extra)
             inputs = json.loads(extra[PROGRAM_META])["inputs"]
         except Exception as error:  # torch raises several types for a damaged archive
             raise BadInputError(f"runtime pytorch cannot load {path}: {error}; export it again") from error
-        return ProgramSession(program.to(self.device), inputs, self.device, self.threads)
+        # the pass moves the weights and rewrites the devices that tensors made inside the graph were traced on
+        return ProgramSession(move_to_device_pass(program, self.device).module(), inputs, self.device, self.threads)
 
     def info(self) -> RuntimeInfo:
         device = (torch.cuda.get_device_name(self.device) if self.device_name == "cuda" else f"CPU ({cpu_identity()})")
