@@ -1,12 +1,16 @@
 """One database, several runtimes: the same MiniLM + MR target solved in each runtime from its own latency table.
 
-The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime, OpenVINO and DeepSparse on
-the CPU, 2 threads, batch 1, sequence 128, FP32 dense weights): the teacher, calibration and OBS database are shared,
+The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime, OpenVINO, DeepSparse and
+PyTorch on the CPU, 2 threads, batch 1, sequence 128, FP32 dense weights): the teacher, calibration and OBS database
+are shared,
 each runtime gets its own table, search and closed loop, and each member is verified beside that runtime's dense
 model. Each member is also timed in the other runtimes beside their dense models (the median of `round_repeats`
-paired measurements): what a structure chosen for one runtime does in another.
+paired measurements): what a structure chosen for one runtime does in another (PyTorch times the member's
+torch.export program, exported for it where the member was built for an ONNX runtime).
 
-    python -m benchmarks.runtimes [--runtimes onnxruntime openvino deepsparse] [--targets 2]
+    python -m benchmarks.runtimes [--runtimes onnxruntime openvino deepsparse pytorch:device=cpu] [--targets 2]
+
+A runtime is NAME or NAME:KEY=VALUE,... (its options, each value read as YAML).
 
 writes benchmarks/results/runtimes.md and .json.
 """
@@ -20,13 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from benchmarks.common import head_commit, progress, stage_cache, write_results
 from ziplm.cache import StageCache
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import Family, build_family, prepare_inputs
 from ziplm.runtimes.policy import policy
+from ziplm.runtimes.pytorch import program_path
 from ziplm.stages.closed_loop import Member
+from ziplm.stages.export import export_model, writes_program
+from ziplm.tasks import Task
 
 COMMAND = "python -m benchmarks.runtimes"
 
@@ -37,9 +46,10 @@ def run(runtimes: list[str], targets: list[float]) -> dict[str, Any]:
     commit, families, results = head_commit(), {}, {}
     with tempfile.TemporaryDirectory(prefix="ziplm-runtimes-") as work:
         stages = StageCache(Path(work), progress)  # members measured afresh; one database for every runtime
-        for runtime in runtimes:
+        for spec in runtimes:
+            runtime, options = runtime_spec(spec)
             variant = recipe.model_copy(update={"environment": recipe.environment.model_copy(
-                update={"runtime": runtime})})
+                update={"runtime": runtime, "options": options})})
             start = time.perf_counter()
             inputs = prepare_inputs(variant, stage_cache())  # teacher and tables: the product's cache
             families[runtime] = build_family(variant, inputs, stages)
@@ -48,15 +58,25 @@ def run(runtimes: list[str], targets: list[float]) -> dict[str, Any]:
                                 "dense_metric": families[runtime].refs.dense.value.value,
                                 "seconds": round(time.perf_counter() - start)}
         for runtime, family in families.items():
-            results[runtime]["members"] = [member_row(member, runtime, families, repeats) for member in family.members]
+            results[runtime]["members"] = [member_row(member, runtime, families, repeats, inputs.task, Path(work))
+                                           for member in family.members]
     return {"recipe": recipe.name, "targets": targets, "runtimes": results, "tolerance": recipe.verification.tolerance,
             "round_repeats": repeats, "commit": commit}
 
 
-def member_row(member: Member, runtime: str, families: dict[str, Family], repeats: int) -> dict[str, Any]:
+def runtime_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """NAME[:KEY=VALUE,...] as the runtime's name and options."""
+    name, _, settings = spec.partition(":")
+    pairs = [pair.partition("=") for pair in settings.split(",") if pair]
+    return name, {key: yaml.safe_load(value) for key, _, value in pairs}
+
+
+def member_row(member: Member, runtime: str, families: dict[str, Family], repeats: int, task: Task,
+               work: Path) -> dict[str, Any]:
     check = member.final.check
     assert member.metric is not None  # scored by build_family
-    elsewhere = {other: round(family.refs.verifier.measure(member.onnx_path, repeats).speedup.value, 4)
+    elsewhere = {other: round(family.refs.verifier.measure(file_for(member, family, task, work),
+                                                           repeats).speedup.value, 4)
                  for other, family in families.items() if other != runtime}
     return {"target_speedup": member.target, "measured_speedup": round(check.speedup.value, 4),
             "ci": [round(check.speedup.ci_low, 4), round(check.speedup.ci_high, 4)],
@@ -64,6 +84,16 @@ def member_row(member: Member, runtime: str, families: dict[str, Family], repeat
             "accuracy": member.metric.value, "latency_ms": round(check.member.median_ms, 4),
             "dense_latency_ms": round(check.dense.median_ms, 4), "in_other_runtimes": elsewhere,
             "structure": member.final.structure.to_json()}
+
+
+def file_for(member: Member, family: Family, task: Task, work: Path) -> Path:
+    """The member's file as `family`'s runtime runs it: its own, or, for a runtime of programs where the member has
+    none, the member exported again with its program."""
+    env = family.refs.verifier.env
+    if not writes_program(env) or program_path(member.onnx_path).is_file():
+        return member.onnx_path
+    return export_model(task.served(member.model), work / f"{member.onnx_path.parent.name}-{member.target:g}x.onnx",
+                        env.batch_size, env.sequence_length, program=True)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -110,7 +140,8 @@ def _structure_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtimes", nargs="+", default=["onnxruntime", "openvino", "deepsparse"])
+    parser.add_argument("--runtimes", nargs="+",
+                        default=["onnxruntime", "openvino", "deepsparse", "pytorch:device=cpu"])
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0])
     args = parser.parse_args()
     result = run(args.runtimes, sorted(args.targets))
