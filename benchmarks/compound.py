@@ -52,10 +52,10 @@ RESULT_KEYS = ("name", "target_speedup", "measured_speedup", "speedup_ci", "spee
 
 
 def run_variant(recipe: Recipe) -> dict[str, Any]:
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), head_commit()  # the code that runs, whatever is committed meanwhile
     with tempfile.TemporaryDirectory(prefix="ziplm-compound-") as out:
         report = run_recipe(recipe, Path(out), progress)
-    return {"commit": head_commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
+    return {"commit": commit, "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
             "dense": report["dense"],
             "table_scale": report["table_scale"], "precision_factor": report["precision_factor"],
             "members": [{key: member[key] for key in RESULT_KEYS} for member in report["members"]],

@@ -78,7 +78,7 @@ def compound_recipe(targets: list[float], recovery_epochs: int | None = None) ->
 
 def run_family(recipe: Recipe, int8: bool) -> dict[str, Any]:
     """One `ziplm run` in DeepSparse, each member then timed at 1 core (and, with `int8`, quantized and timed)."""
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), head_commit()  # the code that runs, whatever is committed meanwhile
     with tempfile.TemporaryDirectory(prefix="ziplm-deepsparse-") as work:
         out = Path(work)
         report = run_recipe(recipe, out, progress)
@@ -95,7 +95,7 @@ def run_family(recipe: Recipe, int8: bool) -> dict[str, Any]:
             for member in members:
                 member["int8"] = quantized(recipe, inputs, out / member["name"], out / f"{member['name']}-int8.onnx",
                                            {2: two_cores, 1: one_core})
-    return {"commit": head_commit(), "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
+    return {"commit": commit, "recipe": recipe.model_dump(mode="json"), "runtime": report["runtime"],
             "dense": report["dense"], "members": members, "seconds": round(time.perf_counter() - start)}
 
 
