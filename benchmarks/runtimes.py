@@ -8,9 +8,10 @@ model. Each member is also timed in the other runtimes beside their dense models
 paired measurements): what a structure chosen for one runtime does in another (PyTorch times the member's
 torch.export program, exported for it where the member was built for an ONNX runtime).
 
-    python -m benchmarks.runtimes [--runtimes onnxruntime openvino deepsparse pytorch:device=cpu] [--targets 2]
+    python -m benchmarks.runtimes [--runtimes onnxruntime openvino deepsparse] [--targets 2]
 
-A runtime is NAME or NAME:KEY=VALUE,... (its options, each value read as YAML).
+A runtime is NAME or NAME:KEY=VALUE,... (its options, each value read as YAML): `pytorch:device=cpu` adds PyTorch on
+the CPU (not in the stored results yet).
 
 writes benchmarks/results/runtimes.md and .json.
 """
@@ -140,8 +141,7 @@ def _structure_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtimes", nargs="+",
-                        default=["onnxruntime", "openvino", "deepsparse", "pytorch:device=cpu"])
+    parser.add_argument("--runtimes", nargs="+", default=["onnxruntime", "openvino", "deepsparse"])
     parser.add_argument("--targets", type=float, nargs="+", default=[2.0])
     args = parser.parse_args()
     result = run(args.runtimes, sorted(args.targets))

@@ -233,7 +233,8 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
     return stages.run("dense", {"model": inputs.dense_key, "batch_size": env.batch_size,
                                 "sequence_length": env.sequence_length, "task": inputs.task.fingerprint,
                                 **_precision(recipe, precision),
-                                **({"served": served_file(env)} if env.phase != "sequence" else {})},
+                                **({"served": served_file(env)} if env.phase != "sequence" else {}),
+                                **({"program": True} if writes_program(env) else {})},  # its file has a program
                       lambda folder, progress: write_json_atomic(
                           folder / RECORD, export_dense(inputs, recipe, precision, folder, progress).to_json()),
                       lambda folder: Metric.from_json(read_record(folder)),

@@ -98,15 +98,19 @@ def test_a_latency_table_of_programs(tmp_path, monkeypatch):
 
 
 def test_a_family_is_built_and_verified_in_pytorch(tmp_path, monkeypatch, tiny_bert_dir, toy_sentiment_csv):
-    """`ziplm run` with runtime pytorch: the members' folders carry model.pt2 beside model.onnx, named with its
-    sha256 in the manifest, and `ziplm verify` times the programs again (a changed program is refused)."""
+    """`ziplm run` with runtime pytorch, after a run in ONNX Runtime on the same cache (whose dense file has no
+    program): the members' folders carry model.pt2 beside model.onnx, named with its sha256 in the manifest, and
+    `ziplm verify` times the programs again (a changed program is refused)."""
     monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, toy_sentiment_csv, environment=CPU.model_dump(
-        include={"runtime", "threads", "sequence_length", "options"}))))
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    environment = CPU.model_dump(include={"runtime", "threads", "sequence_length", "options"})
+    for runtime in ("onnxruntime", "pytorch"):
+        options = environment["options"] if runtime == "pytorch" else {}
+        recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_bert_dir, toy_sentiment_csv, environment={
+            **environment, "runtime": runtime, "options": options})))
+        out = tmp_path / runtime
+        result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
     (member,) = json.loads((out / "report.json").read_text())["members"]
     assert member["runtime"]["name"] == "pytorch" and member["program"]["file"] == "model.pt2"
     folder = out / member["name"]
