@@ -1,8 +1,7 @@
 """One database, several runtimes: the same MiniLM + MR target solved in each runtime from its own latency table.
 
-The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime, OpenVINO, DeepSparse and
-PyTorch on the CPU, 2 threads, batch 1, sequence 128, FP32 dense weights): the teacher, calibration and OBS database
-are shared,
+The recipe minilm_mr with `--targets` (default 2x), built once per runtime (ONNX Runtime, OpenVINO and DeepSparse on
+the CPU, 2 threads, batch 1, sequence 128, FP32 dense weights): the teacher, calibration and OBS database are shared,
 each runtime gets its own table, search and closed loop, and each member is verified beside that runtime's dense
 model. Each member is also timed in the other runtimes beside their dense models (the median of `round_repeats`
 paired measurements): what a structure chosen for one runtime does in another (PyTorch times the member's
