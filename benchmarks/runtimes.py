@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from benchmarks.common import head_commit, progress, stage_cache, write_results
 from ziplm.cache import StageCache
+from ziplm.pipeline.cli import runtime_options
 from ziplm.pipeline.recipe import load_recipe
 from ziplm.pipeline.report import environment_line, runtime_json
 from ziplm.pipeline.run import Family, build_family, prepare_inputs
@@ -67,8 +66,7 @@ def run(runtimes: list[str], targets: list[float]) -> dict[str, Any]:
 def runtime_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """NAME[:KEY=VALUE,...] as the runtime's name and options."""
     name, _, settings = spec.partition(":")
-    pairs = [pair.partition("=") for pair in settings.split(",") if pair]
-    return name, {key: yaml.safe_load(value) for key, _, value in pairs}
+    return name, runtime_options([pair for pair in settings.split(",") if pair])
 
 
 def member_row(member: Member, runtime: str, families: dict[str, Family], repeats: int, task: Task,

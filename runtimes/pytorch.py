@@ -34,6 +34,11 @@ def program_path(onnx_path: Path) -> Path:
     return Path(onnx_path).with_suffix(PROGRAM_SUFFIX)
 
 
+def as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A program's or module's output as a tuple of tensors (one tensor: a tuple of one)."""
+    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
+
+
 @contextmanager
 def intra_op_threads(threads: int) -> Iterator[None]:
     """torch's CPU threads set to `threads` for the block (a process-wide setting: restored after)."""
@@ -59,10 +64,7 @@ class ProgramSession:
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.device) for name in self.input_names]
         with torch.inference_mode(), intra_op_threads(self.threads):
-            outputs = self.program(*args)
-            if isinstance(outputs, torch.Tensor):
-                outputs = (outputs,)
-            return [output.cpu().numpy() for output in outputs]  # waits for the device
+            return [output.cpu().numpy() for output in as_tuple(self.program(*args))]  # waits for the device
 
 
 @register_runtime

@@ -162,7 +162,7 @@ class Member:
     def chosen(self) -> int:
         """The finished round closest to the target once the chain fine-tuned, else the closed-loop one."""
         finished = [i for i, r in enumerate(self.rounds) if r.stage == "finished"]
-        return self._closest(finished or range(len(self.rounds)))
+        return self._closest(finished or range(len(self.rounds)), self.target)
 
     @property
     def to_finish(self) -> Round | None:
@@ -189,8 +189,8 @@ class Member:
         target over the finishing factor."""
         return self.target / self.finishing_factor
 
-    def _closest(self, indices: Iterable[int], speedup: float | None = None) -> int:
-        return min(indices, key=lambda i: abs(self.rounds[i].check.deviation(speedup or self.target)))
+    def _closest(self, indices: Iterable[int], speedup: float) -> int:
+        return min(indices, key=lambda i: abs(self.rounds[i].check.deviation(speedup)))
 
     def finish(self, model: PreTrainedModel, structured: PreTrainedModel, onnx_path: Path, check: LatencyCheck,
                seconds: dict[str, float], metric_by_stage: dict[str, float] | None = None) -> None:

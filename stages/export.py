@@ -29,7 +29,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ziplm.errors import ZipLMError
 from ziplm.families import adapter_for
 from ziplm.runtimes.base import InferenceEnv, Precision, runtime_class
-from ziplm.runtimes.pytorch import PROGRAM_META, program_path
+from ziplm.runtimes.pytorch import PROGRAM_META, as_tuple, program_path
 
 OPSET = 17
 # How far ONNX Runtime's outputs may lie from PyTorch's. INT8: ORT accumulates in int32 and torch in float, so a value
@@ -124,7 +124,7 @@ def write_program(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor],
         warnings.simplefilter("ignore")
         program = torch.export.export(_Positional(call.eval()), tuple(inputs.values()), dynamic_shapes=shapes,
                                       strict=False)
-        expected, actual = (_as_tuple(run(*inputs.values())) for run in (call, program.module()))
+        expected, actual = (as_tuple(run(*inputs.values())) for run in (call, program.module()))
     diff = max(float((a - e).abs().max()) for a, e in zip(actual, expected))
     if diff > PARITY_ATOL["fp32"]:
         raise ExportParityError(f"the torch.export program for {path} differs from the module by {diff:.2e}")
@@ -132,10 +132,6 @@ def write_program(call: nn.Module, path: Path, inputs: dict[str, torch.Tensor],
     torch.export.save(program, str(tmp), extra_files={PROGRAM_META: json.dumps({"inputs": declared})})
     tmp.replace(path)
     return path
-
-
-def _as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return (output,) if isinstance(output, torch.Tensor) else tuple(output)
 
 
 def with_program(onnx_path: Path) -> list[Path]:
