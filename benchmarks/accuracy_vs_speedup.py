@@ -85,10 +85,10 @@ def run_task(task: str, targets: list[float]) -> dict[str, Any]:
             "ahead": ziplm_ahead(points, dense_accuracy), "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
-def measure(model: PreTrainedModel, verifier: PairedVerifier, path: Path) -> LatencyCheck:
-    """Export, check parity, and time against the dense session (paired, interleaved)."""
+def measure(model: PreTrainedModel, verifier: PairedVerifier, path: Path, repeats: int = 1) -> LatencyCheck:
+    """Export, check parity, and time against the dense session (paired, interleaved; the median of `repeats`)."""
     export_checked(model, path, verifier.env)
-    return verifier.measure(path)
+    return verifier.measure(path, repeats)
 
 
 def _closed_loop_point(member: Member, accuracy: Callable[[PreTrainedModel], float]) -> dict[str, Any]:
@@ -107,14 +107,15 @@ def _point(target: float | None, check: LatencyCheck, accuracy: float) -> dict[s
             "ci": [round(check.speedup.ci_low, 4), round(check.speedup.ci_high, 4)], "accuracy": accuracy}
 
 
-def ziplm_ahead(points: dict[str, list[dict[str, Any]]], dense_accuracy: float) -> list[dict[str, Any]]:
-    """Every baseline point against ZipLM's accuracy at the same measured speedup (linear between ZipLM's points,
-    the dense model at 1x being the first)."""
+def ziplm_ahead(points: dict[str, list[dict[str, Any]]], dense_accuracy: float,
+                methods: list[str] = BASELINES) -> list[dict[str, Any]]:
+    """Every point of `methods` against ZipLM's accuracy at the same measured speedup (linear between ZipLM's points,
+    the dense model at 1x being the first); points without a measurement (a method that failed) are left out."""
     ziplm = sorted([(1.0, dense_accuracy)] + [(p["measured_speedup"], p["accuracy"]) for p in points[ZIPLM]])
     speedups, accuracies = np.array([s for s, _ in ziplm]), np.array([a for _, a in ziplm])
     verdicts = []
-    for method in BASELINES:
-        for p in points[method]:
+    for method in methods:
+        for p in (p for p in points[method] if "measured_speedup" in p):
             inside = speedups[0] <= p["measured_speedup"] <= speedups[-1]
             ziplm_at = float(np.interp(p["measured_speedup"], speedups, accuracies)) if inside else None
             verdicts.append({"method": method, "measured_speedup": p["measured_speedup"], "accuracy": p["accuracy"],
@@ -148,10 +149,10 @@ def _task_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {target:g}x | " + " | ".join(cells) + " |")
     lines += ["", "Layer dropping: " + ", ".join(f"{p['layers_kept']} layers {p['measured_speedup']:.2f}x: "
                                                  f"{p['accuracy']:.3f}" for p in methods["layer dropping"]) + ".", ""]
-    return lines + _verdict(result["ahead"]) + [""] + _why(result) + [""]
+    return lines + verdict_lines(result["ahead"]) + [""] + _why(result) + [""]
 
 
-def _verdict(ahead: list[dict[str, Any]]) -> list[str]:
+def verdict_lines(ahead: list[dict[str, Any]]) -> list[str]:
     compared = [v for v in ahead if v["ziplm_ahead"] is not None]
     behind = [v for v in compared if not v["ziplm_ahead"]]
     outside = [v for v in ahead if v["ziplm_ahead"] is None]

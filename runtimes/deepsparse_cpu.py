@@ -29,7 +29,7 @@ from ziplm.runtimes import wire
 from ziplm.runtimes.base import Runtime, RuntimeInfo, cpu_identity, register_runtime
 from ziplm.runtimes.worker import EngineEnvironment, Worker, WorkerError
 
-DEEPSPARSE = EngineEnvironment("deepsparse", "deepsparse==1.8.0", ("3.11", "3.10", "3.9"))
+DEEPSPARSE = EngineEnvironment("deepsparse", ("deepsparse==1.8.0",), ("3.11", "3.10", "3.9"))
 WORKER_SCRIPT = Path(__file__).with_name("deepsparse_worker.py")
 MAX_IR_VERSION, MAX_OPSET, CONVERTED_OPSET = 9, 19, 17
 _worker: Worker | None = None

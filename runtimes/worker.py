@@ -33,12 +33,14 @@ class WorkerError(ZipLMError):
 
 @dataclass(frozen=True)
 class EngineEnvironment:
-    """A virtual environment for one engine: `requirement` installed with an interpreter of `pythons`, in
-    engines_root()/<name>."""
+    """A virtual environment for one engine: `requirements` installed by one `pip install` with an interpreter of
+    `pythons`, in engines_root()/<name>. `install_hint` is what `require` tells a user to do when it is missing
+    ({name} filled in): a runtime's `ziplm runtimes install NAME` by default."""
 
     name: str
-    requirement: str
+    requirements: tuple[str, ...]  # e.g. ("torch==2.13.0", "llmcompressor==0.14.0.1"): pins that keep pip off CUDA
     pythons: tuple[str, ...]  # major.minor versions the engine has wheels for, most preferred first
+    install_hint: str = "`ziplm runtimes install {name}` (or `make setup-{name}`), or choose runtime onnxruntime"
 
     @property
     def path(self) -> Path:
@@ -48,16 +50,21 @@ class EngineEnvironment:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    @property
+    def mark(self) -> str:
+        """The installed mark's text: the requirements, so that an environment of other pins is installed anew."""
+        return " ".join(self.requirements)
+
     def installed(self) -> bool:
         mark = self.path / INSTALLED_MARK
-        return self.python.exists() and mark.exists() and mark.read_text().strip() == self.requirement
+        return self.python.exists() and mark.exists() and mark.read_text().strip() == self.mark
 
     def require(self) -> Path:
         """The environment's interpreter, or MissingEngineError naming the command that installs it."""
         if not self.installed():
-            raise MissingEngineError(f"runtime {self.name} runs in a Python environment of its own, which is not "
-                                     f"installed: run `ziplm runtimes install {self.name}` (or `make setup-{self.name}`"
-                                     f"; it needs Python {' or '.join(self.pythons)}), or choose runtime onnxruntime")
+            raise MissingEngineError(f"{self.name} runs in a Python environment of its own (Python "
+                                     f"{' or '.join(self.pythons)}), which is not installed: run "
+                                     f"{self.install_hint.format(name=self.name)}")
         return self.python
 
     def base_python(self) -> str:
@@ -68,7 +75,7 @@ class EngineEnvironment:
             found = shutil.which(f"python{version}")
             if found:
                 return found
-        raise MissingEngineError(f"runtime {self.name} needs Python {' or '.join(self.pythons)} for its own "
+        raise MissingEngineError(f"{self.name} needs Python {' or '.join(self.pythons)} for its own "
                                  "environment, and none is on the PATH: install one (e.g. pyenv install 3.11)")
 
     def install(self, progress: Callable[[str], None] = print) -> Path:
@@ -80,16 +87,16 @@ class EngineEnvironment:
         partial = self.path.with_name(self.path.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         base = self.base_python()
-        progress(f"{self.name}: creating {self.path} with {base}, installing {self.requirement}")
+        progress(f"{self.name}: creating {self.path} with {base}, installing {self.mark}")
         for command in ([base, "-m", "venv", str(partial)],
-                        [str(partial / "bin" / "python"), "-m", "pip", "install", "--quiet", self.requirement],
+                        [str(partial / "bin" / "python"), "-m", "pip", "install", "--quiet", *self.requirements],
                         [str(partial / "bin" / "python"), "-c", f"import {self.name}"]):
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 shutil.rmtree(partial, ignore_errors=True)
-                raise MissingEngineError(f"installing runtime {self.name} failed at `{' '.join(command)}`:\n"
+                raise MissingEngineError(f"installing {self.name}'s environment failed at `{' '.join(command)}`:\n"
                                          f"{(done.stderr or done.stdout).strip()[-2000:]}")
-        (partial / INSTALLED_MARK).write_text(self.requirement + "\n")
+        (partial / INSTALLED_MARK).write_text(self.mark + "\n")
         shutil.rmtree(self.path, ignore_errors=True)
         partial.rename(self.path)  # bin/python finds its environment by the pyvenv.cfg beside it, so it survives the
         # rename (bin/pip's first line would not: pip is only ever run as python -m pip)
