@@ -10,7 +10,7 @@ RECIPE ?= minilm_mr
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ziplm-installed
 
-.PHONY: setup setup-deepsparse demo test test-all benchmarks
+.PHONY: setup setup-deepsparse setup-peers demo test test-all benchmarks
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ setup: $(INSTALLED)
 setup-deepsparse: setup
 	$(BIN)/ziplm runtimes install deepsparse
 
+# benchmarks.peers: Torch-Pruning comes with the test extra (.[peers]); llm-compressor pins an older transformers and
+# gets its own environment (~/.cache/ziplm/engines/llmcompressor, about a minute and 1.5 GB).
+setup-peers: setup
+	$(BIN)/python -m benchmarks.peers --setup
+
 demo: setup
 	$(BIN)/ziplm run $(RECIPE) --out $(OUT)
 
@@ -38,7 +43,7 @@ test: setup setup-deepsparse
 test-all: setup setup-deepsparse
 	ZIPLM_REQUIRE_ENGINES=deepsparse $(BIN)/python -m pytest --runslow
 
-benchmarks: setup setup-deepsparse
+benchmarks: setup setup-deepsparse setup-peers
 	$(BIN)/python -m pytest --runslow -m slow
 	$(BIN)/python -m benchmarks.latency_prediction
 	$(BIN)/python -m benchmarks.speedup_guarantee
@@ -51,3 +56,4 @@ benchmarks: setup setup-deepsparse
 	$(BIN)/python -m benchmarks.generation
 	$(BIN)/python -m benchmarks.runtimes
 	$(BIN)/python -m benchmarks.deepsparse_compound
+	$(BIN)/python -m benchmarks.peers
