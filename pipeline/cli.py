@@ -33,7 +33,8 @@ from ziplm.pipeline.gate import environment, load_artifact, verify_artifact, wri
 from ziplm.pipeline.recipe import DEFAULT_RECIPE, load_recipe
 from ziplm.pipeline.report import phase_note
 from ziplm.pipeline.run import prepare_inputs, run_recipe
-from ziplm.runtimes import InferenceEnv, available_runtimes, get_runtime
+from ziplm.runtimes import InferenceEnv, available_runtimes, fleet, get_runtime
+from ziplm.runtimes.fleet import FleetSettings
 from ziplm.runtimes.base import runtime_class
 from ziplm.runtimes.policy import policy
 from ziplm.stages.finetune import TRAINING_LINE, TeacherResult
@@ -154,9 +155,13 @@ def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML file or built-in recipe name")] = DEFAULT_RECIPE,
     out: Annotated[Path, typer.Option(help="output folder: report.json, report.md, one folder per member")] = Path(
         "runs/latest"),
+    ray: Annotated[str | None, typer.Option(help="Ray cluster whose nodes measure environments that name a device "
+                                                 "(overrides the recipe's `ray`)")] = None,
 ) -> None:
     """Produce the family: one pruned ONNX model per target, each verified in the runtime. Exit 1 if any missed."""
     spec = load_recipe(recipe)
+    if ray:
+        spec = spec.model_copy(update={"ray": FleetSettings(address=ray)})
     start = time.perf_counter()
     report = run_recipe(spec, out, stage_progress)
     for member in report["members"]:
@@ -191,12 +196,15 @@ def verify(
     context_length: Annotated[int | None, typer.Option(min=1, help="decoders: the cache length a token is timed on "
                                                              "(default: the member's decode context)")] = None,
     junit: Annotated[Path | None, typer.Option(help="write a JUnit XML report here")] = None,
+    ray: Annotated[str | None, typer.Option(help="Ray cluster that offers the member's device (its manifest's "
+                                                 "`device`), when it was measured on one")] = None,
 ) -> None:
     """Re-measure an artifact against its dense reference and gate on it: exit 0 pass, 1 fail, 2 bad input."""
     if metric not in (None, "p90", "median"):
         raise BadInputError(f"unknown --metric {metric!r}: choose p90 or median")
     loaded = load_artifact(artifact)
     env = environment(loaded.manifest, runtime, threads, batch_size, sequence_length)
+    fleet.prepare(FleetSettings(address=ray) if ray else None, [env])
     verdict = verify_artifact(loaded, env, max_latency_ms, min_speedup, metric, Effort(effort).value, max_ttft_ms,
                               max_tpot_ms, context_length)
     if junit is not None:

@@ -43,7 +43,7 @@ from ziplm.families.loading import load_config
 from ziplm.pipeline.report import environment_line
 from ziplm.runtimes import InferenceEnv, get_runtime
 from ziplm.runtimes.base import Phase
-from ziplm.runtimes.paired import LatencyCheck, PairedVerifier, statistic
+from ziplm.runtimes.paired import LatencyCheck, statistic, verifier_for
 from ziplm.runtimes.policy import Effort, policy
 from ziplm.stages.closed_loop import PHASE_LABELS
 from ziplm.stages.generation import phase_feeds, served_feeds, serving_runtime
@@ -164,7 +164,8 @@ def environment(manifest: dict[str, Any], runtime: str | None = None, threads: i
                         precision=recorded["precision"],
                         options=recorded.get("options", {}) if name == recorded["name"] else {},
                         phase=recorded.get("phase", "sequence"), context_length=recorded.get("context_length"),
-                        new_tokens=recorded.get("new_tokens"), sparsity=recorded.get("sparsity", 0.0))
+                        new_tokens=recorded.get("new_tokens"), sparsity=recorded.get("sparsity", 0.0),
+                        device=recorded.get("fleet_device"))
 
 
 def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float | None = None,
@@ -185,8 +186,8 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
     metric = metric or (sla["metric"] if sla else "p90")
     checks, measurements = [], {}
     if speedup_gate or latency_gate:
-        check = PairedVerifier(runtime, env, artifact.dense_onnx, served_feeds(config, env), policy(effort),
-                               tolerance).verdict(artifact.onnx)
+        check = verifier_for(runtime, env, artifact.dense_onnx, served_feeds(config, env), policy(effort),
+                             tolerance).verdict(artifact.onnx)
         measurements["sequence"] = env, check
         if speedup_gate:
             required = min_speedup if min_speedup is not None else manifest["target_speedup"] * (1 - tolerance)
@@ -199,8 +200,8 @@ def verify_artifact(artifact: Artifact, env: InferenceEnv, max_latency_ms: float
             continue
         member, dense = artifact.generation_files()
         phase_env = env.in_phase(phase, (context_length or env.decode_context) if phase == "decode" else None)
-        check = PairedVerifier(get_runtime(phase_env), phase_env, dense, phase_feeds(phase_env, config.vocab_size),
-                               policy(effort), tolerance).verdict(member)
+        check = verifier_for(get_runtime(phase_env), phase_env, dense, phase_feeds(phase_env, config.vocab_size),
+                             policy(effort), tolerance).verdict(member)
         measurements[phase] = phase_env, check
         checks.append(Check(f"{metric} {PHASE_LABELS[phase]}", statistic(check.member, metric), required_ms,
                             " ms", at_least=False))

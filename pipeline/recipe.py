@@ -43,6 +43,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from ziplm.errors import BadInputError
 from ziplm.runtimes.base import InferenceEnv, Precision
+from ziplm.runtimes.fleet import FleetSettings
 from ziplm.runtimes.policy import Effort
 from ziplm.stages.calibrate import CalibrationSettings
 from ziplm.stages.chain import ChainStage, parse_stage, stage_names
@@ -98,6 +99,7 @@ class Recipe(BaseModel):
     chain: list[ChainStage] = Field(default_factory=list)
     targets: list[float] = Field(default_factory=lambda: [1.5, 2.0, 2.5, 3.0])
     slas: list[LatencySLA] = Field(default_factory=list)
+    ray: FleetSettings | None = None  # where environments that name a `device` are measured (runtimes/fleet.py)
 
     @field_validator("chain", mode="before")
     @classmethod

@@ -32,6 +32,7 @@ def runtime_json(table: LatencyTable) -> dict[str, Any]:
     keys = ("name", "version", "device", "threads", "batch_size", "sequence_length", "precision", "options")
     phase = env.get("phase", "sequence")  # tables of the whole-sequence phase may predate phases
     runtime = {key: env[key] for key in keys} | ({"sparsity": env["sparsity"]} if env.get("sparsity") else {})
+    runtime |= {key: env[key] for key in ("fleet_device", "device_node") if key in env}  # measured on a fleet device
     if phase == "sequence":
         return runtime
     return {**runtime, "phase": phase, "context_length": env["context_length"],

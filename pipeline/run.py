@@ -31,7 +31,8 @@ from ziplm.pipeline.report import (DENSE_DIR, OWN_DIR, dense_manifest, dense_sum
                                    runtime_json, write_report)
 from ziplm.runtimes import InferenceEnv, SessionModule, get_runtime
 from ziplm.runtimes.base import Precision
-from ziplm.runtimes.paired import PairedVerifier, SpeedFactor
+from ziplm.runtimes import fleet
+from ziplm.runtimes.paired import PairedVerifier, SpeedFactor, verifier_for
 from ziplm.runtimes.policy import FINISH_ROUNDS, MeasurementPolicy, policy
 from ziplm.runtimes.pytorch import PROGRAM_SUFFIX
 from ziplm.runtimes.timing import TimingStats
@@ -94,6 +95,7 @@ def run_recipe(recipe: Recipe, out: Path, stage: StageProgress) -> dict[str, Any
     """Run the whole chain; write out/dense, one folder per member, out/report.json and out/report.md (several
     environments: one such folder each, out/<environment>, and a comparison: pipeline/environments.py)."""
     stages = StageCache(cache_root() / "stages", stage)
+    fleet.prepare(recipe.ray, [recipe.environment, *recipe.environments.values()])
     if recipe.environments:
         return run_environments(recipe, out, lambda variant, folder: run_family(variant, folder, stages),
                                 stages.stage("environment"))
@@ -244,9 +246,8 @@ def dense_stage(recipe: Recipe, inputs: Inputs, precision: Precision, stages: St
 def dense_verifier(recipe: Recipe, inputs: Inputs, dense: StageResult[Metric]) -> PairedVerifier:
     """Measures members timed beside this dense model, paired, in the recipe's environment."""
     env = recipe.environment
-    return PairedVerifier(serving_runtime(env), env, dense.path / served_file(env),
-                          served_feeds(inputs.dense.config, env),
-                          measurement(recipe), recipe.verification.tolerance)
+    return verifier_for(serving_runtime(env), env, dense.path / served_file(env),
+                        served_feeds(inputs.dense.config, env), measurement(recipe), recipe.verification.tolerance)
 
 
 def measurement(recipe: Recipe) -> MeasurementPolicy:
@@ -265,7 +266,8 @@ def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCa
     return stages.run("database", {"hessians": hessians.key, "settings": recipe.ziplm.model_dump(exclude={"gradual"}),
                                    "group_size": group_size},
                       lambda folder, progress: zipl.save_database(zipl.build_database(
-                          start.model, adapter, hessians.value, group_size, recipe.ziplm, progress), folder),
+                          start.model, adapter, hessians.value, group_size, recipe.ziplm, progress,
+                          fleet.run_passes if fleet.connected() else None), folder),
                       zipl.load_database)
 
 
@@ -511,9 +513,8 @@ def other_phases(recipe: Recipe, inputs: Inputs, refs: References, member: Membe
 def phase_timing(recipe: Recipe, inputs: Inputs, refs: References, member: Member,
                  env: InferenceEnv) -> dict[str, Any]:
     """The member's generation artifact timed in `env` (a phase of generation) beside the dense model's."""
-    verifier = PairedVerifier(get_runtime(env), env, refs.dense.path / GENERATION_ONNX,
-                              served_feeds(inputs.dense.config, env), measurement(recipe),
-                              recipe.verification.tolerance)
+    verifier = verifier_for(get_runtime(env), env, refs.dense.path / GENERATION_ONNX,
+                            served_feeds(inputs.dense.config, env), measurement(recipe), recipe.verification.tolerance)
     check = verifier.measure(member.onnx_path, verifier.policy.round_repeats)
     return {"phase": env.phase, "context_length": env.context_length,
             "measured_speedup": round(check.speedup.value, 4), "speedup_ci": check.speedup.to_json(),

@@ -44,6 +44,8 @@ class InferenceEnv(BaseModel):
     new_tokens: int | None = Field(None, ge=1, description="request: the tokens one request generates")
     sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the fraction of the prunable weights the served files "
                             "have zero: timed files are made that sparse, for runtimes whose kernels skip zeros")
+    device: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="measured on a node of "
+                               "the Ray cluster (--ray) that offers the resource device:NAME (runtimes/fleet.py)")
 
     @model_validator(mode="after")
     def _phase_settings(self) -> InferenceEnv:
@@ -56,6 +58,11 @@ class InferenceEnv(BaseModel):
             raise ValueError("phase request times a prompt and new_tokens generated tokens: set new_tokens" if
                              self.phase == "request" else f"new_tokens belongs to phase request, not {self.phase}")
         return self
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a table or manifest records them beside its runtime's info (whose `device` is the CPU):
+        the fleet's device, where there is one, as `fleet_device`."""
+        return self.model_dump(exclude={"device"}) | ({"fleet_device": self.device} if self.device else {})
 
     def in_phase(self, phase: Phase, context_length: int | None = None,
                  new_tokens: int | None = None) -> InferenceEnv:

@@ -156,6 +156,17 @@ class PairedVerifier:
                                 self.policy.warmup)["dense"]
 
 
+def verifier_for(runtime: Runtime, env: InferenceEnv, dense_onnx: Path, inputs: dict[str, np.ndarray] | Feeds,
+                 policy: MeasurementPolicy, tolerance: float) -> PairedVerifier:
+    """A PairedVerifier here, or on the environment's device when it names one (runtimes.fleet.RemoteVerifier: the
+    same calls, the timing on the device's node)."""
+    if env.device:
+        from ziplm.runtimes.fleet import RemoteVerifier
+
+        return RemoteVerifier(runtime, env, dense_onnx, inputs, policy, tolerance)  # type: ignore[return-value]
+    return PairedVerifier(runtime, env, dense_onnx, inputs, policy, tolerance)
+
+
 def median_check(checks: list[LatencyCheck]) -> LatencyCheck:
     """Independent measurements taken together: the median one, keeping every speedup (`blocks`) and load. The
     interval of several is that of their median (median_ci across them, at the coverage their number allows): the

@@ -52,6 +52,7 @@ from ziplm.errors import BadInputError, UnreachableTargetError
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
 from ziplm.families.decoder import DecoderAdapter
 from ziplm.families.loading import build_model
+from ziplm.runtimes import fleet
 from ziplm.runtimes.base import InferenceEnv, Runtime, Session, cpu_identity, get_runtime
 from ziplm.runtimes.policy import TABLE_SEED, TABLE_WARMUP, MeasurementPolicy, policy
 from ziplm.runtimes.timing import (BusyMachineWarning, Call, LoadGuard, MachineLoad, TimingStats,
@@ -159,11 +160,11 @@ def ffn_levels(ffn_size: int, group_size: int) -> list[int]:
 
 
 def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, group_size: int) -> dict[str, Any]:
-    """Everything a table's numbers depend on."""
+    """Everything a table's numbers depend on: on a device of the fleet, its CPU and runtime, asked of it."""
+    where = fleet.device_identity(env) if env.device else {"cpu": cpu_identity(), "runtime": runtime.info().to_json()}
     return {
         "schema_version": SCHEMA_VERSION,
-        "cpu": cpu_identity(),
-        "runtime": runtime.info().to_json(),
+        **where,
         "batch_size": env.batch_size,
         "sequence_length": env.sequence_length,
         "precision": env.precision,
@@ -171,6 +172,7 @@ def table_fingerprint(shape: ModelShape, env: InferenceEnv, runtime: Runtime, gr
         "group_size": group_size,
         **({} if env.phase == "sequence" else {"phase": env.phase, "context_length": env.context_length}),
         **({"sparsity": env.sparsity} if env.sparsity else {}),
+        **({"device": env.device} if env.device else {}),
     }
 
 
@@ -191,7 +193,8 @@ def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: 
     identity = table_fingerprint(adapter.shape(config), env, get_runtime(env), group_size)
     result = (stages or default_stages(progress)).run(
         "table", identity, lambda folder, report: write_json_atomic(
-            folder / TABLE_FILE, build_table(config, env, group_size, measure, report).to_json()),
+            folder / TABLE_FILE, fleet.remote_table(config, env, group_size, measure) if env.device else
+            build_table(config, env, group_size, measure, report).to_json()),
         lambda folder: LatencyTable.from_json(json.loads((folder / TABLE_FILE).read_text())), rebuild=rebuild)
     return result.value, result.cached
 
@@ -225,7 +228,7 @@ def build_table(config: PretrainedConfig, env: InferenceEnv, group_size: int = G
         attention = [block_stats[f"attention/{k}"].median_ms - block_stats["attention/0"].median_ms for k in units]
         ffn = [block_stats[f"ffn/{w}"].median_ms - block_stats["ffn/0"].median_ms for w in widths]
         table = LatencyTable(
-            fingerprint=fingerprint(identity), environment={**identity["runtime"], **env.model_dump()},
+            fingerprint=fingerprint(identity), environment={**identity["runtime"], **env.record()},
             shape=asdict(shape), group_size=group_size, unit_levels=units, attention_ms=attention,
             ffn_levels=widths, ffn_ms=ffn, base_ms=0.0, correction=Correction(), calibration=[],
             block_p90_ms={"attention": [block_stats[f"attention/{k}"].p90_ms for k in units],
@@ -256,7 +259,7 @@ def request_table(prefill: LatencyTable, decode: LatencyTable, env: InferenceEnv
                    for a, b in zip(prefill.calibration, decode.calibration)]
     return LatencyTable(
         fingerprint=fingerprint({"prefill": prefill.fingerprint, "decode": decode.fingerprint, "decode_steps": steps}),
-        environment={**prefill.environment, **env.model_dump()}, shape=prefill.shape, group_size=prefill.group_size,
+        environment={**prefill.environment, **env.record()}, shape=prefill.shape, group_size=prefill.group_size,
         unit_levels=prefill.unit_levels, attention_ms=combined(prefill.attention_ms, decode.attention_ms),
         ffn_levels=prefill.ffn_levels, ffn_ms=combined(prefill.ffn_ms, decode.ffn_ms),
         base_ms=p.apply(prefill.base_ms) + steps * d.apply(decode.base_ms), correction=Correction(),

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import PreTrainedModel
 
 from ziplm.errors import BadInputError
@@ -137,40 +136,69 @@ def load_database(folder: Path) -> Database:
     return Database(modules, ZipLMSettings(**layout["settings"]), layout["group_size"])
 
 
+@dataclass
+class ModuleJob:
+    """Everything one module's OBS pass reads (W, H, its structures' columns): passes are independent of each other,
+    so they can run anywhere (`build_database`'s `run_passes`)."""
+
+    layer: int
+    kind: Literal["attention", "ffn"]
+    W: torch.Tensor | None  # None when the module is already removed
+    H: torch.Tensor | None
+    groups: torch.Tensor
+    damping_frac: float
+    stream: float
+
+
+RunPasses = Callable[[Callable[[ModuleJob], ModuleDatabase], list[ModuleJob]], list[ModuleDatabase]]
+
+
 def build_database(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians],
                    group_size: int, settings: ZipLMSettings = ZipLMSettings(),
-                   progress: Progress = print) -> Database:
-    """The greedy OBS path of every prunable module (ALGORITHMS.md section 1).
+                   progress: Progress = print, run_passes: RunPasses | None = None) -> Database:
+    """The greedy OBS path of every prunable module (ALGORITHMS.md section 1), each module's pass run by
+    `run_passes` (default: here, one after another; runtimes.fleet.run_passes: as Ray tasks, with the same result).
 
     A pruned model (gradual ZipLM) starts each path from what it keeps now; a removed module gets an empty one."""
-    shape = adapter.shape(model.config)
-    unit_width = shape.heads_per_unit * shape.head_dim
+    jobs = module_jobs(model, adapter, hessians, group_size, settings)
+    if run_passes is not None:
+        return Database(run_passes(module_database, jobs), settings, group_size)
     modules = []
-    current = adapter.structure(model.config).layers
-    for index, (layer, H, kept) in enumerate(zip(adapter.layers(model), hessians, current)):
-        attention_groups = obs.column_groups(kept.units, unit_width)
-        modules.append(_module_database(index, "attention", adapter.attention_out_proj(layer) if kept.units else None,
-                                        H.attention, attention_groups, settings, H.stream_in))
-        W_ffn = weight_matrix(adapter.ffn_out_proj(layer)).detach() if kept.ffn else None
-        ffn_groups = (obs.saliency_groups(W_ffn, H.ffn, group_size, settings.damping_frac) if kept.ffn
-                      else torch.zeros(0, group_size, dtype=torch.long))
-        modules.append(_module_database(index, "ffn", adapter.ffn_out_proj(layer) if kept.ffn else None, H.ffn,
-                                        ffn_groups, settings, H.stream_out))
-        dead = sum(m.path.dead_columns for m in modules[-2:] if m.path)
-        progress(f"database: layer {index + 1}/{shape.num_layers} ({dead} dead columns)")
+    for job in jobs:
+        modules.append(module_database(job))
+        if job.kind == "ffn":
+            dead = sum(m.path.dead_columns for m in modules[-2:] if m.path)
+            progress(f"database: layer {job.layer + 1}/{len(hessians)} ({dead} dead columns)")
     return Database(modules, settings, group_size)
 
 
-def _module_database(layer: int, kind: Literal["attention", "ffn"], projection: nn.Linear | None,
-                     H: torch.Tensor | None, groups: torch.Tensor, settings: ZipLMSettings,
-                     stream: float) -> ModuleDatabase:
-    if projection is None:
-        return ModuleDatabase(layer, kind, groups, None, stream)
+def module_jobs(model: PreTrainedModel, adapter: FamilyAdapter, hessians: list[LayerHessians], group_size: int,
+                settings: ZipLMSettings) -> list[ModuleJob]:
+    """The attention and FFN pass of every layer, in order."""
+    shape = adapter.shape(model.config)
+    unit_width = shape.heads_per_unit * shape.head_dim
+    jobs = []
+    current = adapter.structure(model.config).layers
+    for index, (layer, H, kept) in enumerate(zip(adapter.layers(model), hessians, current)):
+        W_attention = weight_matrix(adapter.attention_out_proj(layer)).detach() if kept.units else None
+        jobs.append(ModuleJob(index, "attention", W_attention, H.attention, obs.column_groups(kept.units, unit_width),
+                              settings.damping_frac, H.stream_in))
+        W_ffn = weight_matrix(adapter.ffn_out_proj(layer)).detach() if kept.ffn else None
+        ffn_groups = (obs.saliency_groups(W_ffn, H.ffn, group_size, settings.damping_frac) if kept.ffn
+                      else torch.zeros(0, group_size, dtype=torch.long))
+        jobs.append(ModuleJob(index, "ffn", W_ffn, H.ffn, ffn_groups, settings.damping_frac, H.stream_out))
+    return jobs
+
+
+def module_database(job: ModuleJob) -> ModuleDatabase:
+    """One module's greedy OBS path."""
+    if job.W is None:
+        return ModuleDatabase(job.layer, job.kind, job.groups, None, job.stream)
     try:
-        path = obs.greedy_path(weight_matrix(projection).detach(), H, groups, settings.damping_frac)
+        path = obs.greedy_path(job.W, job.H, job.groups, job.damping_frac)
     except obs.HessianNotPositiveDefinite as error:
-        raise BadInputError(f"layer {layer} {kind}: {error}") from error
-    return ModuleDatabase(layer, kind, groups, path, stream)
+        raise BadInputError(f"layer {job.layer} {job.kind}: {error}") from error
+    return ModuleDatabase(job.layer, job.kind, job.groups, path, job.stream)
 
 
 def solve(database: Database, table: LatencyTable, speedup: float) -> ModelStructure:
