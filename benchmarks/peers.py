@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import tempfile
 import time
 import traceback
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from benchmarks import sparsegpt
@@ -54,7 +56,9 @@ RECIPES = {"mr": "minilm_mr", "rotten_tomatoes": "minilm_rotten_tomatoes"}
 GRADUAL = "ZipLM gradual"
 MEASUREMENTS = 3  # paired measurements per file; the median one places the point
 TOLERANCE = 0.03  # a peer's file further than this from its target is aimed once more
+FAR = 0.1  # a peer's point this far below its target did not reach it
 VALIDATION_SIZE = 500
+PARTS = ("structured", "decoder", "unstructured")
 
 
 def run_structured(task: str, targets: list[float], gradual_targets: list[float]) -> dict[str, Any]:
@@ -166,6 +170,42 @@ def _plain_reload(pruned: Callable[[], PreTrainedModel], folder: Path) -> dict[s
     return {"reloads": True}
 
 
+def decoder_attempt(seconds: float) -> dict[str, Any]:
+    """Torch-Pruning's pruner built on SmolLM2 (the decoder rows' first step), in a process of its own given `seconds`:
+    how long building its dependency graph took, or where it still was when the time ran out."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="ziplm-peers-decoder-") as tmp:
+        stack, done = Path(tmp) / "stack.txt", Path(tmp) / "done.json"
+        process = context.Process(target=_build_decoder_pruner, args=(seconds, stack, done))
+        start = time.perf_counter()
+        process.start()
+        process.join(seconds + 30)
+        if process.is_alive():
+            process.kill()
+        if done.exists():
+            return {"finished": True, **json.loads(done.read_text())}
+        return {"finished": False, "seconds": round(time.perf_counter() - start, 1), "exit_code": process.exitcode,
+                "stack": stack.read_text()[-3000:] if stack.exists() else ""}
+
+
+def _build_decoder_pruner(seconds: float, stack: Path, done: Path) -> None:
+    """In the child: load SmolLM2, build the magnitude pruner as for the encoders; the stack is dumped at the limit."""
+    import faulthandler
+
+    from benchmarks.torch_pruning_peer import _pruner
+    from ziplm.families.loading import load_model as load
+    import torch_pruning as tp
+
+    model = load("smollm2").eval()
+    example = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 256))}
+    with stack.open("w") as sink:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=sink)
+        start = time.perf_counter()
+        _pruner(model, adapter_for(model.config), tp.importance.GroupMagnitudeImportance(p=2), True, example)
+        faulthandler.cancel_dump_traceback_later()
+    done.write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+
+
 def run_unstructured(sparsities: list[float], gradients: int, recomputations: int) -> dict[str, Any]:
     """oBERT one-shot, global magnitude and SparseGPT on the dense MR teacher; oBERT's gradients and SparseGPT's
     calibration read the same training examples."""
@@ -205,13 +245,21 @@ def run_unstructured(sparsities: list[float], gradients: int, recomputations: in
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Side by side with the peers: Torch-Pruning (structured) and llm-compressor's SparseGPT (unstructured)",
-             "", f"Reproduce: `{COMMAND}` (measured at commit {result['commit']}; the peers as released: "
-             + ", ".join(f"{name} {version}" for name, version in result["versions"].items()) + ").", ""]
+             "", f"Reproduce: `{COMMAND}` (the peers as released: "
+             + ", ".join(f"{name} {version}" for name, version in result["versions"].items()) + "; measured at "
+             + ", ".join(f"{commit} ({part})" for part, commit in _commits(result).items()) + ").", ""]
     for task in result.get("structured", []):
         lines += _structured_markdown(task)
+    if "decoder" in result:
+        lines += _decoder_markdown(result["decoder"])
     if "unstructured" in result:
         lines += _unstructured_markdown(result["unstructured"])
     return "\n".join(lines)
+
+
+def _commits(result: dict[str, Any]) -> dict[str, str]:
+    """The commit each part was measured at (a run of this benchmark before parts kept their own: one for all)."""
+    return result.get("commits") or {"all": result["commit"]}
 
 
 def _structured_markdown(result: dict[str, Any]) -> list[str]:
@@ -262,12 +310,33 @@ def _findings(result: dict[str, Any]) -> list[str]:
                      f"and {again} of {len(peer_points)} files missed their target by more than {TOLERANCE:.0%} and "
                      f"were aimed once more; the points landed within {max(misses):.1%} of their targets (median "
                      f"{_median(misses):.1%}). Without a latency table a user searches the ratio by timing.")
+    short = [(method, p) for method, points in result["methods"].items() if method.startswith("Torch-Pruning")
+             for p in points if p.get("measured_speedup", 0) < p["target_speedup"] * (1 - FAR)]
+    lines += [f"- {method} did not reach {p['target_speedup']:g}x: no pruning ratio our bisection tried gave a "
+              f"structure predicted faster than {p['predicted_speedup']:.2f}x (ratio {p['ratio']:.3f}); its file ran "
+              f"{p['measured_speedup']:.2f}x" for method, p in short]
+    lines.append("- Torch-Pruning 1.6.1's Hessian criterion (GroupHessianImportance.accumulate_grad) keys its sums by "
+                 "parameter but looks them up by name, so each example's squared gradient replaces the last one's "
+                 "instead of adding to it: as released, it scores with the last calibration example's gradient only.")
     return lines
 
 
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
+
+
+def _decoder_markdown(attempt: dict[str, Any]) -> list[str]:
+    lines = ["## Structured: SmolLM2-135M (Llama, grouped-query attention) on Shakespeare", ""]
+    if attempt["finished"]:
+        return lines + [f"Torch-Pruning built its pruner on SmolLM2 in {attempt['seconds']:.0f} s; the perplexity "
+                        "rows are not measured by this benchmark yet.", ""]
+    where = [line.strip() for line in attempt["stack"].splitlines() if "torch_pruning" in line][:4]  # its thread
+    return lines + [f"No rows: Torch-Pruning, given the same heads-and-FFN set-up as for MiniLM (num_heads for the "
+                    "query and the key/value projections, whole heads), had not finished building its pruning "
+                    f"groups for SmolLM2 after {attempt['seconds']:.0f} s and was stopped; no ratio could be tried, so "
+                    "no file exists to time. Where it was, innermost first (the whole stack is in the JSON):", ""] + [f"- `{line}`" for line in where] \
+        + ["", "ZipLM prunes SmolLM2 with its own adapter: benchmarks/results/decoder_accuracy_vs_speedup.md.", ""]
 
 
 def _unstructured_markdown(result: dict[str, Any]) -> list[str]:
@@ -285,7 +354,13 @@ def _unstructured_markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['sparsity']:.0%} | {r['global_magnitude']['accuracy']:.4f} | "
                      f"{r['sparsegpt']['accuracy']:.4f} | {r['obert']['accuracy']:.4f} | "
                      f"{r['sparsegpt']['seconds']:.0f} | {r['obert']['seconds']:.0f} |")
-    return lines + [""]
+    lines.append("")
+    for r in result["rows"]:
+        gap = 100 * (r["obert"]["accuracy"] - r["sparsegpt"]["accuracy"])
+        lines.append(f"- {r['sparsity']:.0%}: oBERT {'ahead of' if gap > 0 else 'behind'} SparseGPT by {abs(gap):.1f} "
+                     "points (one figure's sampling noise is about +-2 points; both score the same examples).")
+    return lines + ["", "Seconds on 2 shared cores: SparseGPT's inside its worker (the model's layers once each, "
+                    "forward only); oBERT's include its gradients and Fisher inverses.", ""]
 
 
 def plot(result: dict[str, Any]) -> Path:
@@ -307,6 +382,8 @@ def main() -> None:
     parser.add_argument("--recomputations", type=int, default=2, help="oBERT's k")
     parser.add_argument("--skip-structured", action="store_true")
     parser.add_argument("--skip-unstructured", action="store_true")
+    parser.add_argument("--decoder-seconds", type=float, default=300,
+                        help="how long Torch-Pruning may build its pruner on SmolLM2 (0: skip)")
     parser.add_argument("--render", action="store_true", help="redraw markdown and plots from the saved JSON only")
     args = parser.parse_args()
     if args.setup:
@@ -322,15 +399,26 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"commit": head_commit(), "command": COMMAND, "versions": {}}
+    """The parts not skipped, measured now; a skipped part stays as stored (each part records its commit)."""
+    stored = RESULTS / "peers.json"
+    result: dict[str, Any] = json.loads(stored.read_text()) if stored.exists() else {}
+    commits = result.pop("commits", None) or {part: result["commit"] for part in PARTS if part in result}
+    result.pop("commit", None)  # a run before parts kept their own commit: one for all
+    result |= {"command": COMMAND, "commits": commits, "versions": result.get("versions", {})}
+    commit = head_commit()
     if not args.skip_structured:
         result["structured"] = [run_structured(task, sorted(args.targets), sorted(args.gradual_targets))
                                 for task in args.tasks]
         result["versions"]["torch-pruning"] = result["structured"][0]["torch_pruning"]
+        result["commits"]["structured"] = commit
+    if args.decoder_seconds:
+        result["decoder"] = decoder_attempt(args.decoder_seconds)
+        result["commits"]["decoder"] = commit
     if not args.skip_unstructured:
         result["unstructured"] = run_unstructured(args.sparsities, args.gradients, args.recomputations)
         peer_env = result["unstructured"]["rows"][0]["sparsegpt"]["versions"]  # all of its environment: in the rows
         result["versions"].update({name: peer_env[name] for name in ("llmcompressor", "compressed-tensors")})
+        result["commits"]["unstructured"] = commit
     return result
 
 
