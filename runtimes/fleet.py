@@ -71,14 +71,13 @@ class DeviceHost:
     def identity(self, env: InferenceEnv) -> dict[str, Any]:
         return local_identity(env)
 
-    def build_table(self, config: dict[str, Any], env: InferenceEnv, group_size: int,
+    def build_table(self, build: Callable[..., Any], config: dict[str, Any], env: InferenceEnv, group_size: int,
                     measure: MeasurementPolicy) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`build` (stages.latency_table.build_table, given by the caller) run here on the config."""
         from transformers import AutoConfig
 
-        from ziplm.stages.latency_table import build_table
-
         config = AutoConfig.for_model(**config)
-        return build_table(config, env, group_size, measure, progress=lambda _: None).to_json(), self.node()
+        return build(config, env, group_size, measure, progress=lambda _: None).to_json(), self.node()
 
     def open_verifier(self, key: str, env: InferenceEnv, files: dict[str, bytes], dense: str, inputs: Any,
                       policy: MeasurementPolicy, tolerance: float) -> dict[str, Any]:
@@ -255,11 +254,13 @@ def device_identity(env: InferenceEnv) -> dict[str, Any]:
     return fleet.get(env.device, fleet.host(env.device).identity.remote(env), "reading its identity")
 
 
-def remote_table(config: Any, env: InferenceEnv, group_size: int, measure: MeasurementPolicy) -> dict[str, Any]:
-    """A latency table (its JSON) built on the device, with the node it was built on in its environment."""
+def remote_table(build: Callable[..., Any], config: Any, env: InferenceEnv, group_size: int,
+                 measure: MeasurementPolicy) -> dict[str, Any]:
+    """The latency table (its JSON) that `build` makes, built on the device, with the node it was built on in its
+    environment."""
     fleet = require(env)
     table, node = fleet.get(env.device, fleet.host(env.device).build_table.remote(
-        config.to_dict(), env, group_size, measure), "building a latency table")
+        build, config.to_dict(), env, group_size, measure), "building a latency table")
     table["environment"]["device_node"] = node
     return table
 

@@ -193,7 +193,7 @@ def get_or_build_table(config: PretrainedConfig, env: InferenceEnv, group_size: 
     identity = table_fingerprint(adapter.shape(config), env, get_runtime(env), group_size)
     result = (stages or default_stages(progress)).run(
         "table", identity, lambda folder, report: write_json_atomic(
-            folder / TABLE_FILE, fleet.remote_table(config, env, group_size, measure) if env.device else
+            folder / TABLE_FILE, fleet.remote_table(build_table, config, env, group_size, measure) if env.device else
             build_table(config, env, group_size, measure, report).to_json()),
         lambda folder: LatencyTable.from_json(json.loads((folder / TABLE_FILE).read_text())), rebuild=rebuild)
     return result.value, result.cached
