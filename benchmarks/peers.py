@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import statistics
 import tempfile
 import time
 import traceback
@@ -309,7 +310,8 @@ def _findings(result: dict[str, Any]) -> list[str]:
         lines.append(f"- Torch-Pruning takes a pruning ratio, not a latency: the ratio came from our latency table, "
                      f"and {again} of {len(peer_points)} files missed their target by more than {TOLERANCE:.0%} and "
                      f"were aimed once more; the points landed within {max(misses):.1%} of their targets (median "
-                     f"{_median(misses):.1%}). Without a latency table a user searches the ratio by timing.")
+                     f"{statistics.median_high(misses):.1%}). Without a latency table a user searches the ratio by "
+                     "timing.")
     short = [(method, p) for method, points in result["methods"].items() if method.startswith("Torch-Pruning")
              for p in points if p.get("measured_speedup", 0) < p["target_speedup"] * (1 - FAR)]
     lines += [f"- {method} did not reach {p['target_speedup']:g}x: no pruning ratio our bisection tried gave a "
@@ -321,11 +323,6 @@ def _findings(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
 def _decoder_markdown(attempt: dict[str, Any]) -> list[str]:
     lines = ["## Structured: SmolLM2-135M (Llama, grouped-query attention) on Shakespeare", ""]
     if attempt["finished"]:
@@ -335,7 +332,8 @@ def _decoder_markdown(attempt: dict[str, Any]) -> list[str]:
     return lines + [f"No rows: Torch-Pruning, given the same heads-and-FFN set-up as for MiniLM (num_heads for the "
                     "query and the key/value projections, whole heads), had not finished building its pruning "
                     f"groups for SmolLM2 after {attempt['seconds']:.0f} s and was stopped; no ratio could be tried, so "
-                    "no file exists to time. Where it was, innermost first (the whole stack is in the JSON):", ""] + [f"- `{line}`" for line in where] \
+                    "no file exists to time. Where it was, innermost first (the whole stack is in the JSON):", ""] \
+        + [f"- `{line}`" for line in where] \
         + ["", "ZipLM prunes SmolLM2 with its own adapter: benchmarks/results/decoder_accuracy_vs_speedup.md.", ""]
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ziplm.errors import BadInputError, MissingEngineError, ZipLMError
 from ziplm.runtimes.base import InferenceEnv, Runtime, cpu_identity
 from ziplm.runtimes.policy import MeasurementPolicy
 from ziplm.runtimes.timing import TimingStats
+
 
 class FleetSettings(BaseModel):
     """`ray:` in a recipe (or --ray): the cluster whose nodes measure the environments that name a device."""
@@ -47,11 +48,9 @@ def resource(device: str) -> str:
     return f"{RESOURCE_PREFIX}{device}"
 
 
-def node_record() -> dict[str, Any]:
-    """Where a call ran: the Ray node, host and process (recorded with every table and check a device makes)."""
-    import ray
-
-    return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+def start_command(address: str, device: str) -> str:
+    """The command that starts a node offering `device` on the cluster at `address` (run on the device)."""
+    return f"`ray start --address {address} --resources '{{\"{resource(device)}\": 1}}'`"
 
 
 class DeviceHost:
@@ -66,7 +65,11 @@ class DeviceHost:
         self.received = 0
 
     def node(self) -> dict[str, Any]:
-        return {**node_record(), "device": self.device}
+        """Where a call ran: the Ray node, host and process (recorded with every table and check a device makes)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                "device": self.device}
 
     def identity(self, env: InferenceEnv) -> dict[str, Any]:
         return local_identity(env)
@@ -128,8 +131,8 @@ class Fleet:
         if device not in offered:
             raise BadInputError(f"no node of the Ray cluster at {self.address} offers device {device!r} (resource "
                                 f"{resource(device)}); it has: {', '.join(sorted(offered)) or 'no devices'}. Start a "
-                                f"node on the device with `ray start --address {self.address} --resources "
-                                f"'{{\"{resource(device)}\": 1}}'`, or name one of those")
+                                f"node on the device with {start_command(self.address, device)}, or name one of "
+                                "those")
 
     def host(self, device: str) -> Any:
         """The device's actor, started on a node that offers it (once per run)."""
@@ -161,8 +164,8 @@ class Fleet:
                                       f"{doing}. {self._lost_hint(device)}")
 
     def _lost_hint(self, device: str) -> str:
-        return (f"Start its node again (`ray start --address {self.address} --resources "
-                f"'{{\"{resource(device)}\": 1}}'`) and run again: the stage cache keeps every stage that finished")
+        return (f"Start its node again ({start_command(self.address, device)}) and run again: the stage cache keeps "
+                "every stage that finished")
 
 
 _FLEET: Fleet | None = None
