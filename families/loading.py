@@ -1,5 +1,9 @@
 """Saving and loading models whose layers may have been shrunk (the per-layer shape lives in config.json).
 
+A model too large for one worker can be loaded as a skeleton (`load_skeleton`): everything but its layers in memory,
+each layer's weights read from the folder's safetensors when asked for and dropped after (layer-sequential
+calibration, stages.calibrate).
+
 Later stages may record a transformation of their own in config.json (INT8 fake-quant: `ziplm_quantization`); they
 load such a model through `load_model` with a `restore` for their key (ziplm.stages.quantize.load_model).
 """
@@ -7,13 +11,18 @@ load such a model through `load_model` with a `restore` for their key (ziplm.sta
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig,
                           DistilBertConfig, GPT2Config, ModernBertConfig, PretrainedConfig, PreTrainedModel,
                           RobertaConfig)
@@ -147,3 +156,92 @@ def _tied_to(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> set[str]
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names_by_tensor.setdefault(id(parameter), []).append(name)
     return {name for names in names_by_tensor.values() if set(names) & set(state) for name in names}
+
+
+class CheckpointLayers:
+    """The layers of a skeleton (`load_skeleton`), each read from the folder's safetensors only while it is used."""
+
+    def __init__(self, model: PreTrainedModel, files: dict[str, Path], source: Path) -> None:
+        self.model, self.files, self.source = model, files, source
+        self.names = {id(module): name for name, module in model.named_modules()}
+
+    @contextmanager
+    def loaded(self, layer: nn.Module) -> Iterator[nn.Module]:
+        """`layer` with its weights read in; back on the meta device (its memory freed) afterwards."""
+        missing = read_weights(layer, self.names[id(layer)] + ".", self.files, self.model.base_model_prefix)
+        if missing:
+            raise BadInputError(f"{self.source} holds no weights for {', '.join(missing[:5])}: save the model with "
+                                "save_model (or save_pretrained) and load that folder")
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+
+
+def load_skeleton(name_or_path: str, head: str | None = None) -> tuple[PreTrainedModel, CheckpointLayers]:
+    """A model directory's model with its layers' weights left on the meta device (no memory) and everything else
+    (embeddings, final norm, head) read in; its `CheckpointLayers` read each layer's weights when asked.
+
+    Reads safetensors weights (a GGUF file is de-quantised to a folder of them once, which reads it whole; a
+    quantized folder is refused: calibration is of the float model)."""
+    source = Path(resolve_model(name_or_path))
+    config = load_config(str(source))
+    if any(key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY for key in config.to_dict()):
+        raise BadInputError(f"{source} holds a quantized model: calibrate the float model it was made from")
+    structure = recorded_structure(config)
+    for key in (STRUCTURE_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device; buffers computed as usual
+        model = build_model(config, head, structure)
+    files = _tensor_files(source)
+    layers = {id(layer) for layer in adapter_for(config).layers(model)}
+    outside = [name for name, module in model.named_modules() if id(module) in layers]
+    read_weights(model, "", files, model.base_model_prefix, skip=tuple(name + "." for name in outside))
+    model.tie_weights()  # an output embedding tied to the input embedding is stored once
+    left = [name for name, parameter in model.named_parameters() if parameter.is_meta and not name.startswith(
+        tuple(name + "." for name in outside))]
+    if left:
+        raise BadInputError(f"{source} holds no weights for {', '.join(left[:5])}: save the model with save_model "
+                            "(or save_pretrained) and load that folder")
+    return model.eval(), CheckpointLayers(model, files, source)
+
+
+def read_weights(module: nn.Module, prefix: str, files: dict[str, Path], base_prefix: str,
+                 skip: tuple[str, ...] = ()) -> list[str]:
+    """Read `module`'s parameters and persistent buffers (named `prefix + NAME` in the model, or without or with
+    `base_prefix.`: a checkpoint of the bare model or of one with a head) from the folder's files, except those under
+    a name in `skip`. Returns the names it found in no file."""
+    by_file: dict[Path, dict[str, str]] = {}
+    missing = []
+    for name in module.state_dict(keep_vars=True):
+        key = prefix + name
+        if key.startswith(skip):
+            continue
+        stored = next((k for k in (key, key.removeprefix(base_prefix + "."), f"{base_prefix}.{key}") if k in files),
+                      None)
+        if stored is None:
+            missing.append(key)
+        else:
+            by_file.setdefault(files[stored], {})[name] = stored
+    state = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as tensors:
+            state |= {name: tensors.get_tensor(stored) for name, stored in names.items()}
+    module.load_state_dict(state, strict=False, assign=True)
+    return missing
+
+
+def _tensor_files(source: Path) -> dict[str, Path]:
+    """The file that holds each tensor of a model folder (one safetensors file, or shards with their index)."""
+    index = source / "model.safetensors.index.json"
+    if index.exists():
+        return {key: source / file for key, file in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise BadInputError(f"{source} holds no *.safetensors weights to read one layer at a time")
+    names = {}
+    for file in files:
+        with safe_open(str(file), "pt") as tensors:
+            names |= dict.fromkeys(tensors.keys(), file)
+    return names

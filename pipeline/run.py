@@ -258,7 +258,8 @@ def measurement(recipe: Recipe) -> MeasurementPolicy:
 def database_stage(recipe: Recipe, inputs: Inputs, start: Start, stages: StageCache) -> StageResult[zipl.Database]:
     adapter = adapter_for(start.model.config)
     hessians = stages.run("calibrate", {"model": start.key, "task": inputs.task.fingerprint,
-                                        "settings": recipe.calibration.model_dump(), "records": "stream energy"},
+                                        "settings": recipe.calibration.model_dump(), "records": "stream energy",
+                                        "layout": "by layer"},
                           lambda folder, progress: save_hessians(collect_hessians(
                               start.model, inputs.tokenizer, adapter, inputs.task, recipe.calibration, progress),
                               folder), load_hessians)

@@ -20,9 +20,10 @@ from transformers import PretrainedConfig
 
 from ziplm.families import FamilyAdapter, LayerStructure, ModelShape, ModelStructure, adapter_for
 from ziplm.families.base import weight_matrix
-from ziplm.families.loading import build_model, load_model, save_model
+from ziplm.families.loading import build_model, load_model, load_skeleton, save_model
 from ziplm.families.registry import _FAMILIES
 from ziplm.runtimes import InferenceEnv
+from ziplm.stages.calibrate import layer_sequential_hessians, whole_model_hessians
 from ziplm.stages.export import export_model, verify_export
 from ziplm.stages.latency_table import export_block
 
@@ -82,6 +83,27 @@ def test_latency_table_blocks_build_and_run(family, tmp_path, kept):
     assert output.shape == (1, 16, shape.hidden_size) and np.isfinite(output).all()
 
 
+def test_layer_sequential_calibration_of_a_saved_model_equals_the_whole_model(family, tmp_path):
+    """A shrunk model saved, loaded as a skeleton (no layer weights in memory) and calibrated one layer at a time gives
+    the Hessians and stream energies of the whole model run batch by batch, to the bit; each layer's weights are
+    dropped again after it ran."""
+    adapter, config, shape = family
+    torch.manual_seed(0)
+    model = build_model(config, structure=uneven(shape))
+    save_model(model, tmp_path / "member")
+    example = adapter.example_inputs(config, 2, 12)
+    example["attention_mask"][1, 8:] = 0  # a padded row
+    batches = [{name: torch.from_numpy(value) for name, value in example.items()}] * 2
+    whole = whole_model_hessians(model, adapter, batches, progress=lambda _: None)
+    skeleton, layers = load_skeleton(str(tmp_path / "member"))
+    assert all(parameter.is_meta for layer in adapter.layers(skeleton) for parameter in layer.parameters())
+    sequential = list(layer_sequential_hessians(skeleton, adapter, batches, progress=lambda _: None, weights=layers))
+    assert all(parameter.is_meta for layer in adapter.layers(skeleton) for parameter in layer.parameters())
+    for a, b in zip(whole, sequential, strict=True):
+        assert (a.tokens, a.stream_in, a.stream_out) == (b.tokens, b.stream_in, b.stream_out) and a.tokens == 2 * 20
+        for H_whole, H_sequential in ((a.attention, b.attention), (a.ffn, b.ffn)):
+            assert (H_whole is None and H_sequential is None) or torch.equal(H_whole, H_sequential)
+    assert sum(layer.attention is None or layer.ffn is None for layer in sequential) >= 2  # removed modules: none
 
 
 def test_kept_units_and_neurons_equal_the_dense_model_with_the_others_zeroed(family):
