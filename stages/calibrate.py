@@ -59,7 +59,7 @@ class LayerHessians:
 
 class _HessianAccumulator:
     def __init__(self, width: int) -> None:
-        self.sum = torch.zeros(width, width, dtype=torch.float64)
+        self.sum: torch.Tensor | None = torch.zeros(width, width, dtype=torch.float64)
         self.tokens = 0
         self.token_mask: torch.Tensor | None = None  # [batch, seq] of the batch being run
 
@@ -72,7 +72,9 @@ class _HessianAccumulator:
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return 2.0 / max(self.tokens, 1) * self.sum  # H = (2/n) sum x x^T
+        """H = (2/n) sum x x^T, made in place of the sum (no second copy of a layer's largest tensor); once."""
+        H, self.sum = self.sum.mul_(2.0 / max(self.tokens, 1)), None
+        return H
 
 
 def collect_hessians(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter: FamilyAdapter, task: Task,
