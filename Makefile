@@ -57,3 +57,4 @@ benchmarks: setup setup-deepsparse setup-peers
 	$(BIN)/python -m benchmarks.runtimes
 	$(BIN)/python -m benchmarks.deepsparse_compound
 	$(BIN)/python -m benchmarks.peers
+	$(BIN)/python -m benchmarks.scale_out

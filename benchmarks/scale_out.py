@@ -6,8 +6,9 @@ calibration's peak memory against whole-model calibration.
    Shakespeare calibration blocks of 256 tokens of `smollm2_shakespeare`). Whole: `load_model`, then every batch
    through the whole model (as `ziplm run` calibrates), Hessians written at the end. Layer-sequential: `load_skeleton`
    and `layer_sequential_hessians`, each layer's Hessians written as it finishes. Peak = the process's peak resident
-   memory (ru_maxrss) less its resident memory just before the model is loaded (imports, tokenizer, data). The two
-   Hessian sets are compared bit for bit.
+   memory (VmHWM: ru_maxrss would count the benchmark's own memory, which the child inherits at fork) less its
+   resident memory just before the model is loaded (imports, tokenizer, data). The two Hessian sets are compared bit
+   for bit.
 2. Database: the bert-base shape's OBS database from those Hessians, built here (2 threads and 1 thread) and as Ray
    tasks on a local Ray instance of 1, 2 and 4 workers (`num_cpus`), each task with 1 torch thread (the driver's,
    which the tasks take for bit-equality); each Ray database compared with the local 1-thread one bit for bit.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,16 +99,16 @@ def calibrate_in_this_process(subject: str, mode: str, samples: int, out: Path) 
                                       / MB)}
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS)."""
+def resident_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS), or its peak since it started its program (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    return resident_mb("VmHWM")
 
 
 def memory(subject: str, samples: int, work: Path) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def memory(subject: str, samples: int, work: Path) -> dict[str, Any]:
     whole, sequential = (load_hessians(work / f"{subject}-{mode}") for mode in ("whole", "sequential"))
     equal = all(torch.equal(a.attention, b.attention) and torch.equal(a.ffn, b.ffn) and a.tokens == b.tokens
                 for a, b in zip(whole, sequential, strict=True))
-    return {"subject": subject, "label": SUBJECTS[subject], "equal_bit_for_bit": equal,
+    return {"subject": subject, "label": SUBJECTS[subject], "commit": head_commit(), "equal_bit_for_bit": equal,
             "hessians_mb": round(sum(H.numel() * 8 for layer in whole for H in (layer.attention, layer.ffn)
                                      if H is not None) / MB),
             "layers": len(whole), **runs}
@@ -163,7 +163,8 @@ def database_times(hessians_folder: Path, workers: list[int]) -> dict[str, Any]:
         row["speedup_over_1_worker"] = round(one / row["seconds"], 2) if one else None
     jobs = zipl.module_jobs(model, adapter, hessians, GROUP_SIZE, zipl.ZipLMSettings())
     travels = sum(t.numel() * t.element_size() for job in jobs for t in (job.W, job.H) if t is not None)
-    return {"rows": rows, "passes": len(jobs), "travel_out_mb": round(travels / MB), "cores": os.cpu_count()}
+    return {"rows": rows, "passes": len(jobs), "travel_out_mb": round(travels / MB), "cores": os.cpu_count(),
+            "commit": head_commit()}
 
 
 def same_database(a: zipl.Database, b: zipl.Database) -> bool:
@@ -173,13 +174,14 @@ def same_database(a: zipl.Database, b: zipl.Database) -> bool:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Scale-out: the database on Ray workers, and layer-sequential calibration's memory", "",
-             f"`{COMMAND}` at commit {result['commit']}; {result['cores']} cores. Method: benchmarks/scale_out.py's "
-             "docstring; how to run a fleet: docs/scale-out.md.", ""]
+             f"`{COMMAND}`; {result['cores']} cores; each part names the commit it was measured at. Method: "
+             "benchmarks/scale_out.py's docstring; how to run a fleet: docs/scale-out.md.", ""]
     if result.get("database"):
         database = result["database"]
         lines += ["## OBS database of the bert-base shape (12 layers, group size 32)", "",
-                  f"{database['passes']} independent passes (attention and FFN of every layer); what travels to the "
-                  f"workers: {database['travel_out_mb']} MB of W and H (and the paths back).", "",
+                  f"At commit {database['commit']}. {database['passes']} independent passes (attention and FFN of "
+                  f"every layer); what travels to the workers: {database['travel_out_mb']} MB of W and H (and the "
+                  "paths back).", "",
                   "| where | seconds | speedup over 1 Ray worker | equal to the local build (1 thread) |",
                   "|---|---|---|---|"]
         equal = {True: "yes", False: "NO", None: ""}
@@ -189,7 +191,8 @@ def markdown(result: dict[str, Any]) -> str:
     for entry in result.get("memory", []):
         whole, sequential = entry["whole"], entry["sequential"]
         lines += [f"## Calibration memory: {entry['label']}", "",
-                  f"{whole['sequences']} sequences ({whole['positions']:,} positions), {entry['layers']} layers; "
+                  f"At commit {entry['commit']}. {whole['sequences']} sequences ({whole['positions']:,} positions), "
+                  f"{entry['layers']} layers; "
                   f"weights {whole['weights_mb']} MB, all layers' Hessians (float64) {entry['hessians_mb']} MB, the "
                   f"hidden states of the calibration set at one layer {whole['hidden_states_mb']} MB. Hessians equal "
                   f"bit for bit: {'yes' if entry['equal_bit_for_bit'] else 'NO'}.", "",
@@ -223,7 +226,7 @@ def memory_reading(entry: dict[str, Any]) -> str:
     whole, sequential = entry["whole"]["peak_above_before_mb"], entry["sequential"]["peak_above_before_mb"]
     return (f"Layer-sequential peak: {sequential} MB, {100 * sequential / whole:.0f}% of the whole model's {whole} MB. "
             "It holds the weights outside the layers (embeddings, final norm, head), one layer's weights and "
-            "Hessians, and the calibration set's hidden states at one layer (entering and leaving it); the whole-model "
+            "Hessians, and the calibration set's hidden states at one layer; the whole-model "
             "pass holds every layer's weights and every layer's Hessian accumulators at once.")
 
 
@@ -264,7 +267,7 @@ def main() -> None:
         print(json.dumps(calibrate_in_this_process(subject, mode, int(samples), Path(out))))
         return
     stored = json.loads((RESULTS / "scale_out.json").read_text()) if (RESULTS / "scale_out.json").exists() else {}
-    result = {**stored, "commit": head_commit(), "cores": os.cpu_count()}
+    result = {**stored, "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="ziplm-scale-out-") as tmp:
         work = Path(tmp)
         if not args.skip_memory:

@@ -196,6 +196,7 @@ def _layer_calls(model: PreTrainedModel, adapter: FamilyAdapter,
 
 
 def _hidden(output: object) -> torch.Tensor:
+    """A layer's output hidden states (some layers return a tuple that starts with them)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -232,7 +233,7 @@ class _LayerWatch:
 def hidden_states_around(args: tuple, kwargs: dict, output: object) -> tuple[torch.Tensor, torch.Tensor]:
     """The hidden states entering and leaving a layer, as a forward hook (with_kwargs) sees its call."""
     entering = args[0] if args else kwargs["hidden_states"]
-    return entering, output[0] if isinstance(output, tuple) else output
+    return entering, _hidden(output)
 
 
 class _StreamEnergy:

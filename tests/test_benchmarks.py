@@ -36,6 +36,7 @@ RENDERERS: dict[str, tuple[str, Callable[[Any, dict[str, Any]], str]]] = {
     "obert_oneshot": ("benchmarks.obert_oneshot", lambda m, r: m.markdown(r)),
     "runtimes": ("benchmarks.runtimes", lambda m, r: m.markdown(r)),
     "peers": ("benchmarks.peers", lambda m, r: m.markdown(r)),
+    "scale_out": ("benchmarks.scale_out", lambda m, r: m.markdown(r)),
     "speedup_guarantee": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_families": ("benchmarks.speedup_guarantee", lambda m, r: m.markdown(r["models"], r["command"])),
     "speedup_guarantee_modernbert": ("benchmarks.speedup_guarantee",
