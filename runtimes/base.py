@@ -168,7 +168,9 @@ def runtime_class(name: str) -> type[Runtime]:
 
 
 def get_runtime(env: InferenceEnv) -> Runtime:
-    """The runtime named by the environment, configured with its threads and options."""
+    """The runtime named by the environment, configured with its threads and options; for an environment measured on a
+    device of the fleet, anywhere but on that device, the device's runtime as seen from here (runtimes.fleet), which
+    needs no engine installed here."""
     cls = runtime_class(env.runtime)
     if env.phase not in cls.phases:
         able = ", ".join(name for name, other in sorted(_RUNTIMES.items()) if env.phase in other.phases)
@@ -185,6 +187,11 @@ def get_runtime(env: InferenceEnv) -> Runtime:
             f"unknown option(s) {', '.join(sorted(unknown))} for runtime {env.runtime!r}; "
             f"allowed: {', '.join(sorted(allowed)) or 'none'}"
         )
+    if env.device:
+        from ziplm.runtimes import fleet
+
+        if not fleet.on_device(env.device):  # the runtime is the device's: here, a handle on it (fleet.DeviceRuntime)
+            return fleet.DeviceRuntime(cls.name, env)
     return cls(threads=env.threads, **env.options)
 
 

@@ -6,6 +6,10 @@ a device never overlap (a Ray actor runs its calls one at a time). It builds the
 environments and holds the dense session of each of its paired verifiers; the files it times travel to it as bytes
 through Ray's object store, and what comes back (a table, a check) is small. The driver keeps the stage cache.
 
+On the driver, `get_runtime` of such an environment is a `DeviceRuntime`: its info is the device's, and a file it
+loads runs on the device (`RemoteSession`: the accuracy of a member's file is scored in the runtime it is served in),
+so the driver needs none of the device's engines. Sent to the device, it is that device's own runtime again.
+
 `connect(address)` joins a cluster for the rest of the process; without it nothing here runs, and an environment that
 names a device is refused (`require`). Ray is the `fleet` extra, imported only here and only when connected.
 """
@@ -15,15 +19,17 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ziplm.errors import BadInputError, MissingEngineError, ZipLMError
-from ziplm.runtimes.base import InferenceEnv, Runtime, cpu_identity
+from ziplm.runtimes.base import InferenceEnv, Runtime, RuntimeInfo, Session, cpu_identity
 from ziplm.runtimes.policy import MeasurementPolicy
 from ziplm.runtimes.timing import TimingStats
 
@@ -62,6 +68,7 @@ class DeviceHost:
         _ON_DEVICE = self.device = device  # this process measures on the device itself
         self.folder = Path(tempfile.mkdtemp(prefix=f"ziplm-device-{device}-"))
         self.verifiers: dict[str, Any] = {}
+        self.sessions: dict[str, Session] = {}
         self.received = 0
 
     def node(self) -> dict[str, Any]:
@@ -82,14 +89,29 @@ class DeviceHost:
         config = AutoConfig.for_model(**config)
         return build(config, env, group_size, measure, progress=lambda _: None).to_json(), self.node()
 
-    def open_verifier(self, key: str, env: InferenceEnv, files: dict[str, bytes], dense: str, inputs: Any,
-                      policy: MeasurementPolicy, tolerance: float) -> dict[str, Any]:
-        from ziplm.runtimes import get_runtime
+    def open_verifier(self, key: str, runtime: Runtime, env: InferenceEnv, files: dict[str, bytes], dense: str,
+                      inputs: Any, policy: MeasurementPolicy, tolerance: float) -> dict[str, Any]:
+        """A PairedVerifier here; `runtime` is the caller's (a DeviceRuntime, or one wrapping it as a phase serves
+        files), which arrives as this device's own."""
         from ziplm.runtimes.paired import PairedVerifier
 
         path = self._receive(key, files, dense)
-        self.verifiers[key] = PairedVerifier(get_runtime(env), env, path, inputs, policy, tolerance)
+        self.verifiers[key] = PairedVerifier(runtime, env, path, inputs, policy, tolerance)
         return self.node()
+
+    def open_session(self, key: str, env: InferenceEnv, files: dict[str, bytes],
+                     main: str) -> tuple[tuple[str, ...], dict[str, tuple[int | str, ...]]]:
+        """Load a file in the environment's runtime here; its input names and shapes."""
+        from ziplm.runtimes import get_runtime
+
+        session = self.sessions[key] = get_runtime(env).load(self._receive(key, files, main))
+        return session.input_names, session.input_shapes
+
+    def run_session(self, key: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[key].run(inputs)
+
+    def close_session(self, key: str) -> None:
+        self.sessions.pop(key, None)
 
     def call(self, key: str, method: str, files: dict[str, bytes], member: str | None,
              *arguments: Any) -> tuple[Any, dict[str, Any]]:
@@ -147,13 +169,17 @@ class Fleet:
     def get(self, device: str, ref: Any, doing: str) -> Any:
         """The result of a call on `device`, or DeviceLostError once its node is gone and no other offers it."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_SECONDS)
             if ready:
                 try:
                     return ray.get(ref)
+                except RayTaskError as error:  # what failed there fails here as itself, saying where
+                    if isinstance(error.cause, ZipLMError):
+                        raise type(error.cause)(f"on device {device!r}: {error.cause}") from error
+                    raise
                 except RayActorError as error:
                     self.hosts.pop(device, None)
                     raise DeviceLostError(f"device {device!r} went away while {doing}: {type(error).__name__}. "
@@ -230,6 +256,11 @@ def connected() -> bool:
     return _FLEET is not None
 
 
+def on_device(device: str) -> bool:
+    """Whether this process is the device's own (its DeviceHost), where its environments' runtimes are local."""
+    return _ON_DEVICE == device
+
+
 def run_passes(function: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
     """`function` of every job as a Ray task of one CPU each, anywhere on the cluster; the results in job order.
     Each task computes with this process's torch thread count: a matrix product split over another number of threads
@@ -251,7 +282,7 @@ def _with_threads(function: Callable[[Any], Any], threads: int, job: Any) -> Any
 
 def device_identity(env: InferenceEnv) -> dict[str, Any]:
     """The device's CPU and runtime, asked of the device itself (or read here, in the device's own process)."""
-    if env.device == _ON_DEVICE:
+    if on_device(env.device):  # type: ignore[arg-type]
         return local_identity(env)
     fleet = require(env)
     return fleet.get(env.device, fleet.host(env.device).identity.remote(env), "reading its identity")
@@ -285,7 +316,7 @@ class RemoteVerifier:
         self.key = f"verifier-{id(self)}"
         self.nodes: list[tuple[str, dict[str, Any]]] = []
         node = self.fleet.get(env.device, self.fleet.host(env.device).open_verifier.remote(
-            self.key, env, shipped(dense_onnx), dense_onnx.name, inputs, policy, tolerance),
+            self.key, runtime, env, shipped(dense_onnx), dense_onnx.name, inputs, policy, tolerance),
             "loading the dense model")
         self.nodes.append(("open", node))
 
@@ -308,3 +339,46 @@ class RemoteVerifier:
         result, node = self.fleet.get(self.env.device, ref, f"timing {member.name if member else 'the dense model'}")
         self.nodes.append((method, node))
         return result
+
+
+class DeviceRuntime(Runtime):
+    """An environment's runtime on its device, as the driver sees it: `info` is the device's, `load` opens the file
+    there. Pickled to the device (a verifier's runtime), it is rebuilt as the device's own runtime (get_runtime)."""
+
+    def __init__(self, name: str, env: InferenceEnv) -> None:
+        self.name, self.env = name, env
+
+    def info(self) -> RuntimeInfo:
+        return RuntimeInfo(**device_identity(self.env)["runtime"])
+
+    def load(self, onnx_path: Path) -> RemoteSession:
+        return RemoteSession(self.env, onnx_path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from ziplm.runtimes import get_runtime
+
+        return get_runtime, (self.env,)
+
+
+class RemoteSession:
+    """A file loaded in its environment's runtime on the device; each `run` is one call there."""
+
+    def __init__(self, env: InferenceEnv, onnx_path: Path) -> None:
+        self.env, self.fleet = env, require(env)
+        self.key = f"session-{id(self)}"
+        host = self.fleet.host(env.device)  # type: ignore[arg-type]
+        self.input_names, self.input_shapes = self.fleet.get(env.device, host.open_session.remote(
+            self.key, env, shipped(onnx_path), onnx_path.name), f"loading {onnx_path.name}")
+        weakref.finalize(self, _close_session, host, self.key)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        host = self.fleet.host(self.env.device)  # type: ignore[arg-type]
+        return self.fleet.get(self.env.device, host.run_session.remote(self.key, inputs), "running a file")
+
+
+def _close_session(host: Any, key: str) -> None:
+    """Free a session's file on its device, if the cluster is still there (a finalizer may run after it is gone)."""
+    import ray
+
+    if ray.is_initialized():
+        host.close_session.remote(key)

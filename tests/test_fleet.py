@@ -5,21 +5,27 @@ goes away are clear errors."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
 
-from tests.conftest import QUICK_UNGUARDED, tiny_bert_config
-from ziplm.cache import StageCache
-from ziplm.errors import BadInputError
+from tests.conftest import QUICK_UNGUARDED, tiny_bert_config, tiny_recipe, toy_sentiment_rows, write_tiny_bert
+from ziplm.cache import StageCache, write_json_atomic
+from ziplm.errors import BadInputError, MissingEngineError
 from ziplm.families import ModelStructure, adapter_for
-from ziplm.families.loading import build_model
+from ziplm.families.loading import build_model, load_config
 from ziplm.runtimes import InferenceEnv, fleet, get_runtime
 from ziplm.runtimes.paired import verifier_for
+from ziplm.pipeline.cli import app
 from ziplm.stages.export import export_model
-from ziplm.stages.latency_table import get_or_build_table
+from ziplm.stages.latency_table import TABLE_FILE, get_or_build_table, table_fingerprint
 
 cluster_utils = pytest.importorskip("ray.cluster_utils", reason="Ray is the fleet extra (pip install '.[fleet]')")
 
@@ -71,8 +77,6 @@ def test_tables_and_verdicts_run_on_the_node_that_offers_the_device(cluster, fil
 
 
 def test_a_table_of_a_device_is_not_the_table_of_this_machine(cluster):
-    from ziplm.stages.latency_table import table_fingerprint
-
     shape = adapter_for(tiny_bert_config()).shape(tiny_bert_config())
     here = table_fingerprint(shape, env_on(None), get_runtime(env_on(None)), 32)
     there = table_fingerprint(shape, env_on("alpha"), get_runtime(env_on(None)), 32)
@@ -103,7 +107,6 @@ def test_a_node_that_goes_away_fails_its_measurement_with_a_clear_message(cluste
         verifier.measure(member)
 
 
-
 def test_the_database_built_as_ray_tasks_equals_the_local_one(cluster):
     from ziplm.stages import ziplm as zipl
     from ziplm.stages.calibrate import LayerHessians
@@ -125,3 +128,60 @@ def test_the_database_built_as_ray_tasks_equals_the_local_one(cluster):
         assert (local.layer, local.kind) == (remote.layer, remote.kind)
         assert np.array_equal(local.error(), remote.error())
         assert all(torch.equal(local.weights(level), remote.weights(level)) for level in range(local.size + 1))
+
+
+def test_the_driver_runs_a_device_s_files_there_and_needs_none_of_its_engines(cluster, files):
+    dense, _ = files
+    runtime = get_runtime(env_on("beta"))
+    assert isinstance(runtime, fleet.DeviceRuntime) and not fleet.on_device("beta")
+    assert runtime.info() == get_runtime(env_on(None)).info()  # the device's own answer (here: the same machine)
+    inputs = adapter_for(tiny_bert_config()).example_inputs(tiny_bert_config(), 1, 16)
+    there, here = runtime.load(dense), get_runtime(env_on(None)).load(dense)
+    assert there.input_names == here.input_names
+    assert np.allclose(there.run(inputs)[0], here.run(inputs)[0], atol=1e-6)
+    gpu = InferenceEnv(runtime="onnxruntime-gpu", threads=1, sequence_length=16, device="alpha")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the device's runtime would load")
+    assert isinstance(get_runtime(gpu), fleet.DeviceRuntime)  # not asked here: the engine is the device's business
+    with pytest.raises(MissingEngineError, match=r"on device 'alpha': runtime onnxruntime-gpu"):
+        get_runtime(gpu).info()
+
+
+def test_a_ray_run_s_family_equals_the_local_run_s_for_the_same_table(cluster, tmp_path, monkeypatch):
+    """`ziplm run --ray` with the environment on device beta (its table, database passes and verdicts on the cluster),
+    then the same recipe here, on that table, with the database built again here: the same members."""
+    head, nodes = cluster
+    data = tmp_path / "toy.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in toy_sentiment_rows(160)))
+    model = write_tiny_bert(tmp_path / "tiny-bert")
+    stages = tmp_path / "cache" / "stages"
+    monkeypatch.setenv("ZIPLM_CACHE", str(tmp_path / "cache"))
+
+    def run(where: str, device: str | None, *options: str) -> dict:
+        recipe = tiny_recipe(model, data, environment={"threads": 1, "sequence_length": 32, "device": device})
+        (tmp_path / f"{where}.yaml").write_text(yaml.safe_dump(recipe))
+        result = CliRunner().invoke(app, ["run", str(tmp_path / f"{where}.yaml"), "--out", str(tmp_path / where),
+                                          *options], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / where / "report.json").read_text())
+
+    on_fleet = run("fleet", "beta", "--ray", head.address)
+    table = json.loads(next((stages / "table").glob(f"*/{TABLE_FILE}")).read_text())
+    assert table["environment"]["device_node"]["node_id"] == nodes["beta"]
+    monkeypatch.setattr(fleet, "connected", lambda: False)  # the database rebuilt here, without Ray
+    shutil.rmtree(stages / "database")
+    seed_table(table, stages, tiny_recipe(model, data, environment={"threads": 1, "sequence_length": 32}))
+    here = run("here", None)
+    assert [m["structure"] for m in on_fleet["members"]] == [m["structure"] for m in here["members"]]
+    assert on_fleet["runtime"]["fleet_device"] == "beta" and "fleet_device" not in here["runtime"]
+
+
+def seed_table(table: dict, root: Path, recipe: dict) -> None:
+    """`table`'s numbers stored as this machine's table for the recipe's environment (as if built here)."""
+    here = {key: value for key, value in table["environment"].items() if key not in ("fleet_device", "device_node")}
+    config = load_config(recipe["model"])
+    env = InferenceEnv(**recipe["environment"])
+    identity = table_fingerprint(adapter_for(config).shape(config), env, get_runtime(env),
+                                 recipe["latency_table"]["group_size"])
+    StageCache(root, lambda _: lambda _: None).run("table", identity, lambda folder, _: write_json_atomic(
+        folder / TABLE_FILE, {**table, "environment": here}), lambda folder: None)
