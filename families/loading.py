@@ -78,8 +78,7 @@ def load_model(name_or_path: str, head: str | None = None,
     config = load_config(source)
     head = head or adapter_for(config).default_head  # also fails early, and clearly, on an unsupported family
     restore = dict(restore or {})
-    records = {key: value for key, value in config.to_dict().items()
-               if key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY}
+    records = _records(config)
     unknown = sorted(set(records) - set(restore))
     if unknown:
         raise BadInputError(f"{source} records {unknown[0]} in its config.json, which this loader cannot rebuild: load "
@@ -171,8 +170,7 @@ class CheckpointLayers:
         """`layer` with its weights read in; back on the meta device (its memory freed) afterwards."""
         missing = read_weights(layer, self.names[id(layer)] + ".", self.files, self.model.base_model_prefix)
         if missing:
-            raise BadInputError(f"{self.source} holds no weights for {', '.join(missing[:5])}: save the model with "
-                                "save_model (or save_pretrained) and load that folder")
+            raise _no_weights_for(missing, self.source)
         try:
             yield layer
         finally:
@@ -198,7 +196,7 @@ def load_skeleton(name_or_path: str, head: str | None = None) -> tuple[PreTraine
     quantized folder is refused: calibration is of the float model)."""
     source = Path(resolve_model(name_or_path))
     config = load_config(str(source))
-    if any(key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY for key in config.to_dict()):
+    if _records(config):
         raise BadInputError(f"{source} holds a quantized model: calibrate the float model it was made from")
     structure = recorded_structure(config)
     for key in (STRUCTURE_KEY, "auto_map"):
@@ -208,15 +206,25 @@ def load_skeleton(name_or_path: str, head: str | None = None) -> tuple[PreTraine
         model = build_model(config, head, structure)
     files = _tensor_files(source)
     layers = {id(layer) for layer in adapter_for(config).layers(model)}
-    outside = [name for name, module in model.named_modules() if id(module) in layers]
-    read_weights(model, "", files, model.base_model_prefix, skip=tuple(name + "." for name in outside))
+    in_layers = tuple(f"{name}." for name, module in model.named_modules() if id(module) in layers)
+    read_weights(model, "", files, model.base_model_prefix, skip=in_layers)
     model.tie_weights()  # an output embedding tied to the input embedding is stored once
-    left = [name for name, parameter in model.named_parameters() if parameter.is_meta and not name.startswith(
-        tuple(name + "." for name in outside))]
+    left = [name for name, parameter in model.named_parameters()
+            if parameter.is_meta and not name.startswith(in_layers)]
     if left:
-        raise BadInputError(f"{source} holds no weights for {', '.join(left[:5])}: save the model with save_model "
-                            "(or save_pretrained) and load that folder")
+        raise _no_weights_for(left, source)
     return model.eval(), CheckpointLayers(model, files, source)
+
+
+def _records(config: PretrainedConfig) -> dict[str, Any]:
+    """The transformations other than the structure that stages recorded in a config (their config keys)."""
+    return {key: value for key, value in config.to_dict().items()
+            if key.startswith(RECORD_PREFIX) and key != STRUCTURE_KEY}
+
+
+def _no_weights_for(names: list[str], source: Path) -> BadInputError:
+    return BadInputError(f"{source} holds no weights for {', '.join(names[:5])}: save the model with save_model (or "
+                         "save_pretrained) and load that folder")
 
 
 def read_weights(module: nn.Module, prefix: str, files: dict[str, Path], base_prefix: str,

@@ -166,6 +166,10 @@ class Fleet:
             self.hosts[device] = actor.remote(device)
         return self.hosts[device]
 
+    def ask(self, device: str, method: str, doing: str, *arguments: Any) -> Any:
+        """`method` of the device's host called with `arguments`, and its result (`get`)."""
+        return self.get(device, getattr(self.host(device), method).remote(*arguments), doing)
+
     def get(self, device: str, ref: Any, doing: str) -> Any:
         """The result of a call on `device`, or DeviceLostError once its node is gone and no other offers it."""
         import ray
@@ -285,7 +289,7 @@ def device_identity(env: InferenceEnv) -> dict[str, Any]:
     if on_device(env.device):  # type: ignore[arg-type]
         return local_identity(env)
     fleet = require(env)
-    return fleet.get(env.device, fleet.host(env.device).identity.remote(env), "reading its identity")
+    return fleet.ask(env.device, "identity", "reading its identity", env)
 
 
 def remote_table(build: Callable[..., Any], config: Any, env: InferenceEnv, group_size: int,
@@ -293,8 +297,8 @@ def remote_table(build: Callable[..., Any], config: Any, env: InferenceEnv, grou
     """The latency table (its JSON) that `build` makes, built on the device, with the node it was built on in its
     environment."""
     fleet = require(env)
-    table, node = fleet.get(env.device, fleet.host(env.device).build_table.remote(
-        build, config.to_dict(), env, group_size, measure), "building a latency table")
+    table, node = fleet.ask(env.device, "build_table", "building a latency table", build, config.to_dict(), env,
+                            group_size, measure)
     table["environment"]["device_node"] = node
     return table
 
@@ -315,9 +319,8 @@ class RemoteVerifier:
         self.fleet = require(env)
         self.key = f"verifier-{id(self)}"
         self.nodes: list[tuple[str, dict[str, Any]]] = []
-        node = self.fleet.get(env.device, self.fleet.host(env.device).open_verifier.remote(
-            self.key, runtime, env, shipped(dense_onnx), dense_onnx.name, inputs, policy, tolerance),
-            "loading the dense model")
+        node = self.fleet.ask(env.device, "open_verifier", "loading the dense model", self.key, runtime, env,
+                              shipped(dense_onnx), dense_onnx.name, inputs, policy, tolerance)
         self.nodes.append(("open", node))
 
     def measure(self, member_onnx: Path, repeats: int = 1) -> Any:
@@ -334,9 +337,8 @@ class RemoteVerifier:
 
     def _call(self, method: str, member: Path | None, *arguments: Any) -> Any:
         files = {} if member is None else shipped(member)
-        host = self.fleet.host(self.env.device)
-        ref = host.call.remote(self.key, method, files, None if member is None else member.name, *arguments)
-        result, node = self.fleet.get(self.env.device, ref, f"timing {member.name if member else 'the dense model'}")
+        result, node = self.fleet.ask(self.env.device, "call", f"timing {member.name if member else 'the dense model'}",
+                                      self.key, method, files, None if member is None else member.name, *arguments)
         self.nodes.append((method, node))
         return result
 
@@ -366,14 +368,12 @@ class RemoteSession:
     def __init__(self, env: InferenceEnv, onnx_path: Path) -> None:
         self.env, self.fleet = env, require(env)
         self.key = f"session-{id(self)}"
-        host = self.fleet.host(env.device)  # type: ignore[arg-type]
-        self.input_names, self.input_shapes = self.fleet.get(env.device, host.open_session.remote(
-            self.key, env, shipped(onnx_path), onnx_path.name), f"loading {onnx_path.name}")
-        weakref.finalize(self, _close_session, host, self.key)
+        self.input_names, self.input_shapes = self.fleet.ask(env.device, "open_session", f"loading {onnx_path.name}",
+                                                             self.key, env, shipped(onnx_path), onnx_path.name)
+        weakref.finalize(self, _close_session, self.fleet.host(env.device), self.key)  # type: ignore[arg-type]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        host = self.fleet.host(self.env.device)  # type: ignore[arg-type]
-        return self.fleet.get(self.env.device, host.run_session.remote(self.key, inputs), "running a file")
+        return self.fleet.ask(self.env.device, "run_session", "running a file", self.key, inputs)
 
 
 def _close_session(host: Any, key: str) -> None:

@@ -223,7 +223,8 @@ class _LayerWatch:
 
     @property
     def tokens(self) -> int:
-        return max((acc.tokens for acc in self.accumulators if acc), default=0)
+        """The real tokens the layer saw (counted by its stream hook, also where both modules were removed)."""
+        return self.stream.tokens
 
     def hessians(self) -> LayerHessians:
         return LayerHessians(*(acc.hessian() if acc else None for acc in self.accumulators), self.tokens,
